@@ -1,0 +1,575 @@
+"""Folded Context Condensation: a Llama whose every layer also attends to its own output for the previous segment.
+
+Read top to bottom: the config, the attention functions (eager reference beside sdpa / flex / flash), the
+(segment, layer) cell, the schedules over cells (sequential as in the paper, and the wavefront), the bounded
+generation cache, the loss (eq. 17), and the HF model classes. The rules referenced below are those of
+SPEC.md (Rules 1-10).
+
+Shapes: B batch, L tokens, l segment length, c tokens of a chunk (<= l), d hidden, H query heads, Hkv key/value
+heads, D head dim, k cells processed together (one per layer on a wavefront diagonal), V vocab.
+
+Positions (Rule 6): the memory always sits at [0, l) and the current segment at [l, l + c). RoPE scores depend
+only on i - j, so this gives exactly the attention of the paper's global positions with one small RoPE table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@strict
+class CondensationConfig(LlamaConfig):
+    r"""A `LlamaConfig` plus the segment recurrence. Every Llama checkpoint's config loads into it unchanged.
+
+    segment_length: tokens per segment `l`; memory and attention span are bounded by it.
+    memory_grad_segments: if set to k, the gradient through the memory is cut every k segments (the memory
+        entering segment s is detached when s % k == 0). None (default) backpropagates through all segments,
+        as the paper trains.
+    segment_attention: attention kernel for a cell: "sdpa" (default), "eager" (the reference), "flex"
+        (FlexAttention; no backward on CPU), "flash" (flash-attn, when importable).
+    segment_schedule: "wavefront" (default) runs every anti-diagonal s + n = t of independent cells together;
+        "sequential" runs cells one at a time in the paper's order. Both compute the same thing.
+    checkpoint_cells: recompute each scheduled step (a cell or a diagonal of cells) in backward instead of
+        keeping its activations: memory O(L * d * layers) instead of O(L * (d + intermediate) * layers).
+    loss_reduction: "segment_sum" (eq. 17: sum over segments of each segment's mean token loss) or
+        "token_mean" (mean over all target tokens).
+    loss_chunk_tokens: when logits are not returned, the lm-head + cross-entropy runs over chunks of this many
+        tokens under checkpoint, so [L, V] float32 logits never exist at once.
+    """
+
+    model_type = "condensation"
+
+    segment_length: int = 512
+    memory_grad_segments: int | None = None
+    segment_attention: str = "sdpa"
+    segment_schedule: str = "wavefront"
+    checkpoint_cells: bool = False
+    loss_reduction: str = "segment_sum"
+    loss_chunk_tokens: int = 8192
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if not isinstance(self.segment_length, int) or self.segment_length <= 0:
+            raise ValueError(f"segment_length must be a positive int, got {self.segment_length!r}")
+        if self.memory_grad_segments is not None and self.memory_grad_segments <= 0:
+            raise ValueError(f"memory_grad_segments must be None or positive, got {self.memory_grad_segments!r}")
+        if self.segment_attention not in SEGMENT_ATTENTION:
+            raise ValueError(f"segment_attention must be one of {sorted(SEGMENT_ATTENTION)}, got {self.segment_attention!r}")
+        if self.segment_schedule not in ("wavefront", "sequential"):
+            raise ValueError(f"segment_schedule must be 'wavefront' or 'sequential', got {self.segment_schedule!r}")
+        if self.loss_reduction not in ("segment_sum", "token_mean"):
+            raise ValueError(f"loss_reduction must be 'segment_sum' or 'token_mean', got {self.loss_reduction!r}")
+        if self.loss_chunk_tokens <= 0:
+            raise ValueError(f"loss_chunk_tokens must be positive, got {self.loss_chunk_tokens!r}")
+        if self.attention_bias or self.mlp_bias:
+            raise ValueError("attention_bias / mlp_bias are not supported (no Llama checkpoint uses them)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention functions. One signature: q [N, H, c, D], k/v [N, Hkv, m + c, D] -> [N, H, c, D], with the
+# bottom-right aligned causal mask of Rule 4: query i (of c) sees every key j <= i + m, so all m memory keys and
+# the current keys up to itself. With m = 0 it is the ordinary causal mask.
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reference: explicit scores, explicit mask, float32 softmax."""
+    c, kv_len = q.shape[-2], k.shape[-2]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [N, H, c, m + c]
+    i = torch.arange(c, device=q.device)[:, None]
+    j = torch.arange(kv_len, device=q.device)[None, :]
+    scores = scores.masked_fill(j > i + (kv_len - c), float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    c, kv_len = q.shape[-2], k.shape[-2]
+    if kv_len == c:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    # SDPA's is_causal is top-left aligned, which would hide most memory keys: use the lower-right bias.
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(c, kv_len), scale=scale, enable_gqa=True)
+
+
+_FLEX: dict = {}
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as _flex
+
+    c, kv_len = q.shape[-2], k.shape[-2]
+    key = (c, kv_len, q.device)
+    if key not in _FLEX:
+        offset = kv_len - c
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+        _FLEX[key] = create_block_mask(mask_mod, None, None, c, kv_len, device=q.device)
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(_flex, dynamic=False)
+    return _FLEX["fn"](q, k, v, block_mask=_FLEX[key], scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # flash-attn's causal=True is bottom-right aligned when c != kv_len
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True)
+    return out.transpose(1, 2)
+
+
+SEGMENT_ATTENTION: dict[str, Callable[..., torch.Tensor]] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flex": flex_attention,
+    "flash": flash_attention,
+}
+
+
+def attention_unavailable_reason(name: str, device: torch.device | str = "cpu", backward: bool = False) -> str | None:
+    """Why an attention implementation cannot run here, or None if it can."""
+    device = torch.device(device)
+    if name == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "flash-attn is not installed (optional extra; needs CUDA to build)"
+        if device.type != "cuda":
+            return "flash-attn runs on CUDA only"
+    if name == "flex" and backward and device.type == "cpu":
+        return "FlexAttention has no backward on CPU"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The (segment, layer) cell. Weights of k consecutive layers are stacked so that one batched matmul serves a
+# whole wavefront diagonal; a single layer is a [1, ...] view (no copy).
+
+
+class LayerWeights(NamedTuple):
+    input_norm: torch.Tensor  # [k, d]
+    q: torch.Tensor  # [k, H*D, d]
+    k: torch.Tensor  # [k, Hkv*D, d]
+    v: torch.Tensor  # [k, Hkv*D, d]
+    o: torch.Tensor  # [k, d, H*D]
+    post_norm: torch.Tensor  # [k, d]
+    gate: torch.Tensor  # [k, I, d]
+    up: torch.Tensor  # [k, I, d]
+    down: torch.Tensor  # [k, d, I]
+
+    @classmethod
+    def of(cls, layers) -> "LayerWeights":
+        tensors = [
+            [
+                layer.input_layernorm.weight,
+                layer.self_attn.q_proj.weight,
+                layer.self_attn.k_proj.weight,
+                layer.self_attn.v_proj.weight,
+                layer.self_attn.o_proj.weight,
+                layer.post_attention_layernorm.weight,
+                layer.mlp.gate_proj.weight,
+                layer.mlp.up_proj.weight,
+                layer.mlp.down_proj.weight,
+            ]
+            for layer in layers
+        ]
+        if len(tensors) == 1:
+            return cls(*(t.unsqueeze(0) for t in tensors[0]))
+        return cls(*(torch.stack(ts) for ts in zip(*tensors)))
+
+    def slice(self, lo: int, hi: int) -> "LayerWeights":
+        return LayerWeights(*(t[lo:hi] for t in self))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x [k, ..., d], weight [k, d]; float32 statistics as LlamaRMSNorm
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.view(weight.shape[0], *([1] * (x.dim() - 2)), -1) * xf.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # x [k, ..., in], w [k, out, in] -> [k, ..., out]
+    shape = x.shape
+    return torch.bmm(x.reshape(shape[0], -1, shape[-1]), w.transpose(1, 2)).view(*shape[:-1], w.shape[1])
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [..., c, D]; cos/sin [c, D]
+    return x * cos + _rotate_half(x) * sin
+
+
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    # [k, B, c, n*D] -> [k, B, n, c, D]
+    k, B, c, _ = x.shape
+    return x.view(k, B, c, n, -1).transpose(2, 3)
+
+
+class Rope(NamedTuple):
+    cos: torch.Tensor  # [2l, D]: positions [0, l) for memory, [l, 2l) for the current segment
+    sin: torch.Tensor
+
+
+def memory_kv(w: LayerWeights, y: torch.Tensor, rope: Rope, cfg: CondensationConfig):
+    """Rule 2-3: keys/values of layer n's memory, from its own output y[s-1, n] ([k, B, l, d]), at positions [0, l)."""
+    m = _rms_norm(y, w.input_norm, cfg.rms_norm_eps)
+    n_mem = y.shape[2]
+    cos, sin = rope.cos[:n_mem], rope.sin[:n_mem]
+    k = _rope(_heads(_linear(m, w.k), cfg.num_key_value_heads), cos, sin)  # [k, B, Hkv, l, D]
+    v = _heads(_linear(m, w.v), cfg.num_key_value_heads)
+    return k, v
+
+
+def cell_forward(
+    w: LayerWeights,
+    x: torch.Tensor,
+    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,
+    offset: int,
+    rope: Rope,
+    cfg: CondensationConfig,
+    attention: Callable[..., torch.Tensor],
+):
+    """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c), attending to
+    prefix_kv ([k, B, Hkv, p, D]: memory keys, then keys of the segment's earlier tokens) and to itself causally.
+    Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache."""
+    kc, B, c, _ = x.shape
+    l = cfg.segment_length
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    cos, sin = rope.cos[l + offset : l + offset + c], rope.sin[l + offset : l + offset + c]
+
+    h = _rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+    q = _rope(_heads(_linear(h, w.q), H), cos, sin)  # [k, B, H, c, D]
+    k = _rope(_heads(_linear(h, w.k), Hkv), cos, sin)  # [k, B, Hkv, c, D]
+    v = _heads(_linear(h, w.v), Hkv)
+    keys, values = (k, v) if prefix_kv is None else (torch.cat([prefix_kv[0], k], 3), torch.cat([prefix_kv[1], v], 3))
+
+    o = attention(q.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5)  # [k*B, H, c, D]
+    o = o.view(kc, B, H, c, D).transpose(2, 3).reshape(kc, B, c, H * D)
+    x = x + _linear(o, w.o)
+
+    h = _rms_norm(x, w.post_norm, cfg.rms_norm_eps)
+    y = x + _linear(ACT2FN[cfg.hidden_act](_linear(h, w.gate)) * _linear(h, w.up), w.down)
+    return y, (k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules over cells (Rule 1). Cell (s, n) needs y[s, n-1] (its input) and y[s-1, n] (its memory), so all cells
+# on an anti-diagonal s + n = t are independent.
+
+
+def _run_step(w, x, mem, rope, cfg, attention, ckpt):
+    """One scheduled step: k cells with x [k, B, l, d] and memory hidden states mem [k, B, l, d] or None."""
+
+    def step(x, mem, *weights):
+        w = LayerWeights(*weights)
+        prefix = None if mem is None else memory_kv(w, mem, rope, cfg)
+        return cell_forward(w, x, prefix, 0, rope, cfg, attention)[0]
+
+    if ckpt:
+        return checkpoint(step, x, mem, *w, use_reentrant=False)
+    return step(x, mem, *w)
+
+
+def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig, schedule: str, ckpt: bool):
+    """Run all (segment, layer) cells. segs [B, N_s, l, d] (the last segment padded at its end; padding sits after
+    every real token, so the causal mask keeps it out of every real token's computation). Returns the last layer's
+    outputs [B, N_s, l, d]."""
+    attention = SEGMENT_ATTENTION[cfg.segment_attention]
+    n_seg, n_layers = segs.shape[1], len(layers)
+    trunc = cfg.memory_grad_segments
+
+    def mem_for(y_prev, s):
+        # Rule 8: gradient through memory, optionally cut every `trunc` segments
+        return y_prev.detach() if trunc is not None and s % trunc == 0 else y_prev
+
+    outs = [None] * n_seg
+    if schedule == "sequential":
+        ws = [LayerWeights.of([layer]) for layer in layers]
+        mem = [None] * n_layers  # mem[n] = y[s-1, n]
+        for s in range(n_seg):
+            x = segs[:, s][None]  # [1, B, l, d]
+            for n in range(n_layers):
+                m = None if mem[n] is None else mem_for(mem[n], s)
+                x = _run_step(ws[n], x, m, rope, cfg, attention, ckpt)
+                mem[n] = x
+            outs[s] = x[0]
+        return torch.stack(outs, 1)
+
+    w_all = LayerWeights.of(layers)
+    prev = [None] * n_layers  # after step t: prev[n] = y[t - n, n]
+    for t in range(n_seg + n_layers - 1):
+        lo, hi = max(0, t - n_seg + 1), min(t, n_layers - 1)
+        new = {}
+        # cells with a memory (s = t - n >= 1): layers lo .. min(hi, t - 1), batched
+        top = min(hi, t - 1)
+        if top >= lo:
+            x = torch.stack([segs[:, t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)])
+            m = torch.stack([mem_for(prev[n], t - n) for n in range(lo, top + 1)])
+            y = _run_step(w_all.slice(lo, top + 1), x, m, rope, cfg, attention, ckpt)
+            new.update({n: y[n - lo] for n in range(lo, top + 1)})
+        # the cell of segment 0 (no memory), layer n = t
+        if t <= n_layers - 1:
+            x = (segs[:, 0] if t == 0 else prev[t - 1])[None]
+            new[t] = _run_step(w_all.slice(t, t + 1), x, None, rope, cfg, attention, ckpt)[0]
+        for n, y in new.items():
+            prev[n] = y
+        if hi == n_layers - 1:
+            outs[t - hi] = new[hi]
+    return torch.stack(outs, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation cache: bounded per layer by one segment of memory keys/values plus the current partial segment.
+
+
+class CondensationCache:
+    """State of incremental decoding. Per layer: memory K/V (from y[s-1, n], positions [0, l)), K/V of the current
+    partial segment (positions [l, l + r)), and the layer outputs of that partial segment, which become the next
+    memory once it reaches l tokens. Never larger than 2 l keys per layer."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        self.memory: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # [1, B, Hkv, l, D] each
+        self.current: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # [1, B, Hkv, r, D]
+        self.outputs: list[torch.Tensor | None] = [None] * num_layers  # [1, B, r, d]
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def current_length(self) -> int:
+        return 0 if self.outputs[0] is None else self.outputs[0].shape[2]
+
+    def max_keys(self) -> int:
+        """Largest number of keys held by any layer (memory + current segment)."""
+        return max(
+            (0 if m is None else m[0].shape[3]) + (0 if c is None else c[0].shape[3])
+            for m, c in zip(self.memory, self.current)
+        )
+
+
+def decode_chunk(layers, x: torch.Tensor, cache: CondensationCache, rope: Rope, cfg: CondensationConfig) -> torch.Tensor:
+    """Advance the cache by x [B, c, d] (c <= l - current length). Returns the last layer's outputs [B, c, d]."""
+    attention = SEGMENT_ATTENTION[cfg.segment_attention]
+    r0 = cache.current_length()
+    h = x[None]
+    for n, layer in enumerate(layers):
+        w = LayerWeights.of([layer])
+        parts = [p for p in (cache.memory[n], cache.current[n]) if p is not None]
+        prefix = None if not parts else (torch.cat([p[0] for p in parts], 3), torch.cat([p[1] for p in parts], 3))
+        y, (k, v) = cell_forward(w, h, prefix, r0, rope, cfg, attention)
+        cur = cache.current[n]
+        cache.current[n] = (k, v) if cur is None else (torch.cat([cur[0], k], 3), torch.cat([cur[1], v], 3))
+        cache.outputs[n] = y if cache.outputs[n] is None else torch.cat([cache.outputs[n], y], 2)
+        h = y
+    cache.seen_tokens += x.shape[1]
+    if cache.current_length() == cfg.segment_length:  # the segment is complete: its outputs become the memory
+        for n, layer in enumerate(layers):
+            cache.memory[n] = memory_kv(LayerWeights.of([layer]), cache.outputs[n], rope, cfg)
+            cache.current[n], cache.outputs[n] = None, None
+    return h[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss (Rule 7, eq. 17)
+
+
+def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+    # hidden [n, d], targets [n] -> float32 cross-entropy [n] (0 where ignored)
+    return F.cross_entropy(lm_head(hidden).float(), targets, ignore_index=-100, reduction="none")
+
+
+def condensation_loss(
+    labels: torch.Tensor,
+    segment_length: int,
+    reduction: str,
+    logits: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    lm_head: nn.Linear | None = None,
+    chunk_tokens: int = 8192,
+):
+    """Eq. 17 from logits [B, L, V], or from final hidden states [B, L, d] through lm_head in checkpointed chunks.
+    Labels are shifted by one over the whole sequence. Returns (loss, segment_losses [N_s])."""
+    B, L = labels.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]: position p predicts token p + 1
+    if logits is not None:
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    else:
+        h, t = hidden.flatten(0, 1), targets.flatten()
+        chunks = []
+        for i in range(0, h.shape[0], chunk_tokens):
+            hc, tc = h[i : i + chunk_tokens], t[i : i + chunk_tokens]
+            chunks.append(checkpoint(_token_losses, hc, tc, lm_head, use_reentrant=False) if torch.is_grad_enabled() else _token_losses(hc, tc, lm_head))
+        ce = torch.cat(chunks)
+    ce = ce.view(B, L)
+    valid = targets != -100
+    n_seg = math.ceil(L / segment_length)
+    pad = n_seg * segment_length - L
+    seg_sum = F.pad(ce, (0, pad)).view(B, n_seg, segment_length).sum((0, 2))
+    seg_count = F.pad(valid, (0, pad)).view(B, n_seg, segment_length).sum((0, 2))
+    segment_losses = seg_sum / seg_count.clamp(min=1)  # a segment with no targets contributes 0
+    if reduction == "token_mean":
+        loss = ce.sum() / valid.sum().clamp(min=1)
+    else:
+        loss = segment_losses.sum()
+    return loss, segment_losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+# transformers 5.24 renamed past_key_values to cache (GenerationMixin reads the one its version knows)
+_CACHE_FIELD = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
+
+
+@dataclass
+class CondensationCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    segment_losses: torch.Tensor | None = None
+    cache: CondensationCache | None = None
+    past_key_values: CondensationCache | None = None  # the same object; the name transformers < 5.24 reads
+    hidden_states: torch.Tensor | None = None
+
+
+class CondensationPreTrainedModel(LlamaPreTrainedModel):
+    config_class = CondensationConfig
+    config: CondensationConfig
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _can_record_outputs = {}
+
+
+class CondensationModel(CondensationPreTrainedModel):
+    """Llama's decoder stack (same modules and parameter names) run segment after segment (Rules 1-6)."""
+
+    def __init__(self, config: CondensationConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.post_init()
+
+    def rope(self, like: torch.Tensor) -> Rope:
+        positions = torch.arange(2 * self.config.segment_length, device=like.device)[None]
+        cos, sin = self.rotary_emb(like, positions)
+        return Rope(cos[0], sin[0])
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache: CondensationCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, L, d]. With a cache, advances it by these tokens (generation)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, d]
+        B, L, d = x.shape
+        l = self.config.segment_length
+        rope = self.rope(x)
+        if cache is not None:
+            outs, i = [], 0
+            while i < L:  # split the chunk at segment boundaries
+                c = min(L - i, l - cache.current_length())
+                outs.append(decode_chunk(self.layers, x[:, i : i + c], cache, rope, self.config))
+                i += c
+            return self.norm(torch.cat(outs, 1))
+        n_seg = math.ceil(L / l)
+        segs = F.pad(x, (0, 0, 0, n_seg * l - L)).view(B, n_seg, l, d)  # [B, N_s, l, d]
+        ckpt = self.config.checkpoint_cells and torch.is_grad_enabled()
+        y = run_segments(self.layers, segs, rope, self.config, self.config.segment_schedule, ckpt)
+        return self.norm(y.reshape(B, n_seg * l, d)[:, :L])
+
+
+class CondensationForCausalLM(CondensationPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CondensationConfig):
+        super().__init__(config)
+        self.model = CondensationModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: CondensationCache | None = None,
+        past_key_values: CondensationCache | None = None,
+        use_cache: bool | None = None,
+        return_logits: bool = True,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CondensationCausalLMOutput:
+        """logits [B, L, V] (or the last `logits_to_keep`), loss (eq. 17) and segment_losses [N_s] when labels are
+        given. return_logits=False with labels computes the loss in chunks without materialising the logits."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(
+                "attention_mask with padding is not supported: segments are cut by position, so a padded row would "
+                "be segmented differently from the same text unpadded. Batch equal-length rows or use batch size 1."
+            )
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache and labels is None and not self.training:
+            cache = CondensationCache(self.config.num_hidden_layers)
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache)  # [B, L, d]
+
+        logits = loss = segment_losses = None
+        if return_logits or labels is None:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if labels is not None:
+            full_logits = logits if logits is not None and not logits_to_keep else None
+            loss, segment_losses = condensation_loss(
+                labels,
+                self.config.segment_length,
+                self.config.loss_reduction,
+                logits=full_logits,
+                hidden=hidden if full_logits is None else None,
+                lm_head=self.lm_head,
+                chunk_tokens=self.config.loss_chunk_tokens,
+            )
+        return CondensationCausalLMOutput(loss=loss, logits=logits, segment_losses=segment_losses, **{_CACHE_FIELD: cache})
+
+    # --- generation: transformers' GenerationMixin drives decoding; the cache is ours
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def prepare_inputs_for_generation(
+        self, input_ids, cache=None, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
+    ):
+        cache = cache if cache is not None else past_key_values
+        if cache is None:
+            cache = CondensationCache(self.config.num_hidden_layers)
+        inputs = {"cache": cache, "use_cache": True, "logits_to_keep": 1}
+        if inputs_embeds is not None and cache.seen_tokens == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, cache.seen_tokens :]
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        return inputs
