@@ -350,13 +350,16 @@ class CondensationCache:
     partial segment (positions [l, l + r)), and the layer outputs of that partial segment, which become the next
     memory once it reaches l tokens. Never larger than 2 l keys per layer."""
 
+    # attributes transformers' generate inspects on any cache
     is_compileable = False
+    is_linear = (False,)
 
     def __init__(self, num_layers: int):
         self.memory: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # [1, B, Hkv, l, D] each
         self.current: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # [1, B, Hkv, r, D]
         self.outputs: list[torch.Tensor | None] = [None] * num_layers  # [1, B, r, d]
         self.seen_tokens = 0
+        self.peak_keys = 0  # most keys any layer attended to, for checking the bound
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -364,12 +367,6 @@ class CondensationCache:
     def current_length(self) -> int:
         return 0 if self.outputs[0] is None else self.outputs[0].shape[2]
 
-    def max_keys(self) -> int:
-        """Largest number of keys held by any layer (memory + current segment)."""
-        return max(
-            (0 if m is None else m[0].shape[3]) + (0 if c is None else c[0].shape[3])
-            for m, c in zip(self.memory, self.current)
-        )
 
 
 def decode_chunk(layers, x: torch.Tensor, cache: CondensationCache, rope: Rope, cfg: CondensationConfig) -> torch.Tensor:
@@ -382,6 +379,7 @@ def decode_chunk(layers, x: torch.Tensor, cache: CondensationCache, rope: Rope, 
         parts = [p for p in (cache.memory[n], cache.current[n]) if p is not None]
         prefix = None if not parts else (torch.cat([p[0] for p in parts], 3), torch.cat([p[1] for p in parts], 3))
         y, (k, v) = cell_forward(w, h, prefix, r0, rope, cfg, attention)
+        cache.peak_keys = max(cache.peak_keys, (0 if prefix is None else prefix[0].shape[3]) + k.shape[3])
         cur = cache.current[n]
         cache.current[n] = (k, v) if cur is None else (torch.cat([cur[0], k], 3), torch.cat([cur[1], v], 3))
         cache.outputs[n] = y if cache.outputs[n] is None else torch.cat([cache.outputs[n], y], 2)
@@ -398,9 +396,13 @@ def decode_chunk(layers, x: torch.Tensor, cache: CondensationCache, rope: Rope, 
 # Loss (Rule 7, eq. 17)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-    # hidden [n, d], targets [n] -> float32 cross-entropy [n] (0 where ignored)
-    return F.cross_entropy(lm_head(hidden).float(), targets, ignore_index=-100, reduction="none")
+    # hidden [n, d], targets [n] -> cross-entropy [n] in at least float32 (0 where ignored)
+    return F.cross_entropy(_at_least_fp32(lm_head(hidden)), targets, ignore_index=-100, reduction="none")
 
 
 def condensation_loss(
@@ -417,7 +419,7 @@ def condensation_loss(
     B, L = labels.shape
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]: position p predicts token p + 1
     if logits is not None:
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        ce = F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
     else:
         h, t = hidden.flatten(0, 1), targets.flatten()
         chunks = []
@@ -452,9 +454,10 @@ class CondensationCausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     segment_losses: torch.Tensor | None = None
-    cache: CondensationCache | None = None
-    past_key_values: CondensationCache | None = None  # the same object; the name transformers < 5.24 reads
     hidden_states: torch.Tensor | None = None
+    # the generation cache, under the one name this transformers version's GenerationMixin reads
+    __annotations__[_CACHE_FIELD] = CondensationCache | None
+    locals()[_CACHE_FIELD] = None
 
 
 class CondensationPreTrainedModel(LlamaPreTrainedModel):
@@ -519,7 +522,6 @@ class CondensationForCausalLM(CondensationPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache: CondensationCache | None = None,
-        past_key_values: CondensationCache | None = None,
         use_cache: bool | None = None,
         return_logits: bool = True,
         logits_to_keep: int = 0,
@@ -532,7 +534,7 @@ class CondensationForCausalLM(CondensationPreTrainedModel, GenerationMixin):
                 "attention_mask with padding is not supported: segments are cut by position, so a padded row would "
                 "be segmented differently from the same text unpadded. Batch equal-length rows or use batch size 1."
             )
-        cache = cache if cache is not None else past_key_values
+        cache = cache if cache is not None else kwargs.get("past_key_values")  # transformers < 5.24
         if cache is None and use_cache and labels is None and not self.training:
             cache = CondensationCache(self.config.num_hidden_layers)
         hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache)  # [B, L, d]

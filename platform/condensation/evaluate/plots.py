@@ -1,0 +1,206 @@
+"""Pictures of evaluation results: the passkey heat map (paper Fig. 8), a lengths x depths matrix, a stage x length
+summary, and ROUGE bars by input length (Table II / Fig. 9).
+
+Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, never through pyplot: no global
+backend switch, no figure registry to leak from in a long training process, works without a display.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .passkey import PasskeyGrid, depth_key, length_label
+
+CMAP = "RdYlGn"  # red = fails, green = retrieves
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi)
+    return path
+
+
+def plot_passkey_heatmap(
+    grid: PasskeyGrid,
+    path: str | Path,
+    trained_length: int | None = None,
+    *,
+    title: str | None = None,
+    ncols: int | None = None,
+) -> Path:
+    """Fig. 8: one panel per total length; x = needle depth, bar height and colour = exact-match accuracy, black
+    dots = per-digit accuracy. The trained length's panel is framed in red; in longer panels a dashed red line
+    marks the depth whose absolute position equals the trained length (the paper's x is the needle's position).
+
+    trained_length defaults to grid.meta["trained_length"]. Returns the PNG path.
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    trained_length = trained_length if trained_length is not None else grid.meta.get("trained_length")
+    n = len(grid.lengths)
+    ncols = ncols or min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = _figure(3.6 * ncols + 0.9, 2.9 * nrows + 0.6)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    cmap, norm = colormaps[CMAP], Normalize(0.0, 1.0)
+    depths = np.asarray(grid.depths)
+    gaps = np.diff(np.sort(depths))
+    width = 0.8 * (gaps[gaps > 0].min() if (gaps > 0).any() else 0.1)
+    for idx, length in enumerate(grid.lengths):
+        ax = axes[idx // ncols][idx % ncols]
+        has = grid.counts[idx] > 0
+        exact = np.where(has, grid.exact[idx], 0.0)
+        ax.bar(depths, exact, width=width, color=cmap(norm(exact)), edgecolor="0.3", linewidth=0.5)
+        ax.plot(depths[has], grid.digit[idx][has], "o", color="black", markersize=3.5, label="per digit")
+        for d, v, ok in zip(depths, exact, has):
+            ax.text(d, min(v, 0.9) + 0.03, f"{v:.2f}" if ok else "-", ha="center", va="bottom", fontsize=7)
+        ax.set_xlim(depths.min() - width, depths.max() + width)
+        ax.set_ylim(0, 1.08)
+        label = f"{length_label(length)} tokens"
+        if trained_length is not None and length == trained_length:
+            ax.set_title(label + " (trained)", color="red", fontweight="bold")
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red")
+                spine.set_linewidth(2.0)
+        else:
+            ax.set_title(label)
+        if trained_length is not None and length > trained_length:
+            ax.axvline(trained_length / length, color="red", linestyle="--", linewidth=1.2)
+        if idx % ncols == 0:
+            ax.set_ylabel("accuracy")
+        if idx // ncols == nrows - 1:
+            ax.set_xlabel("needle depth")
+    for idx in range(n, nrows * ncols):
+        axes[idx // ncols][idx % ncols].set_visible(False)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label="exact match")
+    if title is None:
+        title = f"Passkey retrieval: exact {grid.mean_exact:.2f}, per digit {grid.mean_digit:.2f}"
+        if trained_length is not None:
+            title += f" (trained at {length_label(trained_length)})"
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_passkey_matrix(grid: PasskeyGrid, path: str | Path, metric: str = "exact", trained_length: int | None = None) -> Path:
+    """The whole grid as one heat map (rows = total length, columns = depth, annotated), the trained row marked."""
+    trained_length = trained_length if trained_length is not None else grid.meta.get("trained_length")
+    values = np.where(grid.counts > 0, getattr(grid, metric), np.nan)
+    fig = _figure(1.0 + 0.7 * len(grid.depths) + 1.2, 1.0 + 0.45 * len(grid.lengths) + 0.6)
+    ax = fig.subplots()
+    im = ax.imshow(values, cmap=CMAP, vmin=0, vmax=1, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            ax.text(j, i, "-" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(grid.depths)), [depth_key(d) for d in grid.depths])
+    ax.set_yticks(range(len(grid.lengths)), [length_label(n) + (" *" if n == trained_length else "") for n in grid.lengths])
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("total length" + (" (* trained)" if trained_length in grid.lengths else ""))
+    fig.colorbar(im, ax=ax, label=metric)
+    fig.suptitle(f"Passkey {metric} accuracy")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_stage_summary(
+    grids: Mapping[str, PasskeyGrid], path: str | Path, metric: str = "exact", trained_lengths: Mapping[str, int] | None = None
+) -> Path:
+    """A curriculum at a glance: rows = stages (in the mapping's order), columns = total lengths, colour = mean
+    accuracy over depths; each stage's trained length is boxed."""
+    from matplotlib.patches import Rectangle
+
+    stages = list(grids)
+    lengths = sorted({n for g in grids.values() for n in g.lengths})
+    values = np.full((len(stages), len(lengths)), np.nan)
+    for i, s in enumerate(stages):
+        for n, row in grids[s].summary().items():
+            if row["count"]:
+                values[i, lengths.index(n)] = row[metric]
+    fig = _figure(2.0 + 0.8 * len(lengths) + 1.2, 1.0 + 0.5 * len(stages) + 0.6)
+    ax = fig.subplots()
+    im = ax.imshow(values, cmap=CMAP, vmin=0, vmax=1, aspect="auto")
+    for i, s in enumerate(stages):
+        for j in range(len(lengths)):
+            ax.text(j, i, "-" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        t = (trained_lengths or {}).get(s, grids[s].meta.get("trained_length"))
+        if t in lengths:
+            j = lengths.index(t)
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.0))
+    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+    ax.set_yticks(range(len(stages)), stages)
+    ax.set_xlabel("evaluated total length (boxed: the stage's trained length)")
+    fig.colorbar(im, ax=ax, label=f"mean {metric}")
+    fig.suptitle(f"Passkey {metric} accuracy by stage")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def passkey_table_html(grid: PasskeyGrid, metric: str = "exact") -> str:
+    """An HTML table (lengths x depths + mean), cells tinted by accuracy: for reports without pictures."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps[CMAP]
+    values, summary = getattr(grid, metric), grid.summary()
+
+    def td(v: float) -> str:
+        if v is None or np.isnan(v):
+            return "<td>-</td>"
+        return f'<td style="background:{to_hex(cmap(float(v)))};text-align:center">{v:.2f}</td>'
+
+    head = "<tr><th>length</th>" + "".join(f"<th>{html.escape(depth_key(d))}</th>" for d in grid.depths) + "<th>mean</th></tr>"
+    rows = [
+        f"<tr><th>{length_label(n)}</th>"
+        + "".join(td(values[i, j] if grid.counts[i, j] else np.nan) for j in range(len(grid.depths)))
+        + td(summary[n][metric])
+        + "</tr>"
+        for i, n in enumerate(grid.lengths)
+    ]
+    return f'<table border="1" style="border-collapse:collapse"><caption>passkey {metric}</caption>{head}{"".join(rows)}</table>'
+
+
+def plot_rouge_by_length(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    path: str | Path,
+    rouge_types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
+) -> Path:
+    """Table II / Fig. 9 as bars: one panel per ROUGE type, x = input-length bucket (then "overall"), one bar per
+    model. `results` maps a model name to a `rouge_by_length` result."""
+    names = list(results)
+    buckets = [b for b in next(iter(results.values())) if b != "overall"] + ["overall"]
+    fig = _figure(4.2 * len(rouge_types), 3.4)
+    axes = fig.subplots(1, len(rouge_types), squeeze=False)[0]
+    x = np.arange(len(buckets))
+    width = 0.8 / max(len(names), 1)
+    for ax, rt in zip(axes, rouge_types):
+        for k, name in enumerate(names):
+            vals = [results[name].get(b, {}).get(rt, math.nan) for b in buckets]
+            bars = ax.bar(x + (k - (len(names) - 1) / 2) * width, np.nan_to_num(vals), width, label=name)
+            for bar, v in zip(bars, vals):
+                if not math.isnan(v):
+                    ax.text(bar.get_x() + bar.get_width() / 2, v + 0.005, f"{v:.2f}", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(x, buckets)
+        ax.set_title(f"{rt.upper().replace('ROUGE', 'ROUGE-')} F1")
+        ax.set_xlabel("input length (tokens)")
+        top = np.nanmax([results[n].get(b, {}).get(rt, math.nan) for n in names for b in buckets] + [0.0])
+        ax.set_ylim(0, min(1.0, top + 0.1) if top > 0 else 1.0)
+    axes[0].set_ylabel("F1")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
