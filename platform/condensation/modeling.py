@@ -49,6 +49,8 @@ class CondensationConfig(LlamaConfig):
         keeping its activations: memory O(L * d * layers) instead of O(L * (d + intermediate) * layers).
     loss_reduction: "segment_sum" (eq. 17: sum over segments of each segment's mean token loss) or
         "token_mean" (mean over all target tokens).
+    compile_cells: run each scheduled step through torch.compile (fewer, fused kernels; compiles once per number
+        of cells in a step).
     loss_chunk_tokens: when logits are not returned, the lm-head + cross-entropy runs over chunks of this many
         tokens under checkpoint, so [L, V] float32 logits never exist at once.
     """
@@ -61,7 +63,8 @@ class CondensationConfig(LlamaConfig):
     segment_schedule: str = "wavefront"
     checkpoint_cells: bool = False
     loss_reduction: str = "segment_sum"
-    loss_chunk_tokens: int = 8192
+    loss_chunk_tokens: int = 2048
+    compile_cells: bool = False
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -280,17 +283,37 @@ def cell_forward(
 # on an anti-diagonal s + n = t are independent.
 
 
-def _run_step(w, x, mem, rope, cfg, attention, ckpt):
-    """One scheduled step: k cells with x [k, B, l, d] and memory hidden states mem [k, B, l, d] or None."""
+def _cells_step(xs, mems, w: LayerWeights, rope: Rope, cfg: CondensationConfig, attention) -> torch.Tensor:
+    """k cells: inputs xs (k tensors [B, l, d]) and memories mems (k tensors y[s-1, n], or None) -> [k, B, l, d]."""
+    x = torch.stack(xs)  # [k, B, l, d]
+    prefix = None if mems is None else memory_kv(w, torch.stack(mems), rope, cfg)
+    return cell_forward(w, x, prefix, 0, rope, cfg, attention)[0]
 
-    def step(x, mem, *weights):
-        w = LayerWeights(*weights)
-        prefix = None if mem is None else memory_kv(w, mem, rope, cfg)
-        return cell_forward(w, x, prefix, 0, rope, cfg, attention)[0]
 
-    if ckpt:
-        return checkpoint(step, x, mem, *w, use_reentrant=False)
-    return step(x, mem, *w)
+_COMPILED: dict[str, Callable] = {}
+
+
+def _step_fn(cfg: CondensationConfig) -> Callable:
+    if not cfg.compile_cells:
+        return _cells_step
+    if "step" not in _COMPILED:  # one compiled function; dynamo re-specialises on k and on memory presence
+        _COMPILED["step"] = torch.compile(_cells_step)
+    return _COMPILED["step"]
+
+
+def _run_step(w: LayerWeights, xs, mems, rope, cfg, attention, ckpt) -> torch.Tensor:
+    """One scheduled step. Under checkpointing the saved inputs are the cell outputs themselves (each y[s, n] is the
+    input of (s, n+1) and the memory of (s+1, n), and is kept once), not stacked copies."""
+    fn = _step_fn(cfg)
+    if not ckpt:
+        return fn(xs, mems, w, rope, cfg, attention)
+    k, has_mem = len(xs), mems is not None
+
+    def step(*tensors):
+        xs_, mems_, w_ = tensors[:k], tensors[k : 2 * k] if has_mem else None, LayerWeights(*tensors[-len(w) :])
+        return fn(list(xs_), None if mems_ is None else list(mems_), w_, rope, cfg, attention)
+
+    return checkpoint(step, *xs, *(mems or ()), *w, use_reentrant=False)
 
 
 def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig, schedule: str, ckpt: bool):
@@ -310,12 +333,12 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
         ws = [LayerWeights.of([layer]) for layer in layers]
         mem = [None] * n_layers  # mem[n] = y[s-1, n]
         for s in range(n_seg):
-            x = segs[:, s][None]  # [1, B, l, d]
+            x = segs[:, s]  # [B, l, d]
             for n in range(n_layers):
-                m = None if mem[n] is None else mem_for(mem[n], s)
-                x = _run_step(ws[n], x, m, rope, cfg, attention, ckpt)
+                m = None if mem[n] is None else [mem_for(mem[n], s)]
+                x = _run_step(ws[n], [x], m, rope, cfg, attention, ckpt)[0]
                 mem[n] = x
-            outs[s] = x[0]
+            outs[s] = x
         return torch.stack(outs, 1)
 
     w_all = LayerWeights.of(layers)
@@ -326,14 +349,14 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
         # cells with a memory (s = t - n >= 1): layers lo .. min(hi, t - 1), batched
         top = min(hi, t - 1)
         if top >= lo:
-            x = torch.stack([segs[:, t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)])
-            m = torch.stack([mem_for(prev[n], t - n) for n in range(lo, top + 1)])
-            y = _run_step(w_all.slice(lo, top + 1), x, m, rope, cfg, attention, ckpt)
+            xs = [segs[:, t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)]
+            ms = [mem_for(prev[n], t - n) for n in range(lo, top + 1)]
+            y = _run_step(w_all.slice(lo, top + 1), xs, ms, rope, cfg, attention, ckpt)
             new.update({n: y[n - lo] for n in range(lo, top + 1)})
         # the cell of segment 0 (no memory), layer n = t
         if t <= n_layers - 1:
-            x = (segs[:, 0] if t == 0 else prev[t - 1])[None]
-            new[t] = _run_step(w_all.slice(t, t + 1), x, None, rope, cfg, attention, ckpt)[0]
+            x = segs[:, 0] if t == 0 else prev[t - 1]
+            new[t] = _run_step(w_all.slice(t, t + 1), [x], None, rope, cfg, attention, ckpt)[0]
         for n, y in new.items():
             prev[n] = y
         if hi == n_layers - 1:
@@ -412,7 +435,7 @@ def condensation_loss(
     logits: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
     lm_head: nn.Linear | None = None,
-    chunk_tokens: int = 8192,
+    chunk_tokens: int = 2048,
 ):
     """Eq. 17 from logits [B, L, V], or from final hidden states [B, L, d] through lm_head in checkpointed chunks.
     Labels are shifted by one over the whole sequence. Returns (loss, segment_losses [N_s])."""

@@ -11,6 +11,7 @@ lengths or depths are in the grid: stage k and stage k+1 of a curriculum are sco
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -55,11 +56,12 @@ def depth_key(d: float) -> str:
     return s if abs(float(s) - d) < 1e-9 else f"{d:.6f}".rstrip("0")
 
 
-def _default_example_fn() -> ExampleFn:
-    # lazy: the data layer imports Ray; evaluation with a custom example_fn must not need it
-    from condensation.data.passkey import passkey_example
+def _default_example_fn(tokenizer) -> ExampleFn:
+    """The data layer's generator with its token template built once for this tokenizer (not once per prompt).
+    Imported lazily: the data layer imports Ray, and a custom example_fn must not need it."""
+    from condensation.data.passkey import PasskeyTemplate, passkey_example
 
-    return passkey_example
+    return functools.partial(passkey_example, template=PasskeyTemplate.from_tokenizer(tokenizer))
 
 
 @dataclass
@@ -201,7 +203,7 @@ def passkey_grid(
     batch_size: rows per `generate` call; only prompts of equal token length share a call (no padding).
     meta: stored with the grid (e.g. {"trained_length": 2048, "stage": "2K"}).
     """
-    example_fn = example_fn or _default_example_fn()
+    example_fn = example_fn or _default_example_fn(tokenizer)
     lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
     exact = np.zeros((len(lengths), len(depths)))
     digit = np.zeros_like(exact)

@@ -19,11 +19,11 @@ from .passkey import PasskeyGrid, depth_key, length_label
 CMAP = "RdYlGn"  # red = fails, green = retrieves
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: str | None = None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -55,10 +55,11 @@ def plot_passkey_heatmap(
 
     trained_length = trained_length if trained_length is not None else grid.meta.get("trained_length")
     n = len(grid.lengths)
-    ncols = ncols or min(n, 3)
+    ncols = ncols or (n if n <= 4 else 3)
     nrows = math.ceil(n / ncols)
-    fig = _figure(3.6 * ncols + 0.9, 2.9 * nrows + 0.6)
+    fig = _figure(3.6 * ncols + 0.9, 2.9 * nrows + 0.6, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    annotate = len(grid.depths) <= 6  # numbers on bars only while they fit
     cmap, norm = colormaps[CMAP], Normalize(0.0, 1.0)
     depths = np.asarray(grid.depths)
     gaps = np.diff(np.sort(depths))
@@ -67,11 +68,14 @@ def plot_passkey_heatmap(
         ax = axes[idx // ncols][idx % ncols]
         has = grid.counts[idx] > 0
         exact = np.where(has, grid.exact[idx], 0.0)
-        ax.bar(depths, exact, width=width, color=cmap(norm(exact)), edgecolor="0.3", linewidth=0.5)
+        ax.bar(depths, exact, width=width, color=cmap(norm(exact)), edgecolor="0.3", linewidth=0.5, label="exact")
         ax.plot(depths[has], grid.digit[idx][has], "o", color="black", markersize=3.5, label="per digit")
         for d, v, ok in zip(depths, exact, has):
-            ax.text(d, min(v, 0.9) + 0.03, f"{v:.2f}" if ok else "-", ha="center", va="bottom", fontsize=7)
+            if annotate or not ok:
+                ax.text(d, min(v, 0.9) + 0.03, f"{v:.2f}" if ok else "-", ha="center", va="bottom", fontsize=7)
         ax.set_xlim(depths.min() - width, depths.max() + width)
+        if annotate:
+            ax.set_xticks(depths, [depth_key(d) for d in depths])
         ax.set_ylim(0, 1.08)
         label = f"{length_label(length)} tokens"
         if trained_length is not None and length == trained_length:
@@ -83,12 +87,16 @@ def plot_passkey_heatmap(
             ax.set_title(label)
         if trained_length is not None and length > trained_length:
             ax.axvline(trained_length / length, color="red", linestyle="--", linewidth=1.2)
+            ax.text(trained_length / length, 1.06, f" {length_label(trained_length)}", color="red", fontsize=7,
+                    va="top", ha="left")
         if idx % ncols == 0:
             ax.set_ylabel("accuracy")
-        if idx // ncols == nrows - 1:
+        if idx + ncols >= n:  # nothing below this panel
             ax.set_xlabel("needle depth")
     for idx in range(n, nrows * ncols):
         axes[idx // ncols][idx % ncols].set_visible(False)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label="exact match")
     if title is None:
         title = f"Passkey retrieval: exact {grid.mean_exact:.2f}, per digit {grid.mean_digit:.2f}"
@@ -181,7 +189,7 @@ def plot_rouge_by_length(
     rouge_types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
 ) -> Path:
     """Table II / Fig. 9 as bars: one panel per ROUGE type, x = input-length bucket (then "overall"), one bar per
-    model. `results` maps a model name to a `rouge_by_length` result."""
+    model. `results` maps a model name to a `rouge_by_length` result; tick labels give the first model's counts."""
     names = list(results)
     buckets = [b for b in next(iter(results.values())) if b != "overall"] + ["overall"]
     fig = _figure(4.2 * len(rouge_types), 3.4)
@@ -195,11 +203,12 @@ def plot_rouge_by_length(
             for bar, v in zip(bars, vals):
                 if not math.isnan(v):
                     ax.text(bar.get_x() + bar.get_width() / 2, v + 0.005, f"{v:.2f}", ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(x, buckets)
+        first = results[names[0]]
+        ax.set_xticks(x, [f"{b}\nn={first.get(b, {}).get('count', 0)}" for b in buckets])
         ax.set_title(f"{rt.upper().replace('ROUGE', 'ROUGE-')} F1")
         ax.set_xlabel("input length (tokens)")
         top = np.nanmax([results[n].get(b, {}).get(rt, math.nan) for n in names for b in buckets] + [0.0])
-        ax.set_ylim(0, min(1.0, top + 0.1) if top > 0 else 1.0)
+        ax.set_ylim(0, min(1.08, top + 0.1) if top > 0 else 1.0)
     axes[0].set_ylabel("F1")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()

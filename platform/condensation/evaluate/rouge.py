@@ -116,7 +116,7 @@ def generate_summaries(
     device = model_device(model)
     sample_kwargs = dict(do_sample=do_sample, num_beams=1)
     if do_sample:
-        sample_kwargs.update(temperature=temperature, top_k=None, top_p=None)
+        sample_kwargs["temperature"] = temperature  # the rest (top-k, top-p) stays the model's generation config
     bar = tqdm(total=len(ids), desc="summaries", disable=not progress, leave=False)
     with eval_mode(model):
         for batch in equal_length_batches([len(x) for x in ids], batch_size):

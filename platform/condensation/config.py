@@ -1,0 +1,580 @@
+"""Typed configs for training runs: defaults <- YAML file <- `key.sub=value` overrides, merged once, strictly.
+
+    cfg = load_config(TrainConfig(), yaml_path="configs/pretrain_paper.yaml", overrides=["optim.lr=1e-4"])
+    cfg.validate()            # raises ConfigError naming the field; call it before Ray starts
+
+Every field carries its meaning in the docstring of its dataclass. Unknown keys (in YAML or on the command line)
+are errors that name the full dotted key. Values from YAML / the command line are coerced to the field's type
+(`6e-5` is a float even though YAML 1.1 reads it as a string) and rejected when they do not fit.
+
+Presets are small functions (`PRESETS`) over the defaults; the shipped YAML files in `configs/` are partial
+overrides of the defaults and load through the same path.
+
+The library never reads argv or the environment: workloads pass what they parsed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message starts with the dotted field name."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train.
+
+    size: named size of `condensation.sizes.MODEL_SIZES` ("debug", "tiny-cpu", "table1", "llama-3.2-1b",
+        "llama-3.2-3b"); the architecture when `init_from` is not set.
+    init_from: a HF folder (a Llama or Condensation checkpoint, e.g. a previous stage's `hf` export) or hub id to
+        load weights and architecture from; `size` is then ignored. None trains from random init.
+    segment_length: tokens per segment `l`; None keeps the size's (or checkpoint's) value.
+    overrides: further `CondensationConfig` fields (e.g. segment_schedule, checkpoint_cells, loss_reduction,
+        segment_attention, memory_grad_segments, loss_chunk_tokens).
+    """
+
+    size: str = "debug"
+    init_from: str | None = None
+    segment_length: int | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where the rows `{"input_ids": int64[seq_len], "labels": int64[seq_len]}` come from.
+
+    source: "local" (the built-in byte-level text of CPython's pydoc topics; no downloads), "synthetic" (random
+        repeated patterns), or a source name understood by `condensation.data` (e.g. "fineweb-edu").
+    seq_len: tokens per row (the paper's "total" length, e.g. 4096).
+    num_rows: rows to build for "local"/"synthetic" (cycled over epochs); for other sources, a cap (None = all).
+    tokenizer: tokenizer name or path for `condensation.data` (None = the project's built-in one).
+    dataset_options: extra keyword arguments for the `condensation.data` source (e.g. split, min_tokens).
+    seed: data order / generation seed.
+    """
+
+    source: str = "local"
+    seq_len: int = 128
+    num_rows: int | None = 256
+    tokenizer: str | None = None
+    dataset_options: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with cosine decay from `lr` to `min_lr` after a linear warmup, and gradient clipping.
+
+    lr: peak learning rate (paper: 6e-5).
+    min_lr: learning rate at the last step (paper: 2e-5); 0 decays to zero.
+    warmup_steps: linear warmup optimizer steps.
+    weight_decay: AdamW weight decay.
+    betas: AdamW betas.
+    eps: AdamW epsilon.
+    grad_clip: max global gradient norm (DeepSpeed's gradient_clipping); 0 disables.
+    """
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Steps, batch sizes, workers, precision. Global batch = per_worker_batch x num_workers x grad_accum.
+
+    total_steps: optimizer steps of the run (a resumed run continues to this same count).
+    global_batch: sequences per optimizer step over all workers (paper: 64).
+    per_worker_batch: sequences per micro-batch on each worker.
+    num_workers: Ray Train workers (one per GPU on GPU).
+    use_gpu: one GPU per worker, NCCL; False runs on CPU with gloo.
+    cpus_per_worker: CPUs reserved per worker (fractional on small CPU boxes, e.g. 0.9 on 2 cores).
+    precision: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32".
+    zero_stage: DeepSpeed ZeRO stage (the paper: 2).
+    torch_threads: torch intra-op threads per worker; None leaves torch's default.
+    seed: model init / dropout seed.
+    """
+
+    total_steps: int = 20
+    global_batch: int = 8
+    per_worker_batch: int = 2
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.9
+    precision: str = "auto"
+    zero_stage: int = 2
+    torch_threads: int | None = 1
+    seed: int = 0
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.per_worker_batch * self.num_workers)
+
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints (DeepSpeed state of every rank, through `ray.train.report`) and the HF export.
+
+    every: save every this many optimizer steps (the last step is always saved); 0 saves only the last.
+    keep: checkpoints kept by Ray (the newest); None keeps all.
+    export_hf: also write a `hf/` folder (save_pretrained, safetensors) into the last checkpoint.
+    export_hf_every: write `hf/` into every checkpoint, not only the last.
+    max_failures: worker-group failures Ray Train recovers from (restoring the last checkpoint); -1 = forever.
+    """
+
+    every: int = 10
+    keep: int | None = 2
+    export_hf: bool = True
+    export_hf_every: bool = False
+    max_failures: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow, from rank 0 only; exactly one MLflow run per (storage, run name), resumed across restarts.
+
+    enabled: log to MLflow.
+    tracking_uri: MLflow tracking URI (e.g. http://host:5000); None = `sqlite:///<storage>/mlflow.db`.
+    experiment: MLflow experiment name.
+    artifact_location: artifact root for a newly created experiment; None = `<storage>/mlartifacts` with the
+        default local store, the server's default otherwise.
+    log_every: log metrics / print a progress line every this many steps.
+    progress_bar: a tqdm bar on rank 0 (else one log line per `log_every` steps).
+    """
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "condensation"
+    artifact_location: str | None = None
+    log_every: int = 1
+    progress_bar: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives. The run folder is `<storage>/<name>`; starting again with the same pair continues it.
+
+    name: run name (Ray Train run name, MLflow run name).
+    storage: Ray Train storage path (local folder or shared filesystem); relative paths resolve against the
+        current directory when the config is resolved.
+    """
+
+    name: str = "pretrain-debug"
+    storage: str = "runs"
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.storage, self.name)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests.
+
+    fault_at_step: the last worker raises once after this optimizer step (before its checkpoint), to test
+        recovery through FailureConfig; a marker in the run folder makes it fire only once.
+    nan_at_step: the loss of this optimizer step becomes NaN, to test the non-finite-loss stop.
+    """
+
+    fault_at_step: int | None = None
+    nan_at_step: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run. `deepspeed` holds extra keys deep-merged into the generated DeepSpeed config (its own
+    JSON schema, https://www.deepspeed.ai/docs/config-json/); the resolved dict is saved with the run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    deepspeed: dict = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        validate(self)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return merge(cls(), d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merge: defaults <- YAML <- overrides, strict about keys, coercing to the field types
+
+
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(key, f"{value!r} does not fit {tp}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(key, f"expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise ConfigError(key, f"expected an int, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(key, f"expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a float, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return copy.deepcopy(value)
+    if tp is list or origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return copy.deepcopy(value)
+    return value
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _merge_into(obj: Any, upd: dict, prefix: str) -> Any:
+    if not isinstance(upd, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", f"expected a mapping, got {upd!r}")
+    hints = _type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for k, v in upd.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(key, f"unknown key (known keys here: {sorted(names)})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            changes[k] = _merge_into(cur, v if v is not None else {}, key + ".")
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            changes[k] = _deep_update(cur, v)  # free-form mappings (model.overrides, deepspeed) merge deeply
+        else:
+            changes[k] = _coerce(v, hints[k], key)
+    return dataclasses.replace(obj, **changes)
+
+
+def merge(base: Any, updates: dict | None) -> Any:
+    """A copy of dataclass `base` with the nested mapping `updates` applied (strict keys, coerced types)."""
+    return _merge_into(base, updates or {}, "")
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """`["optim.lr=1e-4", "model.overrides.segment_schedule=sequential"]` -> a nested mapping. Values are YAML."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(key or item, "empty key in override")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        d = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ConfigError(key, "conflicting overrides")
+        d[parts[-1]] = value
+    return nested
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "a config file must hold a mapping at the top level")
+    return data
+
+
+def load_config(base: Any = None, yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                validate_result: bool = True) -> TrainConfig:
+    """defaults (`base`, default `TrainConfig()`) <- YAML file <- `key.sub=value` overrides; then validated."""
+    cfg = base if base is not None else TrainConfig()
+    if yaml_path is not None:
+        cfg = merge(cfg, load_yaml(yaml_path))
+    cfg = merge(cfg, parse_overrides(overrides))
+    if validate_result:
+        validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": value} (lists kept as values); for MLflow params."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: before Ray starts, naming the field
+
+
+def validate(cfg: TrainConfig) -> None:
+    from .sizes import MODEL_SIZES
+
+    m, d, o, s, c, t, r, dbg = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.checkpoint, cfg.tracking, cfg.run, cfg.debug
+
+    if m.init_from is None and m.size not in MODEL_SIZES:
+        raise ConfigError("model.size", f"unknown model size {m.size!r}; known sizes: {sorted(MODEL_SIZES)}")
+    if m.init_from is not None and (not isinstance(m.init_from, str) or not m.init_from.strip()):
+        raise ConfigError("model.init_from", "must be a folder or hub id")
+    if m.segment_length is not None and m.segment_length <= 0:
+        raise ConfigError("model.segment_length", f"must be a positive int, got {m.segment_length}")
+    seg = m.segment_length
+    if seg is None and m.init_from is None:
+        seg = m.overrides.get("segment_length", MODEL_SIZES[m.size].get("segment_length"))
+    if "segment_length" in m.overrides and (not isinstance(m.overrides["segment_length"], int) or m.overrides["segment_length"] <= 0):
+        raise ConfigError("model.overrides.segment_length", f"must be a positive int, got {m.overrides['segment_length']!r}")
+    if m.init_from is None:
+        from .sizes import build_config
+
+        from .modeling import CondensationConfig
+
+        known = {f.name for f in dataclasses.fields(CondensationConfig)}
+        for k in m.overrides:
+            if k not in known:
+                raise ConfigError(f"model.overrides.{k}", "not a CondensationConfig field")
+        kw = dict(m.overrides)
+        if m.segment_length is not None:
+            kw["segment_length"] = m.segment_length
+        try:
+            mc = build_config(m.size, **kw)
+        except Exception as e:  # unknown or invalid CondensationConfig field
+            raise ConfigError("model.overrides", f"not a valid CondensationConfig for size {m.size!r}: {e}") from None
+        if d.source in ("local", "synthetic") and mc.vocab_size < 257:
+            raise ConfigError("model.size", f"data.source={d.source!r} needs a vocabulary of >= 257 tokens (bytes + eos), "
+                                            f"size {m.size!r} has {mc.vocab_size}")
+    schedule_ = m.overrides.get("segment_schedule")
+    if schedule_ is not None and schedule_ not in ("wavefront", "sequential"):
+        raise ConfigError("model.overrides.segment_schedule", f"must be 'wavefront' or 'sequential', got {schedule_!r}")
+    red = m.overrides.get("loss_reduction")
+    if red is not None and red not in ("segment_sum", "token_mean"):
+        raise ConfigError("model.overrides.loss_reduction", f"must be 'segment_sum' or 'token_mean', got {red!r}")
+
+    if d.seq_len <= 0:
+        raise ConfigError("data.seq_len", f"must be positive, got {d.seq_len}")
+    if d.num_rows is not None and d.num_rows <= 0:
+        raise ConfigError("data.num_rows", f"must be positive or None, got {d.num_rows}")
+    if not d.source:
+        raise ConfigError("data.source", "must name a source")
+    if seg is not None and isinstance(seg, int) and seg > 0 and d.seq_len < 1:
+        raise ConfigError("data.seq_len", "must hold at least one token")
+
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", f"must be positive, got {o.lr}")
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError("optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.warmup_steps > s.total_steps:
+        raise ConfigError("optim.warmup_steps", f"({o.warmup_steps}) exceeds schedule.total_steps ({s.total_steps})")
+    if o.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
+    if o.eps <= 0:
+        raise ConfigError("optim.eps", f"must be positive, got {o.eps}")
+    if o.grad_clip < 0:
+        raise ConfigError("optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+
+    if s.total_steps <= 0:
+        raise ConfigError("schedule.total_steps", f"must be positive, got {s.total_steps}")
+    if s.num_workers <= 0:
+        raise ConfigError("schedule.num_workers", f"must be positive, got {s.num_workers}")
+    if s.per_worker_batch <= 0:
+        raise ConfigError("schedule.per_worker_batch", f"must be positive, got {s.per_worker_batch}")
+    if s.global_batch <= 0 or s.global_batch % (s.per_worker_batch * s.num_workers) != 0:
+        raise ConfigError(
+            "schedule.global_batch",
+            f"{s.global_batch} is not divisible by per_worker_batch x num_workers = "
+            f"{s.per_worker_batch} x {s.num_workers} = {s.per_worker_batch * s.num_workers}",
+        )
+    if s.cpus_per_worker <= 0:
+        raise ConfigError("schedule.cpus_per_worker", f"must be positive, got {s.cpus_per_worker}")
+    if s.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError("schedule.precision", f"must be 'auto', 'bf16' or 'fp32', got {s.precision!r}")
+    if s.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("schedule.zero_stage", f"must be 0, 1, 2 or 3, got {s.zero_stage}")
+    if s.torch_threads is not None and s.torch_threads <= 0:
+        raise ConfigError("schedule.torch_threads", f"must be positive or None, got {s.torch_threads}")
+
+    if c.every < 0:
+        raise ConfigError("checkpoint.every", f"must be >= 0, got {c.every}")
+    if c.keep is not None and c.keep <= 0:
+        raise ConfigError("checkpoint.keep", f"must be positive or None, got {c.keep}")
+    if c.max_failures < -1:
+        raise ConfigError("checkpoint.max_failures", f"must be >= -1, got {c.max_failures}")
+
+    if t.log_every <= 0:
+        raise ConfigError("tracking.log_every", f"must be positive, got {t.log_every}")
+    if not t.experiment:
+        raise ConfigError("tracking.experiment", "must not be empty")
+
+    if not r.name or "/" in r.name or r.name in (".", ".."):
+        raise ConfigError("run.name", f"must be a plain folder name, got {r.name!r}")
+    if not r.storage:
+        raise ConfigError("run.storage", "must not be empty")
+
+    for k in ("fault_at_step", "nan_at_step"):
+        v = getattr(dbg, k)
+        if v is not None and not (1 <= v <= s.total_steps):
+            raise ConfigError(f"debug.{k}", f"must be within [1, schedule.total_steps={s.total_steps}], got {v}")
+
+    if not isinstance(cfg.deepspeed, dict):
+        raise ConfigError("deepspeed", "must be a mapping (DeepSpeed's own config keys)")
+    for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if k in cfg.deepspeed:
+            raise ConfigError(f"deepspeed.{k}", "is derived from schedule.*; set the batch there")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Validated copy with the storage path made absolute (so workers and drivers agree on the run folder)."""
+    validate(cfg)
+    storage = cfg.run.storage
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage=storage))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: small functions over the defaults
+
+
+def debug_preset() -> TrainConfig:
+    """Tiny model, generated local text, 2 CPU workers: tests and smoke runs (seconds)."""
+    return TrainConfig()
+
+
+def cpu_pretrain_preset() -> TrainConfig:
+    """The embedded default of workloads/pretrain.py: a tiny model on local text, CPU, a few minutes at most."""
+    return merge(TrainConfig(), {
+        "model": {"size": "tiny-cpu", "segment_length": 64},
+        "data": {"source": "local", "seq_len": 256, "num_rows": 512},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 5},
+        "schedule": {"total_steps": 60, "global_batch": 8, "per_worker_batch": 2, "num_workers": 2},
+        "checkpoint": {"every": 20},
+        "tracking": {"log_every": 5},
+        "run": {"name": "pretrain-cpu"},
+    })
+
+
+def paper_pretrain_preset() -> TrainConfig:
+    """The paper's continual pretraining (Table III, passkey): Llama-3.2-1B, FineWeb-edu over 4K tokens, segment
+    512, lr 6e-5 -> 2e-5 cosine, global batch 64, bf16, ZeRO-2, GPU workers, 6491 steps."""
+    return merge(TrainConfig(), {
+        "model": {"size": "llama-3.2-1b", "init_from": "meta-llama/Llama-3.2-1B", "segment_length": 512,
+                  "overrides": {"checkpoint_cells": True}},
+        "data": {"source": "fineweb-edu", "seq_len": 4096, "num_rows": None, "tokenizer": "meta-llama/Llama-3.2-1B"},
+        "optim": {"lr": 6e-5, "min_lr": 2e-5, "warmup_steps": 100, "weight_decay": 0.0},
+        "schedule": {"total_steps": 6491, "global_batch": 64, "per_worker_batch": 1, "num_workers": 8,
+                     "use_gpu": True, "cpus_per_worker": 8, "precision": "bf16", "torch_threads": None},
+        "checkpoint": {"every": 500, "keep": 3},
+        "tracking": {"log_every": 10, "progress_bar": False},
+        "run": {"name": "pretrain-paper-1b"},
+    })
+
+
+PRESETS = {"debug": debug_preset, "default": cpu_pretrain_preset, "cpu": cpu_pretrain_preset, "paper": paper_pretrain_preset}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]()

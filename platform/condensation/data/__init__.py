@@ -1,0 +1,33 @@
+"""The data layer: Ray Data pipelines that read, validate, tokenize, filter, pack and shard the paper's corpora.
+
+- `passkey`: the Appendix C passkey task, generated to an exact token length and needle depth.
+- `pretraining`: FineWeb-edu (streamed) or local jsonl/parquet, filtered by length and cut into sequences.
+- `summarization`: CNN/DailyMail and BookSum in the Appendix D format, loss on the summary only.
+- `pipeline`: the shared stages, `DataSource` (dataset + skip-count report), sharding for Ray Train.
+- `sources`: hub and local readers, row validation; `report`: counts aggregated out of Ray tasks.
+"""
+
+from .passkey import passkey_dataset, passkey_example
+from .pipeline import DataSource, equal_batches, shard_for_workers, torch_batches, train_view
+from .pretraining import pretraining_dataset
+from .report import DataReport
+from .sources import KNOWN_DATASETS, DataSourceError, read_records
+from .summarization import SUMMARY_PROMPT, format_summary_prompt, summarization_dataset
+
+__all__ = [
+    "KNOWN_DATASETS",
+    "SUMMARY_PROMPT",
+    "DataReport",
+    "DataSource",
+    "DataSourceError",
+    "equal_batches",
+    "format_summary_prompt",
+    "passkey_dataset",
+    "passkey_example",
+    "pretraining_dataset",
+    "read_records",
+    "shard_for_workers",
+    "summarization_dataset",
+    "torch_batches",
+    "train_view",
+]

@@ -1,0 +1,20 @@
+"""Build the model a run trains: from a HF folder / hub id (Llama or Condensation) or from a named size."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..modeling import CondensationForCausalLM
+from ..sizes import build_config
+
+
+def build_model(m: ModelConfig, dtype: torch.dtype = torch.float32) -> CondensationForCausalLM:
+    """`CondensationForCausalLM` in `dtype` (fp32 master weights; DeepSpeed casts for bf16)."""
+    kw = dict(m.overrides)
+    if m.segment_length is not None:
+        kw["segment_length"] = m.segment_length
+    if m.init_from:
+        return CondensationForCausalLM.from_pretrained(m.init_from, dtype=dtype, **kw)
+    model = CondensationForCausalLM(build_config(m.size, **kw))
+    return model.to(dtype)

@@ -1,0 +1,108 @@
+"""MLflow from rank 0 only, one MLflow run per run folder.
+
+The driver (`ensure_run`) creates the MLflow run once and stores its id in `<run_dir>/mlflow_run_id`; every later
+start of the same run (worker restart through FailureConfig, or the job started again) resumes that id, so a run
+never gets a second MLflow run. On the workers, rank 0 logs through `MlflowLogger`; other ranks get `NullLogger`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ..config import TrainConfig, flatten
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def tracking_uri(cfg: TrainConfig) -> str:
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    return f"sqlite:///{os.path.join(cfg.run.storage, 'mlflow.db')}"
+
+
+def artifact_location(cfg: TrainConfig) -> str | None:
+    if cfg.tracking.artifact_location:
+        return cfg.tracking.artifact_location
+    if not cfg.tracking.tracking_uri:
+        return os.path.join(cfg.run.storage, "mlartifacts")
+    return None
+
+
+def ensure_run(cfg: TrainConfig) -> str:
+    """The MLflow run id of this run folder, creating the experiment / run the first time."""
+    from mlflow import MlflowClient
+
+    run_dir = cfg.run.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    id_file = os.path.join(run_dir, RUN_ID_FILE)
+    client = MlflowClient(tracking_uri(cfg))
+    if os.path.exists(id_file):
+        run_id = open(id_file).read().strip()
+        try:
+            client.get_run(run_id)
+            return run_id
+        except Exception:  # the store was wiped: start a new MLflow run for this folder
+            pass
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
+    run = client.create_run(exp_id, run_name=cfg.run.name, tags={"run_dir": run_dir})
+    with open(id_file + ".tmp", "w") as f:
+        f.write(run.info.run_id)
+    os.replace(id_file + ".tmp", id_file)
+    return run.info.run_id
+
+
+class NullLogger:
+    """What ranks other than 0 (or a run without tracking) log through: nothing."""
+
+    run_id = None
+
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowLogger(NullLogger):
+    def __init__(self, uri: str, run_id: str):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = {k: ("None" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(ms), 500):
+            self.client.log_batch(self.run_id, metrics=ms[i : i + 500])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def make_logger(cfg: TrainConfig, run_id: str | None, rank: int) -> NullLogger:
+    if rank != 0 or not cfg.tracking.enabled or not run_id:
+        return NullLogger()
+    return MlflowLogger(tracking_uri(cfg), run_id)

@@ -1,0 +1,134 @@
+"""`fit(cfg, datasets)`: validate, prepare the run folder and the MLflow run, run the TorchTrainer, return paths.
+
+    result = fit(cfg)                                            # data from cfg.data
+    result = fit(cfg, {"train": ds}, init_from=prev.hf_path)     # a curriculum stage chained from the last
+
+The run folder `<cfg.run.storage>/<cfg.run.name>` holds Ray Train's checkpoints (`checkpoint_<step>/`), the
+resolved config, the MLflow run id, and (by default) the MLflow store `<storage>/mlflow.db` sits beside it.
+Calling `fit` again with the same run name and storage continues from the last checkpoint to the same
+`total_steps`; a finished run returns at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from ..config import TrainConfig, resolve, to_yaml
+from .deepspeed_config import deepspeed_config
+from .loop import HF_DIR, NONFINITE_FILE, STATE_FILE, train_loop_per_worker
+from .tracking import ensure_run, tracking_uri
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf at `step`; training stopped and `last_checkpoint` (possibly None) is intact."""
+
+    def __init__(self, message: str, step: int, last_checkpoint: str | None):
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: the last Ray checkpoint (DeepSpeed state) and its HF export."""
+
+    checkpoint_path: str
+    hf_path: str | None
+    step: int
+    run_dir: str
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    metrics: dict | None
+
+
+def prepare(cfg: TrainConfig, init_from: str | None = None) -> TrainConfig:
+    """The resolved config a run uses: `init_from` applied, validated, storage absolute. Raises ConfigError."""
+    if init_from is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(init_from)))
+    return resolve(cfg)
+
+
+def resolved_config_dict(cfg: TrainConfig) -> dict:
+    return {**cfg.to_dict(), "deepspeed_resolved": deepspeed_config(cfg)}
+
+
+def _vocab_size(cfg: TrainConfig) -> int:
+    if cfg.model.init_from:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(cfg.model.init_from).vocab_size
+    from ..sizes import MODEL_SIZES
+
+    return cfg.model.overrides.get("vocab_size", MODEL_SIZES[cfg.model.size]["vocab_size"])
+
+
+def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None = None,
+        data_stats: dict | None = None) -> TrainResult:
+    """Train with Ray Train + DeepSpeed as `cfg` says. `datasets`: {"train": ray.data.Dataset} of rows
+    {"input_ids": int64[L], "labels": int64[L]} (None builds them from `cfg.data`). `init_from`: a HF folder
+    (e.g. the previous stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data
+    pipeline's counts (e.g. skipped documents), logged to MLflow. Raises ConfigError before Ray starts,
+    NonFiniteLossError when the loss stops being finite, ray.train.TrainingFailedError when failures exceed
+    `checkpoint.max_failures`."""
+    cfg = prepare(cfg, init_from)  # validation first: nothing below starts before the config is known good
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = cfg.run.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    marker = os.path.join(run_dir, NONFINITE_FILE)
+    if os.path.exists(marker):
+        os.remove(marker)
+    with open(os.path.join(run_dir, "resolved_config.yaml"), "w") as f:
+        f.write(to_yaml(resolved_config_dict(cfg)))
+    run_id = ensure_run(cfg) if cfg.tracking.enabled else None
+
+    if datasets is None:
+        from .data import train_datasets
+
+        datasets, stats = train_datasets(cfg.data, _vocab_size(cfg))
+        data_stats = data_stats or stats
+    if "train" not in datasets:
+        raise ValueError("datasets must hold a 'train' Dataset")
+
+    s = cfg.schedule
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "data_stats": data_stats},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    last = result.checkpoint.path if result.checkpoint is not None else None
+
+    if os.path.exists(marker):
+        with open(marker) as f:
+            info = json.load(f)
+        raise NonFiniteLossError(f"{info['message']} (last good checkpoint: {last})", info["step"], last)
+    if last is None:
+        raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
+    with open(os.path.join(last, STATE_FILE)) as f:
+        step = json.load(f)["step"]
+    hf = os.path.join(last, HF_DIR)
+    return TrainResult(
+        checkpoint_path=last,
+        hf_path=hf if os.path.isdir(hf) else None,
+        step=step,
+        run_dir=run_dir,
+        mlflow_run_id=run_id,
+        tracking_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
+        metrics=result.metrics,
+    )

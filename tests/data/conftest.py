@@ -1,0 +1,58 @@
+"""Fixtures of the data-layer tests: one local Ray session for the whole run, the shipped tokenizer, and
+small generated corpora (real English from `pydoc_data.topics`) with deliberately malformed rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from condensation.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray session for every data test (ray.init costs 3-6 s here).
+
+    One CPU: the 0.25-CPU data tasks then run at most 4 at a time, so at most 4 worker processes pay the
+    import of torch/transformers (seconds each on 2 shared cores); the pipeline itself is unchanged.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def documents() -> list[str]:
+    """The language reference's documents, longest first: a few are thousands of tokens, many are short."""
+    from pydoc_data.topics import topics
+
+    return sorted((topics[k] for k in sorted(topics)), key=len, reverse=True)
+
+
+def write_jsonl(path: Path, rows: list[dict | bytes | str]) -> Path:
+    """Rows as json lines; bytes/str entries are written raw (to make undecodable or invalid lines)."""
+    with path.open("wb") as f:
+        for row in rows:
+            if isinstance(row, bytes):
+                f.write(row + b"\n")
+            elif isinstance(row, str):
+                f.write(row.encode() + b"\n")
+            else:
+                f.write(json.dumps(row).encode() + b"\n")
+    return path

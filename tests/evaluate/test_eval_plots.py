@@ -1,0 +1,68 @@
+"""Pictures are produced, open as PNGs of the expected size, and are not blank; the trained length is marked."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from condensation.evaluate import (
+    PasskeyGrid,
+    passkey_table_html,
+    plot_passkey_heatmap,
+    plot_passkey_matrix,
+    plot_rouge_by_length,
+    plot_stage_summary,
+    rouge_by_length,
+)
+
+
+def toy_grid(**meta) -> PasskeyGrid:
+    lengths, depths = [2048, 4096, 8192, 16384], [0.0, 0.25, 0.5, 0.75, 1.0]
+    exact = np.array([[1, 1, 1, 1, 1], [1, 0.9, 0.8, 1, 1], [0.5, 0.4, 0.2, 0.6, 0.9], [0, 0.1, 0, 0, 0.3]])
+    digit = np.clip(exact + 0.2, 0, 1)
+    return PasskeyGrid(lengths, depths, exact, digit, np.full(exact.shape, 10), meta=meta)
+
+
+def open_png(path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def test_heatmap(tmp_path):
+    grid = toy_grid()
+    p = plot_passkey_heatmap(grid, tmp_path / "sub" / "heat.png", trained_length=4096)
+    img = open_png(p)
+    # 4 panels in one row: (3.6 * 4 + 0.9) x (2.9 + 0.6) inches at 100 dpi
+    assert img.shape == (350, 1530, 3)
+    assert p.stat().st_size > 20_000
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # not blank
+    red = (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
+    assert red.sum() > 300  # the trained panel's frame / dashed lines
+    unmarked = open_png(plot_passkey_heatmap(grid, tmp_path / "plain.png"))
+    red_plain = (unmarked[..., 0] > 200) & (unmarked[..., 1] < 60) & (unmarked[..., 2] < 60)
+    assert red.sum() > red_plain.sum() + 300
+    # trained length taken from the grid's meta when not given
+    assert np.array_equal(open_png(plot_passkey_heatmap(toy_grid(trained_length=4096), tmp_path / "m.png")), img)
+
+
+def test_one_panel_and_empty_cells(tmp_path):
+    grid = PasskeyGrid([256], [0.5], [[0.0]], [[0.0]], [[0]])
+    img = open_png(plot_passkey_heatmap(grid, tmp_path / "one.png"))
+    assert img.shape == (350, 450, 3)
+
+
+def test_matrix_stage_summary_and_html(tmp_path):
+    grid = toy_grid(trained_length=2048)
+    assert open_png(plot_passkey_matrix(grid, tmp_path / "matrix.png")).shape[0] > 100
+    stages = {"2K": toy_grid(trained_length=2048), "4K": toy_grid(trained_length=4096)}
+    assert open_png(plot_stage_summary(stages, tmp_path / "stages.png")).shape[1] > 200
+    html = passkey_table_html(grid)
+    assert html.count("<tr>") == 5 and "background:" in html and "16K" in html
+
+
+def test_rouge_bars(tmp_path):
+    res = rouge_by_length(["a b c", "a b x", "q r s"], ["a b c", "a b c", "a b c"], [10, 600, 2000])
+    other = rouge_by_length(["a b c"] * 3, ["a b c"] * 3, [10, 600, 2000])
+    img = open_png(plot_rouge_by_length({"condensation": res, "llama": other}, tmp_path / "rouge.png"))
+    assert img.shape == (340, 1260, 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 20

@@ -1,0 +1,38 @@
+import os
+
+import pytest
+
+
+def debug_cfg(tmp_path, name: str, *overrides: str):
+    """The debug preset in a test's own storage folder: debug model, 128-token rows, 2 CPU workers (gloo)."""
+    from condensation.config import load_config
+
+    base = [
+        f"run.storage={tmp_path}", f"run.name={name}",
+        "data.seq_len=128", "data.num_rows=64",
+        "schedule.total_steps=8", "schedule.global_batch=4", "schedule.per_worker_batch=1", "schedule.num_workers=2",
+        "schedule.cpus_per_worker=0.9", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=1",
+        "checkpoint.every=2", "checkpoint.keep=2", "tracking.log_every=1",
+    ]
+    return load_config(overrides=base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for a test module: 2 CPUs, workers take 0.9 each (STACK.md)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def mlflow_runs(result):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(result.tracking_uri)
+    exps = client.search_experiments()
+    runs = [r for e in exps for r in client.search_runs([e.experiment_id])]
+    return client, runs

@@ -1,0 +1,117 @@
+"""Ray Train + DeepSpeed ZeRO-2 on CPU, 2 workers (gloo): training, MLflow, recovery, restart, NaN stop.
+
+One Ray session for the module; every test has its own run folder and MLflow store.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from condensation.train import NonFiniteLossError, fit, param_digest
+
+from .conftest import debug_cfg, mlflow_runs
+
+pytestmark = pytest.mark.slow
+
+
+def _loss_history(client, run_id):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+
+
+def test_zero2_lowers_loss_keeps_ranks_identical_and_logs_one_mlflow_run(ray_session, tmp_path):
+    from condensation import CondensationForCausalLM
+    from condensation.train import local_text_rows, rows_dataset
+
+    cfg = debug_cfg(tmp_path, "train")
+    datasets = {"train": rows_dataset(local_text_rows(128, 64, seed=1))}  # any Dataset of the row schema
+    res = fit(cfg, datasets, data_stats={"skipped_too_short": 3, "documents": 61})
+    assert res.step == 8
+    assert res.metrics["ranks_in_sync"] == 1.0
+    assert res.metrics["param_digest_rank0"] == res.metrics["param_digest_rank1"]
+
+    client, runs = mlflow_runs(res)
+    assert len(runs) == 1 and runs[0].info.run_id == res.mlflow_run_id
+    run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    hist = _loss_history(client, res.mlflow_run_id)
+    assert [s for s, _ in hist] == list(range(1, 9))
+    first, last = hist[0][1], hist[-1][1]
+    assert last < first - 0.5, hist  # a few steps on real text lower the eq. 17 loss clearly
+    for key in ("lr", "tokens_per_s", "peak_memory_gib", "segment_loss_0", "segment_loss_3", "step_time_s"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["data.skipped_too_short"] == 3
+    p = run.data.params
+    assert p["schedule.global_batch"] == "4" and p["model.size"] == "debug"
+    assert p["deepspeed_resolved.zero_optimization.stage"] == "2"
+    assert p["deepspeed_resolved.bf16.enabled"] == "False"  # fp32 on CPU
+    assert p["grad_accum"] == "2"
+    arts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
+    assert {"resolved_config.yaml", "data_stats.json"} <= arts
+    text = open(client.download_artifacts(res.mlflow_run_id, "resolved_config.yaml", str(tmp_path))).read()
+    assert "deepspeed_resolved" in text and "train_batch_size: 4" in text
+
+    # the HF export loads with from_pretrained and holds the trained (rank-identical) weights
+    model = CondensationForCausalLM.from_pretrained(res.hf_path)
+    assert param_digest(model) == res.metrics["param_digest_rank0"]
+    ids = torch.tensor(local_text_rows(128, 1, seed=5))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, labels=ids, return_logits=False).loss)
+    # Ray kept the newest checkpoints (keep=2), each with every rank's ZeRO shard
+    ckpts = sorted(d for d in os.listdir(res.run_dir) if d.startswith("checkpoint_0"))
+    assert ckpts == ["checkpoint_00000006", "checkpoint_00000008"]
+    ds = os.listdir(os.path.join(res.checkpoint_path, "ds"))
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(ds)
+
+
+def test_fault_recovered_by_failure_config_to_same_final_step(ray_session, tmp_path):
+    cfg = debug_cfg(tmp_path, "fault", "debug.fault_at_step=5", "checkpoint.max_failures=1")
+    res = fit(cfg)
+    assert res.step == 8 and os.path.exists(os.path.join(res.run_dir, ".fault_injected_at_step_5"))
+    client, runs = mlflow_runs(res)
+    assert len(runs) == 1  # the restarted workers resumed the same MLflow run
+    steps = [s for s, _ in _loss_history(client, res.mlflow_run_id)]
+    # steps 1-5 ran once before the fault; the new workers resumed from checkpoint 4, so 5 ran twice, 1-4 once
+    assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert client.get_run(res.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_stopped_job_started_again_continues(ray_session, tmp_path):
+    from ray.train import TrainingFailedError
+
+    cfg = debug_cfg(tmp_path, "stop", "debug.fault_at_step=3", "checkpoint.max_failures=0", "checkpoint.keep=null")
+    with pytest.raises(TrainingFailedError):
+        fit(cfg)  # the job dies after step 3; checkpoint 2 is the last one
+    res = fit(cfg)  # the same run started again: continues from step 2 (the fault fires once)
+    assert res.step == 8
+    client, runs = mlflow_runs(res)
+    assert len(runs) == 1
+    steps = [s for s, _ in _loss_history(client, res.mlflow_run_id)]
+    assert steps == [1, 2, 3, 3, 4, 5, 6, 7, 8]
+    with open(os.path.join(res.checkpoint_path, "trainer_state.json")) as f:
+        assert json.load(f)["step"] == 8
+    # a finished run started again returns its result without training
+    again = fit(cfg)
+    assert again.step == 8 and again.checkpoint_path == res.checkpoint_path
+    assert len(mlflow_runs(again)[1]) == 1
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(ray_session, tmp_path):
+    cfg = debug_cfg(tmp_path, "nan", "debug.nan_at_step=5", "checkpoint.max_failures=2")
+    with pytest.raises(NonFiniteLossError, match="at step 5") as err:
+        fit(cfg)
+    assert err.value.step == 5
+    last = err.value.last_checkpoint
+    assert last.endswith("checkpoint_00000004")
+    with open(os.path.join(last, "trainer_state.json")) as f:
+        assert json.load(f)["step"] == 4
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "mp_rank_00_model_states.pt"} <= set(os.listdir(os.path.join(last, "ds")))
+    state = torch.load(os.path.join(last, "ds", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["module"].values())
+    run_dir = os.path.dirname(last)
+    assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0")) == ["checkpoint_00000002", "checkpoint_00000004"]
+    client, runs = mlflow_runs(type("R", (), {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["nonfinite_loss_step"] == "5"

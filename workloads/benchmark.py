@@ -1,0 +1,304 @@
+"""Training-step and generation benchmark: Condensation against transformers' LlamaForCausalLM, in one process.
+
+On a GPU (the paper's Table I model, bf16, AdamW):
+    python workloads/benchmark.py --out benchmarks/results/h200.json
+    ray job submit --working-dir . -- python workloads/benchmark.py --out benchmarks/results/h200.json
+CPU smoke run (tiny sizes, seconds):
+    python workloads/benchmark.py --smoke --out /tmp/bench.json
+
+Every configuration runs a full training step (forward, backward, AdamW step) at each total length until it runs
+out of memory; peak memory is torch.cuda.max_memory_allocated over the measured steps, step time the median of
+CUDA-synchronised steps after warm-up. Ratios are against Llama-sdpa measured in the same run. Pictures like the
+paper's Fig. 5-7 are written beside the JSON, and everything is logged to MLflow when --mlflow-uri is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform as _platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from condensation import CondensationForCausalLM, attention_unavailable_reason
+from condensation.sizes import build_config
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # "llama" or "condensation"
+    attention: str
+    segment_length: int | None = None
+    schedule: str = "wavefront"
+    checkpoint_cells: bool = False
+    compile_cells: bool = False
+    batch: int = 1
+    lengths: list[int] = field(default_factory=list)
+
+
+def default_cases(smoke: bool) -> list[Case]:
+    if smoke:
+        L = [64, 128, 256]
+        return [
+            Case("llama-sdpa", "llama", "sdpa", lengths=L),
+            Case("cond-sdpa-l32", "condensation", "sdpa", 32, lengths=L),
+            Case("cond-sdpa-l32-seq", "condensation", "sdpa", 32, schedule="sequential", lengths=L),
+            Case("cond-sdpa-l32-ckpt", "condensation", "sdpa", 32, checkpoint_cells=True, lengths=L),
+        ]
+    short = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    long = [4096, 16384, 65536, 262144, 1048576]
+    return [
+        Case("llama-sdpa", "llama", "sdpa", lengths=short),
+        Case("llama-sdpa-b4", "llama", "sdpa", batch=4, lengths=short[:5]),
+        Case("llama-eager", "llama", "eager", lengths=short[:4]),
+        Case("llama-flash", "llama", "flash_attention_2", lengths=short),
+        Case("cond-sdpa-l256", "condensation", "sdpa", 256, lengths=short[:6]),
+        Case("cond-sdpa-l512", "condensation", "sdpa", 512, lengths=short[:6]),
+        Case("cond-sdpa-l512-b4", "condensation", "sdpa", 512, batch=4, lengths=short[:5]),
+        Case("cond-flex-l512", "condensation", "flex", 512, lengths=[4096, 16384]),
+        Case("cond-flash-l512", "condensation", "flash", 512, lengths=[4096, 16384]),
+        Case("cond-eager-l512", "condensation", "eager", 512, lengths=[4096, 16384]),
+        Case("cond-sdpa-l512-seq", "condensation", "sdpa", 512, schedule="sequential", lengths=[4096, 16384]),
+        Case("cond-sdpa-l512-ckpt", "condensation", "sdpa", 512, checkpoint_cells=True, lengths=long),
+        Case("cond-sdpa-l512-compile", "condensation", "sdpa", 512, compile_cells=True, lengths=short[:6]),
+        Case("cond-sdpa-l512-ckpt-compile", "condensation", "sdpa", 512, checkpoint_cells=True, compile_cells=True,
+             lengths=long),
+    ]
+
+
+def build_model(case: Case, smoke: bool, device, dtype):
+    size = "debug" if smoke else "table1"
+    cfg = build_config(size, segment_length=case.segment_length or 256, segment_attention=case.attention
+                       if case.kind == "condensation" else "sdpa", segment_schedule=case.schedule,
+                       checkpoint_cells=case.checkpoint_cells, compile_cells=case.compile_cells)
+    if case.kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        llama_cfg = LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k in LlamaConfig().to_dict()})
+        llama_cfg._attn_implementation = case.attention
+        model = LlamaForCausalLM(llama_cfg)
+    else:
+        model = CondensationForCausalLM(cfg)
+    return model.to(device=device, dtype=dtype)
+
+
+def flops_per_step(model, case: Case, L: int) -> float:
+    """Model FLOPs of forward + backward (6 per parameter-token for matmuls, plus attention scores)."""
+    cfg = model.config
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    if cfg.tie_word_embeddings:
+        matmul_params += cfg.vocab_size * cfg.hidden_size
+    kv_per_query = L / 2 if case.kind == "llama" else min(L, case.segment_length) * (1.5 if L > case.segment_length else 0.5)
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * kv_per_query
+    return case.batch * L * (6 * matmul_params + attn)
+
+
+def train_step(model, opt, ids, case):
+    if case.kind == "llama":
+        loss = model(input_ids=ids, labels=ids).loss
+    else:
+        loss = model(ids, labels=ids, return_logits=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def measure(case: Case, L: int, smoke: bool, device, dtype, steps: int, warmup: int) -> dict:
+    cuda = device.type == "cuda"
+    model = build_model(case, smoke, device, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    ids = torch.randint(0, model.config.vocab_size, (case.batch, L), device=device)
+    try:
+        n_steps = 2 if L >= 262144 else steps
+        first_loss = None
+        for _ in range(warmup):
+            loss = train_step(model, opt, ids, case)
+            first_loss = float(loss.detach()) if first_loss is None else first_loss
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(n_steps):
+            t0 = time.perf_counter()
+            loss = train_step(model, opt, ids, case)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        step = statistics.median(times)
+        out = {"status": "ok", "step_s": step, "tokens_per_s": case.batch * L / step, "first_loss": first_loss,
+               "loss": float(loss.detach())}
+        out["flops"] = flops_per_step(model, case, L)
+        if cuda:
+            out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+    except torch.OutOfMemoryError:
+        return {"status": "oom"}
+    finally:
+        del model, opt, ids
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def measure_generation(prompt_len: int, segment_length: int, new_tokens: int, smoke: bool, device, dtype) -> dict:
+    """Prefill a long prompt segment by segment, then decode `new_tokens` tokens greedily with the bounded cache."""
+    cfg = build_config("debug" if smoke else "table1", segment_length=segment_length)
+    model = CondensationForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(1, cfg.vocab_size, (1, prompt_len), device=device)  # no pad id (0): no inferred padding
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    sync()
+    total = time.perf_counter() - t0
+    res = {"prompt_tokens": prompt_len, "new_tokens": out.shape[1] - prompt_len, "seconds": total,
+           "tokens_per_s": (prompt_len + new_tokens) / total}
+    if device.type == "cuda":
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del model
+    gc.collect()
+    return res
+
+
+def matmul_peak_tflops(device, dtype) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def plot(results: dict, path_prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric, label, fname in (("peak_gib", "peak memory (GiB)", "memory"), ("tokens_per_s", "tokens / s", "speed")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, rows in results["cases"].items():
+            pts = [(int(L), r[metric]) for L, r in rows.items() if r.get("status") == "ok" and metric in r]
+            if pts:
+                xs, ys = zip(*sorted(pts))
+                ax.plot(xs, ys, marker="o", label=name, color="tab:blue" if name.startswith("llama") else None,
+                        linestyle="--" if name.startswith("llama") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("total sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label}: Condensation vs Llama ({results['machine']['device']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = path_prefix.with_name(f"{path_prefix.stem}_{fname}.png")
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CI)")
+    ap.add_argument("--out", default="benchmarks/results/benchmark.json")
+    ap.add_argument("--cases", default="", help="comma-separated case names to run (default all)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--generation", default="", help="comma-separated prompt lengths for prefill+generate")
+    ap.add_argument("--mlflow-uri", default=None)
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    import transformers
+
+    results = {
+        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else _platform.processor() or "cpu",
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "python": _platform.python_version(), "dtype": str(dtype)},
+        "model": "debug" if args.smoke else "table1",
+        "matmul_peak_tflops": matmul_peak_tflops(device, dtype),
+        "cases": {}, "case_configs": {}, "generation": [],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wanted = set(filter(None, args.cases.split(",")))
+    for case in default_cases(args.smoke):
+        if wanted and case.name not in wanted:
+            continue
+        reason = None
+        if case.kind == "condensation":
+            reason = attention_unavailable_reason(case.attention, device, backward=True)
+        elif case.attention == "flash_attention_2":
+            reason = attention_unavailable_reason("flash", device)
+        if reason:
+            results["cases"][case.name] = {"skipped": reason}
+            print(json.dumps({"case": case.name, "skipped": reason}), flush=True)
+            continue
+        results["case_configs"][case.name] = asdict(case)
+        rows = results["cases"].setdefault(case.name, {})
+        for L in case.lengths:
+            r = measure(case, L, args.smoke, device, dtype, args.steps, args.warmup)
+            if r["status"] == "ok" and results["matmul_peak_tflops"]:
+                r["mfu"] = r["flops"] / r["step_s"] / 1e12 / results["matmul_peak_tflops"]
+            rows[str(L)] = r
+            print(json.dumps({"case": case.name, "L": L, **r}), flush=True)
+            out.write_text(json.dumps(results, indent=1))  # a crash or timeout later keeps what was measured
+            if r["status"] == "oom":
+                break
+    base = results["cases"].get("llama-sdpa", {})
+    for name, rows in results["cases"].items():
+        for L, r in rows.items() if isinstance(rows, dict) else ():
+            b = base.get(L) if isinstance(base, dict) else None
+            if isinstance(r, dict) and r.get("status") == "ok" and b and b.get("status") == "ok" and not name.startswith("llama-sdpa"):
+                r["speed_vs_llama_sdpa"] = r["tokens_per_s"] / b["tokens_per_s"]
+                if "peak_gib" in r:
+                    r["llama_sdpa_memory_ratio"] = b["peak_gib"] / r["peak_gib"]
+    for p in filter(None, args.generation.split(",")):
+        g = measure_generation(int(p), 32 if args.smoke else 512, 16 if args.smoke else 256, args.smoke, device, dtype)
+        results["generation"].append(g)
+        print(json.dumps({"generation": g}), flush=True)
+
+    out.write_text(json.dumps(results, indent=1))
+    pictures = plot(results, out)
+    print(f"wrote {out} and {', '.join(map(str, pictures))}")
+    if args.mlflow_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.mlflow_uri)
+        mlflow.set_experiment("benchmark")
+        with mlflow.start_run(run_name=out.stem):
+            mlflow.log_params(results["machine"])
+            for name, rows in results["cases"].items():
+                for L, r in rows.items():
+                    if isinstance(r, dict) and r.get("status") == "ok":
+                        mlflow.log_metric(f"{name}/tokens_per_s", r["tokens_per_s"], step=int(L))
+                        if "peak_gib" in r:
+                            mlflow.log_metric(f"{name}/peak_gib", r["peak_gib"], step=int(L))
+            mlflow.log_artifact(str(out))
+            for p in pictures:
+                mlflow.log_artifact(str(p))
+    return results
+
+
+if __name__ == "__main__":
+    main()
