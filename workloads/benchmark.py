@@ -197,10 +197,11 @@ def plot(results: dict, path_prefix: Path) -> list[Path]:
     for metric, label, fname in (("peak_gib", "peak memory (GiB)", "memory"), ("tokens_per_s", "tokens / s", "speed")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, rows in results["cases"].items():
-            pts = [(int(L), r[metric]) for L, r in rows.items() if r.get("status") == "ok" and metric in r]
+            pts = [(int(L), r[metric]) for L, r in rows.items() if isinstance(r, dict) and r.get("status") == "ok"
+                   and metric in r]
             if pts:
                 xs, ys = zip(*sorted(pts))
-                ax.plot(xs, ys, marker="o", label=name, color="tab:blue" if name.startswith("llama") else None,
+                ax.plot(xs, ys, marker="s" if name.startswith("llama") else "o", label=name,
                         linestyle="--" if name.startswith("llama") else "-")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("total sequence length (tokens)")
@@ -216,6 +217,21 @@ def plot(results: dict, path_prefix: Path) -> list[Path]:
     return paths
 
 
+def ratios_against_llama(results: dict) -> None:
+    """Add speed and memory ratios against Llama-sdpa at the same length and batch (measured in the same run)."""
+    for name, rows in results["cases"].items():
+        batch = results["case_configs"].get(name, {}).get("batch", 1)
+        base = results["cases"].get("llama-sdpa" if batch == 1 else f"llama-sdpa-b{batch}", {})
+        if name.startswith("llama-sdpa") or "skipped" in rows:
+            continue
+        for L, r in rows.items():
+            b = base.get(L)
+            if r.get("status") == "ok" and b and b.get("status") == "ok":
+                r["speed_vs_llama_sdpa"] = r["tokens_per_s"] / b["tokens_per_s"]
+                if "peak_gib" in r:
+                    r["llama_sdpa_memory_ratio"] = b["peak_gib"] / r["peak_gib"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CI)")
@@ -225,7 +241,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--generation", default="", help="comma-separated prompt lengths for prefill+generate")
     ap.add_argument("--mlflow-uri", default=None)
+    ap.add_argument("--replot", default=None, help="only redraw pictures (and ratios) from an existing JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        ratios_against_llama(results)
+        Path(args.replot).write_text(json.dumps(results, indent=1))
+        return plot(results, Path(args.replot))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -265,14 +287,7 @@ def main(argv=None):
             out.write_text(json.dumps(results, indent=1))  # a crash or timeout later keeps what was measured
             if r["status"] == "oom":
                 break
-    base = results["cases"].get("llama-sdpa", {})
-    for name, rows in results["cases"].items():
-        for L, r in rows.items() if isinstance(rows, dict) else ():
-            b = base.get(L) if isinstance(base, dict) else None
-            if isinstance(r, dict) and r.get("status") == "ok" and b and b.get("status") == "ok" and not name.startswith("llama-sdpa"):
-                r["speed_vs_llama_sdpa"] = r["tokens_per_s"] / b["tokens_per_s"]
-                if "peak_gib" in r:
-                    r["llama_sdpa_memory_ratio"] = b["peak_gib"] / r["peak_gib"]
+    ratios_against_llama(results)
     for p in filter(None, args.generation.split(",")):
         g = measure_generation(int(p), 32 if args.smoke else 512, 16 if args.smoke else 256, args.smoke, device, dtype)
         results["generation"].append(g)

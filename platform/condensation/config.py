@@ -411,6 +411,8 @@ def validate(cfg: TrainConfig) -> None:
 
     m, d, o, s, c, t, r, dbg = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.checkpoint, cfg.tracking, cfg.run, cfg.debug
 
+    if s.total_steps <= 0:
+        raise ConfigError("schedule.total_steps", f"must be positive, got {s.total_steps}")
     if m.init_from is None and m.size not in MODEL_SIZES:
         raise ConfigError("model.size", f"unknown model size {m.size!r}; known sizes: {sorted(MODEL_SIZES)}")
     if m.init_from is not None and (not isinstance(m.init_from, str) or not m.init_from.strip()):
@@ -474,8 +476,6 @@ def validate(cfg: TrainConfig) -> None:
     if o.grad_clip < 0:
         raise ConfigError("optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
 
-    if s.total_steps <= 0:
-        raise ConfigError("schedule.total_steps", f"must be positive, got {s.total_steps}")
     if s.num_workers <= 0:
         raise ConfigError("schedule.num_workers", f"must be positive, got {s.num_workers}")
     if s.per_worker_batch <= 0:

@@ -25,6 +25,7 @@ workers*batch so no partial batch exists at all (it counts the rows, so it execu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Literal, NamedTuple
 
@@ -142,9 +143,16 @@ def shard_for_workers(ds: ray.data.Dataset, num_workers: int, batch_size: int | 
 
 def torch_batches(it: ray.data.DataIterator | ray.data.Dataset, batch_size: int,
                   columns: Sequence[str] = TRAIN_COLUMNS) -> Iterator[dict]:
-    """Batches of int64 tensors [batch_size, seq_len]; drop_last so all workers see only full batches."""
+    """Batches of int64 tensors [batch_size, seq_len]; drop_last so all workers see only full batches.
+
+    Only `columns` are converted (a collate function picks them), so a shard that still carries string
+    columns such as `answer` works without `train_view`.
+    """
+    collate = functools.partial(_int64_columns, columns=tuple(columns))
+    yield from it.iter_torch_batches(batch_size=batch_size, drop_last=True, collate_fn=collate)
+
+
+def _int64_columns(batch: dict[str, np.ndarray], columns: tuple[str, ...]) -> dict:
     import torch
 
-    for batch in it.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                       dtypes={c: torch.int64 for c in columns}):
-        yield {c: batch[c] for c in columns}
+    return {c: torch.as_tensor(np.asarray(batch[c], dtype=np.int64)) for c in columns}

@@ -1,0 +1,133 @@
+"""condensation.config: defaults <- YAML <- overrides, strict keys, coercion, validation naming the field."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from condensation.config import PRESETS, ConfigError, TrainConfig, load_config, merge, parse_overrides, preset, to_yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def test_merge_order_defaults_yaml_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  lr: 6e-5\n  min_lr: 2e-5\nschedule:\n  total_steps: 30\nmodel:\n  overrides:\n    checkpoint_cells: true\n")
+    cfg = load_config(TrainConfig(), y, ["schedule.total_steps=40", "model.overrides.segment_schedule=sequential"])
+    assert cfg.optim.lr == 6e-5 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 6e-5 as a string: coerced
+    assert cfg.schedule.total_steps == 40  # override beats YAML
+    assert cfg.model.overrides == {"checkpoint_cells": True, "segment_schedule": "sequential"}  # deep merge
+    assert cfg.schedule.global_batch == TrainConfig().schedule.global_batch  # default kept
+    assert merge(TrainConfig(), TrainConfig.from_dict(cfg.to_dict()).to_dict()) == cfg  # round trip
+
+
+def test_override_parsing():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=null", "e=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": None, "e": [1, 2]}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["nonsense"])
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["optim.lrr=1"], "optim.lrr"),
+    (["modell.size=debug"], "modell"),
+    (["model.overrides.not_a_field=1"], "model.overrides.not_a_field"),
+    (["model.segment_length=0"], "model.segment_length"),
+    (["model.segment_length=-4"], "model.segment_length"),
+    (["model.size=llama-9000"], "model.size"),
+    (["schedule.global_batch=6"], "schedule.global_batch"),
+    (["schedule.num_workers=3", "schedule.global_batch=8"], "schedule.global_batch"),
+    (["schedule.total_steps=abc"], "schedule.total_steps"),
+    (["schedule.total_steps=0"], "schedule.total_steps"),
+    (["schedule.precision=fp8"], "schedule.precision"),
+    (["optim.min_lr=1"], "optim.min_lr"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["data.seq_len=0"], "data.seq_len"),
+    (["run.name=a/b"], "run.name"),
+    (["debug.nan_at_step=999"], "debug.nan_at_step"),
+    (["deepspeed.train_batch_size=3"], "deepspeed.train_batch_size"),
+    (["tracking.enabled=maybe"], "tracking.enabled"),
+])
+def test_bad_configs_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert err.value.key == field and str(err.value).startswith(field)
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("schedule:\n  totl_steps: 3\n")
+    with pytest.raises(ConfigError, match="schedule.totl_steps: unknown key"):
+        load_config(yaml_path=y)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[os.path.basename(p) for p in SHIPPED])
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(TrainConfig(), path)
+    assert cfg.schedule.global_batch % (cfg.schedule.per_worker_batch * cfg.schedule.num_workers) == 0
+    assert to_yaml(cfg)
+
+
+def test_shipped_configs_exist():
+    names = {os.path.basename(p) for p in SHIPPED}
+    assert {"pretrain_cpu.yaml", "pretrain_paper.yaml", "pretrain_debug.yaml"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate(name):
+    preset(name).validate()
+
+
+def test_paper_preset_matches_the_paper():
+    from condensation.train import deepspeed_config
+
+    cfg = preset("paper")
+    assert (cfg.model.segment_length, cfg.data.seq_len) == (512, 4096)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.schedule.global_batch) == (6e-5, 2e-5, 64)
+    assert cfg.schedule.use_gpu and cfg.schedule.bf16()
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["train_batch_size"] == 64
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 8 * ds["gradient_accumulation_steps"]
+    assert load_config(TrainConfig(), os.path.join(ROOT, "configs", "pretrain_paper.yaml")) == cfg
+    assert load_config(TrainConfig(), os.path.join(ROOT, "configs", "pretrain_cpu.yaml")) == preset("default")
+
+
+def test_deepspeed_dict_merges_user_keys():
+    from condensation.train import deepspeed_config
+
+    cfg = load_config(overrides=["deepspeed.zero_optimization.reduce_bucket_size=1000", "optim.grad_clip=0.5"])
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000 and ds["zero_optimization"]["stage"] == 2
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
+
+
+def test_bad_config_fails_before_ray_starts(monkeypatch, tmp_path):
+    import ray
+    import ray.train.torch
+
+    from condensation.train import fit
+
+    def boom(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", boom)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", boom)
+    was = ray.is_initialized()
+    for ov, field in ((["model.segment_length=0"], "model.segment_length"), (["model.size=nope"], "model.size"),
+                      (["schedule.global_batch=5"], "schedule.global_batch")):
+        cfg = merge(TrainConfig(), {"run": {"storage": str(tmp_path)}})
+        cfg = load_config(cfg, overrides=ov, validate_result=False)
+        with pytest.raises(ConfigError, match=field):
+            fit(cfg)
+    assert ray.is_initialized() == was
+    assert not os.listdir(tmp_path)  # not even the run folder was made
+
+
+def test_workload_cli_rejects_bad_config_before_ray():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "workloads", "pretrain.py"), "schedule.global_batch=7"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "schedule.global_batch" in out.stderr and "not divisible" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout
