@@ -28,9 +28,9 @@ def _decode(tok, ids) -> str:
 
 
 def test_prompt_pieces_are_the_papers():
-    assert PASSKEY_INSTRUCTION == ("There is a critical piece of information hidden within a large amount of irrelevant "
-                                   "text. Your task is to locate it and remember it carefully. I will test your ability "
-                                   "to recall this information.")
+    assert PASSKEY_INSTRUCTION == (
+        "There is a critical piece of information hidden within a large amount of irrelevant text. Your task is "
+        "to locate it and remember it carefully. I will test your ability to recall this information.")
     assert PASSKEY_FILLER == ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                               "There and back again.")
     assert PASSKEY_QUESTION == "What is the passkey? The passkey is"
@@ -50,7 +50,8 @@ def test_exact_length_depth_and_answer(tokenizer, total, depth):
     assert np.all(labels[:-5] == IGNORE_INDEX)
     # the needle starts where reported and sits at the requested fraction of the filler
     start = needle_token_start(ex)
-    assert _decode(tokenizer, ids[start:]).startswith("\n\nThe passkey is 9054. Remember it carefully. 9054 is the passkey.")
+    needle = "\n\nThe passkey is 9054. Remember it carefully. 9054 is the passkey."
+    assert _decode(tokenizer, ids[start:]).startswith(needle)
     sentence = max(len(s) for s in PasskeyTemplate.from_tokenizer(tokenizer).next_sentence) + 2
     realised = ex["filler_tokens_before"] / max(ex["filler_tokens"], 1)
     assert abs(realised - depth) * ex["filler_tokens"] <= sentence
@@ -71,13 +72,15 @@ def test_filler_is_whole_sentences_before_needle(tokenizer):
 
 
 def test_tokenization_matches_whole_text(tokenizer):
-    """Piecewise encoding equals encoding the decoded text (no partial sentence when the fit is exact)."""
+    """Piecewise encoding equals encoding the decoded text, through the needle (whole sentences only there)."""
     for total in LENGTHS:
-        ex = passkey_example(tokenizer, total, 0.5, 4321)
-        ids = ex["input_ids"]
-        text = _decode(tokenizer, ids[1:-1])  # without bos/eos
-        if text.count(". ") and text.split("\n\n")[-2].endswith("."):
-            assert tokenizer.encode(text, add_special_tokens=False) == ids[1:-1].tolist()
+        for depth in (0.0, 0.5, 1.0):
+            ex = passkey_example(tokenizer, total, depth, 4321)
+            ids = ex["input_ids"].tolist()
+            needle_len = len(tokenizer.encode("\n\nThe passkey is 4321. Remember it carefully. 4321 is the passkey.",
+                                              add_special_tokens=False))
+            end = ex["needle_token_start"] + needle_len
+            assert tokenizer.encode(_decode(tokenizer, ids[1:end]), add_special_tokens=False) == ids[1:end]
 
 
 def test_eval_prompt_is_training_prefix(tokenizer):

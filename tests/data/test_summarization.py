@@ -23,7 +23,8 @@ def _decode(tok, ids) -> str:
 
 def test_template_is_the_papers():
     assert SUMMARY_PROMPT == "Summarize this text:\n\n{article}\n\n----Summary:\n\n"
-    assert format_summary_prompt("A {braced} article.") == "Summarize this text:\n\nA {braced} article.\n\n----Summary:\n\n"
+    expected = "Summarize this text:\n\nA {braced} article.\n\n----Summary:\n\n"
+    assert format_summary_prompt("A {braced} article.") == expected
 
 
 @pytest.fixture

@@ -13,9 +13,6 @@ from condensation.train import NonFiniteLossError, fit, param_digest
 
 from .conftest import debug_cfg, mlflow_runs
 
-pytestmark = pytest.mark.slow
-
-
 def _loss_history(client, run_id):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
 

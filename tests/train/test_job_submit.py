@@ -46,13 +46,17 @@ def test_ray_job_submit_pretrain(tmp_path):
                 assert time.time() < deadline and head.poll() is None, "ray start --head did not come up"
                 time.sleep(1)
         storage = tmp_path / "runs"
-        out = subprocess.run(
+        for _ in range(30):  # the head's job agent comes up a little after its HTTP server
+            out = subprocess.run(
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
              "python", "workloads/pretrain.py", "--preset", "debug", f"run.storage={storage}", "run.name=job",
              "schedule.total_steps=3", "checkpoint.every=0", "data.num_rows=16", "data.seq_len=64",
              "schedule.global_batch=2", "schedule.per_worker_batch=1"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )
+            )
+            if "No available agent" not in out.stderr + out.stdout:
+                break
+            time.sleep(2)
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
         assert "succeeded" in out.stdout + out.stderr
         assert "done: step 3" in out.stdout

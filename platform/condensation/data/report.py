@@ -46,7 +46,7 @@ class DataReport:
 
     Keys: `rows_read`, `rows_valid`, `skipped_<reason>` (reasons in SKIP_REASONS), `skipped_total`,
     and per source `sequences`, `tokens` (tokens emitted in sequences), `tokens_dropped` (valid tokens
-    that did not fill a whole sequence).
+    that did not fill a whole sequence), `tokenize_cpu_ms` (CPU time spent tokenizing and packing).
     """
 
     def __init__(self, name: str = "data") -> None:

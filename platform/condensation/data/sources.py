@@ -91,9 +91,9 @@ def read_local(source: str) -> ray.data.Dataset:
     jsonl, parquet = _local_files(source)
     parts: list[ray.data.Dataset] = []
     if jsonl:
-        parts.append(ray.data.read_datasource(JsonlLinesDatasource(jsonl), ray_remote_args={"num_cpus": 0.25}))
+        parts.append(ray.data.read_datasource(JsonlLinesDatasource(jsonl), num_cpus=0.25))
     if parquet:
-        parts.append(ray.data.read_parquet(parquet, ray_remote_args={"num_cpus": 0.25}))
+        parts.append(ray.data.read_parquet(parquet, num_cpus=0.25))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 

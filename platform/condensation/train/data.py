@@ -63,21 +63,25 @@ def train_datasets(d: DataConfig, vocab_size: int) -> tuple[dict, dict | None]:
         return {"train": rows_dataset(local_text_rows(d.seq_len, d.num_rows, d.seed))}, None
     if d.source == "synthetic":
         return {"train": rows_dataset(synthetic_rows(d.seq_len, d.num_rows or 256, vocab_size, d.seed))}, None
-    return data_layer_datasets(d)
+    return data_layer_datasets(d, vocab_size)
 
 
-def data_layer_datasets(d: DataConfig) -> tuple[dict, dict | None]:
-    """Delegate to `condensation.data` (owned by the data layer). Expected entry point:
-    `condensation.data.pretraining_dataset(source, seq_len=..., tokenizer=..., num_rows=..., seed=..., **options)`
-    returning a Dataset or (Dataset, skip-count report)."""
+def data_layer_datasets(d: DataConfig, vocab_size: int | None = None) -> tuple[dict, object | None]:
+    """Delegate to `condensation.data.pretraining_dataset(source, tokenizer, seq_len, **dataset_options)`; returns
+    ({"train": Dataset}, its DataReport), `num_rows` capping the rows. The report's counts fill as the data runs."""
     try:
-        from .. import data as data_layer  # noqa: F401
-        fn = getattr(data_layer, "pretraining_dataset")
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(
-            f"data.source={d.source!r} needs condensation.data.pretraining_dataset, which is not available ({e}); "
-            "use data.source=local or synthetic, or pass datasets= to fit()"
-        ) from e
-    out = fn(d.source, seq_len=d.seq_len, tokenizer=d.tokenizer, num_rows=d.num_rows, seed=d.seed, **d.dataset_options)
-    ds, stats = out if isinstance(out, tuple) else (out, None)
-    return {"train": ds}, stats
+        from ..data import pretraining_dataset
+        from ..tokenizer import load_tokenizer
+    except ImportError as e:
+        raise RuntimeError(f"data.source={d.source!r} needs condensation.data ({e}); use data.source=local or synthetic, "
+                           "or pass datasets= to fit()") from e
+    tok = load_tokenizer(d.tokenizer)
+    if vocab_size is not None and len(tok) > vocab_size:
+        from ..config import ConfigError
+
+        raise ConfigError("data.tokenizer", f"{d.tokenizer or 'builtin'} has {len(tok)} tokens, more than the model's "
+                                            f"vocab_size {vocab_size}")
+    ds, report = pretraining_dataset(d.source, tok, d.seq_len, **d.dataset_options)
+    if d.num_rows is not None:
+        ds = ds.limit(d.num_rows)
+    return {"train": ds}, report

@@ -67,12 +67,13 @@ class NullLogger:
 
 
 class MlflowLogger(NullLogger):
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, mark_running: bool = True):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(uri)
         self.run_id = run_id
-        self.client.update_run(run_id, status="RUNNING")
+        if mark_running:
+            self.client.update_run(run_id, status="RUNNING")
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param

@@ -66,11 +66,12 @@ def _vocab_size(cfg: TrainConfig) -> int:
 
 
 def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None = None,
-        data_stats: dict | None = None) -> TrainResult:
+        data_stats=None) -> TrainResult:
     """Train with Ray Train + DeepSpeed as `cfg` says. `datasets`: {"train": ray.data.Dataset} of rows
     {"input_ids": int64[L], "labels": int64[L]} (None builds them from `cfg.data`). `init_from`: a HF folder
     (e.g. the previous stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data
-    pipeline's counts (e.g. skipped documents), logged to MLflow. Raises ConfigError before Ray starts,
+    pipeline's counts: a dict (logged by rank 0 at the start) or a `condensation.data.DataReport` (its counts are
+    logged after the run, when the data has streamed through). Raises ConfigError before Ray starts,
     NonFiniteLossError when the loss stops being finite, ray.train.TrainingFailedError when failures exceed
     `checkpoint.max_failures`."""
     cfg = prepare(cfg, init_from)  # validation first: nothing below starts before the config is known good
@@ -90,7 +91,10 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
         from .data import train_datasets
 
         datasets, stats = train_datasets(cfg.data, _vocab_size(cfg))
-        data_stats = data_stats or stats
+        data_stats = data_stats if data_stats is not None else stats
+    data_report = None
+    if data_stats is not None and hasattr(data_stats, "counts"):  # a condensation.data DataReport: counts come later
+        data_report, data_stats = data_stats, None
     if "train" not in datasets:
         raise ValueError("datasets must hold a 'train' Dataset")
 
@@ -112,6 +116,11 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
         datasets=datasets,
     )
     result = trainer.fit()
+    if data_report is not None and run_id:  # skip counts exist once the data has streamed through the workers
+        from .tracking import MlflowLogger
+
+        counts = {f"data.{k}": v for k, v in data_report.counts().items() if isinstance(v, (int, float))}
+        MlflowLogger(tracking_uri(cfg), run_id, mark_running=False).log_metrics(counts, step=0)
     last = result.checkpoint.path if result.checkpoint is not None else None
 
     if os.path.exists(marker):
