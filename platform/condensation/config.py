@@ -165,6 +165,7 @@ class TrackingConfig:
         default local store, the server's default otherwise.
     log_every: log metrics / print a progress line every this many steps.
     progress_bar: a tqdm bar on rank 0 (else one log line per `log_every` steps).
+    parent_run_id: nest this run's MLflow run under that run (a curriculum's stages under the curriculum).
     """
 
     enabled: bool = True
@@ -173,6 +174,7 @@ class TrackingConfig:
     artifact_location: str | None = None
     log_every: int = 1
     progress_bar: bool = False
+    parent_run_id: str | None = None
 
 
 @dataclass

@@ -23,7 +23,8 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # address="local": a fresh Ray of our own, never another session's cluster found through /tmp/ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -46,7 +46,8 @@ def test_ray_job_submit_pretrain(tmp_path):
                 assert time.time() < deadline and head.poll() is None, "ray start --head did not come up"
                 time.sleep(1)
         storage = tmp_path / "runs"
-        for _ in range(30):  # the head's job agent comes up a little after its HTTP server
+        deadline = time.time() + 120
+        while True:  # the head's job agent comes up a little after its HTTP server
             out = subprocess.run(
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
              "python", "workloads/pretrain.py", "--preset", "debug", f"run.storage={storage}", "run.name=job",
@@ -54,7 +55,7 @@ def test_ray_job_submit_pretrain(tmp_path):
              "schedule.global_batch=2", "schedule.per_worker_batch=1"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
             )
-            if "No available agent" not in out.stderr + out.stdout:
+            if "No available agent" not in out.stderr + out.stdout or time.time() > deadline:
                 break
             time.sleep(2)
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

@@ -184,7 +184,10 @@ def passkey_dataset(tokenizer: PreTrainedTokenizerBase, total_tokens: int, n: in
     For training pass `pipeline.train_view(ds)` (input_ids, labels) to the trainer.
     """
     template = PasskeyTemplate.from_tokenizer(tokenizer)
-    return ray.data.range(n).map_batches(
+    # row ids come from the driver (from_items): ray.data.range's read tasks each ask for a whole CPU, which never
+    # frees up on a 2-core box while two training workers hold 0.9 CPU each
+    ids = ray.data.from_items([{"id": i} for i in range(n)], override_num_blocks=max(1, min(64, n // 256)))
+    return ids.map_batches(
         _passkey_batch, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"tokenizer": tokenizer, "template": template, "total_tokens": total_tokens, "seed": seed,
                    "depths": tuple(depths) if depths else None, "train": train},

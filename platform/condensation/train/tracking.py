@@ -47,7 +47,10 @@ def ensure_run(cfg: TrainConfig) -> str:
             pass
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
-    run = client.create_run(exp_id, run_name=cfg.run.name, tags={"run_dir": run_dir})
+    tags = {"run_dir": run_dir}
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id  # how MLflow nests runs
+    run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
     with open(id_file + ".tmp", "w") as f:
         f.write(run.info.run_id)
     os.replace(id_file + ".tmp", id_file)

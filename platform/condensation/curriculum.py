@@ -1,0 +1,432 @@
+"""The passkey curriculum of the paper (Table III): finetuning stages at growing total lengths, each starting from the
+previous stage's weights, with a passkey accuracy grid (lengths x needle depths) after every stage.
+
+MLflow: one parent run for the curriculum, one nested run per stage (its training metrics come from the training
+layer, then the grid as metrics, a Fig. 8-style heat map and the grid JSON), and a summary table + picture on the
+parent. Idempotent: started again with the same name and storage, finished stages (tagged on their MLflow run, with
+their HF export on disk) are skipped, and an interrupted stage resumes from its last checkpoint (the training layer
+continues a run folder it finds).
+
+    from condensation.curriculum import PRESETS, run_curriculum
+    run_curriculum(PRESETS["default"]())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import ConfigError, TrainConfig, merge, parse_overrides, load_yaml, to_yaml
+
+STAGE_DONE_TAG = "curriculum.stage_status"
+PARENT_ID_FILE = "mlflow_parent_run_id"
+
+
+@dataclass
+class StageConfig:
+    """One finetuning stage.
+
+    total_tokens: length of every training example (the paper: 2K, 4K, 8K, 16K).
+    steps: optimizer steps of the stage (the paper: 500, 300, 1000, 1000).
+    lr: peak learning rate (the paper: 6e-5); min_lr: final learning rate of the stage's cosine decay.
+    depth_range: needle depths drawn uniformly from [lo, hi] for training rows (1.0 = just before the question),
+        so a stage can first teach retrieval from nearby segments.
+    """
+
+    total_tokens: int = 128
+    steps: int = 100
+    lr: float = 6e-5
+    min_lr: float = 6e-6
+    depth_range: list = field(default_factory=lambda: [0.0, 1.0])
+
+
+@dataclass
+class EvalConfig:
+    """The accuracy grid after each stage (greedy generation of the answer, exact match of the digits).
+
+    lengths: total prompt lengths (the paper: 2K ... 64K); depths: needle depths in [0, 1].
+    n_per_cell: prompts per (length, depth) cell; batch_size: prompts per generate call; seed: passkeys.
+    """
+
+    lengths: list = field(default_factory=lambda: [128, 256])
+    depths: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    n_per_cell: int = 8
+    batch_size: int = 16
+    seed: int = 1234
+
+
+@dataclass
+class CurriculumConfig:
+    """A whole curriculum. `train` is the base training config every stage derives from (model, optimizer,
+    schedule, checkpoints, tracking, storage); a stage sets the data, steps and learning rates.
+
+    name: the curriculum's name: MLflow parent run name and the prefix of every stage's run folder.
+    train_rows: passkey training rows generated per stage (cycled when steps need more).
+    full_lm_loss: also train on the prompt tokens (next-token loss everywhere), not only on the answer. From
+        scratch this is what lets a small model form the copying circuits the answer needs; the paper finetunes a
+        pretrained model on the answer.
+    stages: the stages in order; evaluation: the grid after each stage.
+    """
+
+    name: str = "passkey-curriculum"
+    train_rows: int = 2048
+    full_lm_loss: bool = True
+    stages: list = field(default_factory=lambda: [StageConfig()])
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "CurriculumConfig":
+        from .config import validate as validate_train
+
+        if not self.stages:
+            raise ConfigError("stages", "at least one stage is needed")
+        stages = []
+        for i, st in enumerate(self.stages):
+            st = st if isinstance(st, StageConfig) else merge(StageConfig(), _mapping(st, f"stages.{i}"))
+            if st.total_tokens <= 0:
+                raise ConfigError(f"stages.{i}.total_tokens", f"must be positive, got {st.total_tokens}")
+            if st.steps <= 0:
+                raise ConfigError(f"stages.{i}.steps", f"must be positive, got {st.steps}")
+            lo, hi = st.depth_range
+            if not 0 <= lo <= hi <= 1:
+                raise ConfigError(f"stages.{i}.depth_range", f"needs 0 <= lo <= hi <= 1, got {st.depth_range}")
+            stages.append(st)
+        self.stages = stages
+        if any(not 0 <= d <= 1 for d in self.evaluation.depths):
+            raise ConfigError("evaluation.depths", f"depths must lie in [0, 1], got {self.evaluation.depths}")
+        if any(int(n) <= 0 for n in self.evaluation.lengths):
+            raise ConfigError("evaluation.lengths", f"lengths must be positive, got {self.evaluation.lengths}")
+        if self.train_rows < self.train.schedule.global_batch:
+            raise ConfigError("train_rows", f"must be at least schedule.global_batch ({self.train.schedule.global_batch})")
+        for i, st in enumerate(self.stages):  # every stage's training config must be valid before anything starts
+            try:
+                validate_train(stage_train_config(self, i))
+            except ConfigError as e:
+                raise ConfigError(f"stages.{i} -> train.{e.key}", str(e).split(": ", 1)[-1]) from None
+        return self
+
+
+def _mapping(value, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a mapping, got {value!r}")
+    return value
+
+
+def stage_name(cfg: CurriculumConfig, i: int) -> str:
+    return f"{cfg.name}-stage{i}-{cfg.stages[i].total_tokens}"
+
+
+def stage_train_config(cfg: CurriculumConfig, i: int) -> TrainConfig:
+    """The training config of stage i: the base config with this stage's length, steps, rates and run folder."""
+    st, t = cfg.stages[i], cfg.train
+    return dataclasses.replace(
+        t,
+        data=dataclasses.replace(t.data, source="passkey", seq_len=st.total_tokens, num_rows=cfg.train_rows),
+        optim=dataclasses.replace(t.optim, lr=st.lr, min_lr=st.min_lr),
+        schedule=dataclasses.replace(t.schedule, total_steps=st.steps),
+        run=dataclasses.replace(t.run, name=stage_name(cfg, i)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: small functions over the defaults
+
+
+def default_preset() -> CurriculumConfig:
+    """The embedded default: a tiny model from scratch on a laptop CPU (2 cores) in minutes, lengths and segment
+    length scaled down so that the first stage needs memory across 2 segments and the second across 4."""
+    train = merge(TrainConfig(), {
+        "model": {"size": "tiny-cpu", "segment_length": 64, "overrides": {"loss_reduction": "token_mean"}},
+        "optim": {"warmup_steps": 20, "weight_decay": 0.0},
+        "schedule": {"global_batch": 16, "per_worker_batch": 8, "num_workers": 2, "cpus_per_worker": 0.9},
+        "checkpoint": {"every": 100, "keep": 1},
+        "tracking": {"log_every": 25},
+        "run": {"storage": "runs"},
+    })
+    return CurriculumConfig(
+        name="passkey-cpu",
+        train_rows=4096,
+        stages=[StageConfig(total_tokens=128, steps=500, lr=3e-3, min_lr=3e-4),
+                StageConfig(total_tokens=256, steps=200, lr=1e-3, min_lr=1e-4)],
+        evaluation=EvalConfig(lengths=[128, 256, 512], depths=[0.0, 0.25, 0.5, 0.75, 1.0], n_per_cell=10),
+        train=train,
+    )
+
+
+def debug_preset() -> CurriculumConfig:
+    """Seconds: for tests of the machinery (chaining, resume, MLflow), not of learning."""
+    cfg = default_preset()
+    train = merge(cfg.train, {"model": {"size": "debug", "segment_length": 32, "overrides": {"vocab_size": 2048}},
+                              "optim": {"warmup_steps": 1},
+                              "schedule": {"global_batch": 4, "per_worker_batch": 2},
+                              "checkpoint": {"every": 2, "keep": 2}, "tracking": {"log_every": 1}})
+    return dataclasses.replace(
+        cfg, name="passkey-debug", train_rows=16, train=train,
+        stages=[StageConfig(total_tokens=96, steps=4, lr=1e-3, min_lr=1e-4),
+                StageConfig(total_tokens=128, steps=4, lr=1e-3, min_lr=1e-4)],
+        evaluation=EvalConfig(lengths=[96, 128], depths=[0.0, 1.0], n_per_cell=2, batch_size=4),
+    )
+
+
+def paper_preset() -> CurriculumConfig:
+    """Table III's passkey runs: Llama-3.2-1B (or a continual-pretraining export via train.model.init_from),
+    segment 512, stages 2K/4K/8K/16K for 500/300/1000/1000 steps at lr 6e-5, global batch 64, ZeRO-2, bf16 on GPUs;
+    evaluation at 2K-64K and depths 0..1 (Fig. 8)."""
+    train = merge(TrainConfig(), {
+        "model": {"init_from": "meta-llama/Llama-3.2-1B", "segment_length": 512, "overrides": {"checkpoint_cells": True}},
+        "data": {"tokenizer": "meta-llama/Llama-3.2-1B"},
+        "optim": {"warmup_steps": 20, "weight_decay": 0.0},
+        "schedule": {"global_batch": 64, "per_worker_batch": 1, "num_workers": 8, "use_gpu": True,
+                     "cpus_per_worker": 8, "precision": "bf16", "torch_threads": None},
+        "checkpoint": {"every": 100, "keep": 2},
+        "tracking": {"log_every": 10, "progress_bar": True},
+        "run": {"storage": "runs"},
+    })
+    lengths = [2048, 4096, 8192, 16384]
+    steps = [500, 300, 1000, 1000]
+    return CurriculumConfig(
+        name="passkey-paper", train_rows=64 * 1000, full_lm_loss=False, train=train,
+        stages=[StageConfig(total_tokens=n, steps=s, lr=6e-5, min_lr=2e-5) for n, s in zip(lengths, steps)],
+        evaluation=EvalConfig(lengths=[2048, 4096, 8192, 16384, 32768, 65536],
+                              depths=[round(0.1 * i, 1) for i in range(11)], n_per_cell=10, batch_size=8),
+    )
+
+
+def h200_preset() -> CurriculumConfig:
+    """One H200: the paper's stages from Llama-3.2-1B with per-cell checkpointing (16K tokens fit easily), global
+    batch 16 by gradient accumulation; evaluation up to 32K."""
+    cfg = paper_preset()
+    train = merge(cfg.train, {"schedule": {"global_batch": 16, "num_workers": 1}})
+    return dataclasses.replace(cfg, name="passkey-h200", train=train, train_rows=16 * 1000,
+                               evaluation=dataclasses.replace(cfg.evaluation, lengths=[2048, 4096, 8192, 16384, 32768],
+                                                              depths=[round(0.25 * i, 2) for i in range(5)]))
+
+
+PRESETS: dict[str, Callable[[], CurriculumConfig]] = {
+    "default": default_preset, "debug": debug_preset, "paper": paper_preset, "h200": h200_preset,
+}
+
+
+def load_curriculum_config(preset: str = "default", yaml_path: str | None = None,
+                           overrides: list[str] | None = None) -> CurriculumConfig:
+    """preset <- YAML file <- `key.sub=value` overrides, validated (raises ConfigError naming the field)."""
+    if preset not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    cfg = PRESETS[preset]()
+    if yaml_path:
+        cfg = merge(cfg, load_yaml(yaml_path))
+    upd = parse_overrides(overrides)
+    if "stages" in upd and isinstance(upd["stages"], dict):  # stages.1.steps=50 addresses one stage
+        stages = [dataclasses.asdict(s) if isinstance(s, StageConfig) else dict(s) for s in cfg.stages]
+        for idx, change in upd.pop("stages").items():
+            if not str(idx).isdigit() or int(idx) >= len(stages):
+                raise ConfigError(f"stages.{idx}", f"no such stage (there are {len(stages)})")
+            stages[int(idx)].update(_mapping(change, f"stages.{idx}"))
+        cfg = dataclasses.replace(cfg, stages=stages)
+    cfg = merge(cfg, upd)
+    return cfg.validate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data for a stage
+
+
+def stage_dataset(cfg: CurriculumConfig, i: int, tokenizer):
+    """Ray Dataset of passkey training rows for stage i: {"input_ids", "labels"} int64[total_tokens]."""
+    import numpy as np
+
+    from .data.passkey import passkey_dataset
+
+    st = cfg.stages[i]
+    lo, hi = st.depth_range
+    depths = [lo + (hi - lo) * k / 20 for k in range(21)] if (lo, hi) != (0.0, 1.0) else None
+    ds = passkey_dataset(tokenizer, st.total_tokens, cfg.train_rows, seed=cfg.train.data.seed + 1000 * i,
+                         depths=depths, train=True)
+    ds = ds.select_columns(["input_ids", "labels"])
+    if cfg.full_lm_loss:
+        def everywhere(batch: dict) -> dict:
+            labels = batch["labels"]
+            batch["labels"] = np.where(labels == -100, batch["input_ids"], labels)
+            return batch
+
+        ds = ds.map_batches(everywhere, batch_format="numpy", num_cpus=0.25)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running it
+
+
+@dataclass
+class StageResult:
+    index: int
+    total_tokens: int
+    hf_path: str
+    run_id: str | None
+    grid_json: str
+    exact: float
+    digit: float
+    answer_loss: float
+    skipped: bool = False
+
+
+def answer_loss(model, tokenizer, total_tokens: int, n: int = 16, seed: int = 99) -> float:
+    """Teacher-forced mean cross-entropy of the answer tokens of n fresh passkey examples at one length."""
+    import random
+
+    import torch
+
+    from .data.passkey import passkey_example
+
+    rng = random.Random(seed)
+    rows = [passkey_example(tokenizer, total_tokens, rng.random(), rng.randint(1000, 9999), train=True) for _ in range(n)]
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    labels = torch.tensor([r["labels"] for r in rows])
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100))
+
+
+def _client(cfg: CurriculumConfig):
+    from mlflow import MlflowClient
+
+    from .train.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri(cfg.train))
+
+
+def ensure_parent_run(cfg: CurriculumConfig) -> str:
+    """The curriculum's MLflow parent run, created once and found again from its id file in the storage folder."""
+    from .train.tracking import artifact_location
+
+    folder = os.path.join(cfg.train.run.storage, cfg.name)
+    os.makedirs(folder, exist_ok=True)
+    id_file = os.path.join(folder, PARENT_ID_FILE)
+    client = _client(cfg)
+    if os.path.exists(id_file):
+        run_id = open(id_file).read().strip()
+        try:
+            client.get_run(run_id)
+            return run_id
+        except Exception:  # the store was wiped: start over in a new parent run
+            pass
+    exp = client.get_experiment_by_name(cfg.train.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.train.tracking.experiment, artifact_location=artifact_location(cfg.train))
+    run = client.create_run(exp_id, run_name=cfg.name, tags={"curriculum": cfg.name})
+    client.log_text(run.info.run_id, to_yaml(cfg), "curriculum_config.yaml")
+    for k, v in {"stages": len(cfg.stages), "stage_lengths": ",".join(str(s.total_tokens) for s in cfg.stages),
+                 "stage_steps": ",".join(str(s.steps) for s in cfg.stages), "full_lm_loss": cfg.full_lm_loss}.items():
+        client.log_param(run.info.run_id, k, v)
+    with open(id_file + ".tmp", "w") as f:
+        f.write(run.info.run_id)
+    os.replace(id_file + ".tmp", id_file)
+    return run.info.run_id
+
+
+def _finished_stage(cfg: CurriculumConfig, i: int) -> dict | None:
+    """The record of stage i if it finished: its MLflow run carries the done tag and its HF export exists."""
+    path = os.path.join(cfg.train.run.storage, stage_name(cfg, i), "stage_done.json")
+    if not os.path.exists(path):
+        return None
+    rec = json.loads(open(path).read())
+    if not os.path.isdir(rec["hf_path"]):
+        return None
+    if rec.get("run_id"):
+        try:
+            if _client(cfg).get_run(rec["run_id"]).data.tags.get(STAGE_DONE_TAG) != "finished":
+                return None
+        except Exception:
+            return None
+    return rec
+
+
+def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Callable[[str], None] = print) -> list[StageResult]:
+    """Run (or continue) every stage, evaluating after each. Ray must be initialised by the caller."""
+    import torch
+
+    from .evaluate import PasskeyGrid, log_passkey_grid, passkey_grid
+    from .modeling import CondensationForCausalLM
+    from .tokenizer import load_tokenizer
+    from .train import fit
+
+    cfg.validate()
+    tokenizer = load_tokenizer(cfg.train.data.tokenizer)
+    tracking = cfg.train.tracking.enabled
+    parent = ensure_parent_run(cfg) if tracking else None
+    client = _client(cfg) if tracking else None
+    prev = init_from or cfg.train.model.init_from
+    results: list[StageResult] = []
+    for i, st in enumerate(cfg.stages):
+        done = _finished_stage(cfg, i)
+        if done is not None:
+            log(f"stage {i} ({st.total_tokens} tokens): already finished, exact {done['exact']:.2f}; continuing from it")
+            results.append(StageResult(**{**done, "skipped": True}))
+            prev = done["hf_path"]
+            continue
+        tcfg = stage_train_config(cfg, i)
+        if parent:
+            tcfg = dataclasses.replace(tcfg, tracking=dataclasses.replace(tcfg.tracking, parent_run_id=parent))
+        log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps, lr {st.lr:g} -> {st.min_lr:g}, "
+            f"from {prev or 'scratch (' + tcfg.model.size + ')'}")
+        res = fit(tcfg, {"train": stage_dataset(cfg, i, tokenizer)}, init_from=prev)
+        if res.hf_path is None:
+            raise RuntimeError(f"stage {i} left no HF export (checkpoint.export_hf is off?)")
+
+        model = CondensationForCausalLM.from_pretrained(res.hf_path, torch_dtype=torch.float32)
+        e = cfg.evaluation
+        grid: PasskeyGrid = passkey_grid(model, tokenizer, [int(n) for n in e.lengths], [float(d) for d in e.depths],
+                                         n_per_cell=e.n_per_cell, seed=e.seed, batch_size=e.batch_size,
+                                         meta={"stage": i, "trained_length": st.total_tokens})
+        loss = answer_loss(model, tokenizer, st.total_tokens)
+        at_len = grid.summary().get(st.total_tokens, {})
+        exact = float(at_len.get("exact", grid.mean_exact))
+        digit = float(at_len.get("digit", grid.mean_digit))
+        log(f"stage {i} done: at {st.total_tokens} tokens exact {exact:.2f}, per digit {digit:.2f}, "
+            f"answer loss {loss:.3f}\n{grid.format_table()}")
+        grid_path = os.path.join(res.run_dir, "passkey_grid.json")
+        grid.to_json(grid_path)
+        if res.mlflow_run_id:
+            log_passkey_grid(grid, run_id=res.mlflow_run_id, tracking_uri=res.tracking_uri, step=st.steps,
+                             trained_length=st.total_tokens)
+            client.log_metric(res.mlflow_run_id, "passkey/answer_loss", loss, step=st.steps)
+            client.set_tag(res.mlflow_run_id, "stage", f"{i}: {st.total_tokens}")
+            client.set_tag(res.mlflow_run_id, "hf_path", res.hf_path)
+            client.set_tag(res.mlflow_run_id, STAGE_DONE_TAG, "finished")
+            client.log_metric(parent, "stage_exact", exact, step=i)
+            client.log_metric(parent, "stage_digit", digit, step=i)
+        rec = dict(index=i, total_tokens=st.total_tokens, hf_path=res.hf_path, run_id=res.mlflow_run_id,
+                   grid_json=grid_path, exact=exact, digit=digit, answer_loss=loss)
+        with open(os.path.join(res.run_dir, "stage_done.json"), "w") as f:
+            json.dump(rec, f)
+        results.append(StageResult(**rec))
+        prev = res.hf_path
+
+    if parent:
+        _log_summary(cfg, parent, results, client)
+    return results
+
+
+def _log_summary(cfg: CurriculumConfig, parent: str, results: list[StageResult], client) -> None:
+    import tempfile
+
+    from .evaluate import PasskeyGrid, plot_stage_summary
+
+    grids = [PasskeyGrid.from_json(r.grid_json) for r in results]
+    rows = ["| stage | trained length | exact at trained length | per digit | answer loss | exact over grid |",
+            "|---|---|---|---|---|---|"]
+    for r, g in zip(results, grids):
+        rows.append(f"| {r.index} | {r.total_tokens} | {r.exact:.2f} | {r.digit:.2f} | {r.answer_loss:.3f} | {g.mean_exact:.2f} |")
+    client.log_text(parent, "\n".join(rows) + "\n", "summary.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "stage_summary.png")
+        names = [f"stage {r.index} ({r.total_tokens})" for r in results]
+        plot_stage_summary(dict(zip(names, grids)), path,
+                           trained_lengths={n: r.total_tokens for n, r in zip(names, results)})
+        client.log_artifact(parent, path)
+    client.log_metric(parent, "final_exact", results[-1].exact)
+    client.set_terminated(parent, "FINISHED")

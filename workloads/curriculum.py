@@ -1,0 +1,64 @@
+"""The passkey curriculum (the paper's Table III passkey runs): finetuning stages at growing lengths, each from the last,
+with a passkey accuracy grid after every stage, tracked in MLflow (a parent run, one nested run per stage).
+
+    python workloads/curriculum.py                                   # embedded CPU default: tiny model, minutes
+    ray job submit --working-dir . -- python workloads/curriculum.py # the same on a running cluster
+    ray job submit --working-dir . -- python workloads/curriculum.py --preset paper train.model.init_from=/ckpt/hf
+    python workloads/curriculum.py --preset h200                     # one H200, from meta-llama/Llama-3.2-1B
+    python workloads/curriculum.py --config my.yaml stages.0.steps=200 evaluation.n_per_cell=20
+
+Config: preset <- `--config file.yaml` <- `key.sub=value` overrides (fields in condensation.curriculum and, under
+`train.`, condensation.config). A bad config fails here, before Ray starts, naming the field. Started again with
+the same name and storage, the curriculum continues from its first unfinished stage. Then:
+    mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from condensation.config import ConfigError, to_yaml
+from condensation.curriculum import PRESETS, load_curriculum_config, run_curriculum
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--config", default=None, help="a YAML file of overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--ray-address", default=None, help="ray.init address (default: the job's cluster or a local one)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_curriculum_config(args.preset, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address)
+    t0 = time.time()
+    results = run_curriculum(cfg)
+    print(f"\ncurriculum {cfg.name!r} finished in {time.time() - t0:.0f} s")
+    for r in results:
+        print(f"  stage {r.index} ({r.total_tokens} tokens): exact {r.exact:.2f}, per digit {r.digit:.2f}, "
+              f"answer loss {r.answer_loss:.3f}{' (from an earlier run)' if r.skipped else ''}")
+    if cfg.train.tracking.enabled:
+        from condensation.train.tracking import tracking_uri
+
+        uri = tracking_uri(cfg.train)
+        print(f"\nlook at the runs, heat maps and summary:\n    mlflow ui --backend-store-uri {uri}")
+        print(f"run folders and HF exports: {os.path.abspath(cfg.train.run.storage)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
