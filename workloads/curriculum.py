@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    # operator-level progress bars of Ray Data flood a job's log; keep the dataset-level bar and the training progress
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
     if not ray.is_initialized():
         ray.init(address=args.ray_address)
     t0 = time.time()
@@ -52,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  stage {r.index} ({r.total_tokens} tokens): exact {r.exact:.2f}, per digit {r.digit:.2f}, "
               f"answer loss {r.answer_loss:.3f}{' (from an earlier run)' if r.skipped else ''}")
     if cfg.train.tracking.enabled:
+        from condensation.config import resolve
         from condensation.train.tracking import tracking_uri
 
-        uri = tracking_uri(cfg.train)
+        uri = tracking_uri(resolve(cfg.train))
         print(f"\nlook at the runs, heat maps and summary:\n    mlflow ui --backend-store-uri {uri}")
         print(f"run folders and HF exports: {os.path.abspath(cfg.train.run.storage)}")
     return 0

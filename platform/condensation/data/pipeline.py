@@ -121,7 +121,8 @@ def tokenize_and_pack(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, seq_l
 
 def train_view(ds: ray.data.Dataset) -> ray.data.Dataset:
     """Only the tensor columns a training step uses (strings such as `answer` cannot become tensors)."""
-    return ds.select_columns(list(TRAIN_COLUMNS))
+    # a fraction of a CPU, as every data stage here: a whole one never frees up beside two training workers
+    return ds.select_columns(list(TRAIN_COLUMNS), num_cpus=0.25)
 
 
 def equal_batches(ds: ray.data.Dataset, num_workers: int, batch_size: int) -> ray.data.Dataset:
