@@ -1,5 +1,6 @@
-"""The optimised paths on a CUDA GPU in bf16: every schedule and attention kernel against the plain sequential
-eager reference, and one segment against transformers' Llama. Skipped without a GPU."""
+"""The optimised paths on a CUDA GPU in bf16. bf16 itself moves logits by about 1-2 % here, so each path is held to
+the error that the plain sequential eager reference makes in bf16, both measured against a float32 reference run
+of the same weights. Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from condensation.sizes import build_config
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _model(**kw):
+def _model(dtype, **kw):
     torch.manual_seed(0)
     cfg = build_config("table1", vocab_size=4096, **kw)
     m = CondensationForCausalLM(cfg)
@@ -20,7 +21,7 @@ def _model(**kw):
         for n, p in m.named_parameters():
             if "norm" not in n:
                 p.normal_(0, 0.05)
-    return m.cuda().to(torch.bfloat16)
+    return m.cuda().to(dtype)
 
 
 def _run(model, ids):
@@ -35,28 +36,44 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.fixture(scope="module")
+def reference():
+    ids = torch.randint(0, 4096, (2, 1200), device="cuda")
+    ref = dict(segment_length=256, segment_schedule="sequential", segment_attention="eager")
+    fp32 = _run(_model(torch.float32, **ref), ids)
+    bf16 = _run(_model(torch.bfloat16, **ref), ids)
+    return ids, fp32, (_rel(bf16[0], fp32[0]), _rel(bf16[1], fp32[1]))
+
+
 @pytest.mark.parametrize("variant", [dict(segment_attention=a) for a in sorted(SEGMENT_ATTENTION)]
                          + [dict(checkpoint_cells=True), dict(segment_schedule="sequential"), dict(compile_cells=True),
                             dict(compile_cells=True, checkpoint_cells=True)])
-def test_bf16_paths_match_sequential_eager(variant):
-    name = variant.get("segment_attention", "sdpa")
-    reason = attention_unavailable_reason(name, "cuda", backward=True)
+def test_bf16_paths_as_close_as_the_reference(variant, reference):
+    reason = attention_unavailable_reason(variant.get("segment_attention", "sdpa"), "cuda", backward=True)
     if reason:
         pytest.skip(reason)
-    ids = torch.randint(0, 4096, (2, 1200), device="cuda")
-    ref_logits, ref_grads = _run(_model(segment_length=256, segment_schedule="sequential", segment_attention="eager"), ids)
-    logits, grads = _run(_model(segment_length=256, **variant), ids)
-    assert _rel(logits, ref_logits) < 2e-2
-    assert _rel(grads, ref_grads) < 5e-2
+    ids, (ref_logits, ref_grads), (base_logits, base_grads) = reference
+    logits, grads = _run(_model(torch.bfloat16, segment_length=256, **variant), ids)
+    err = {"variant": variant, "logits": _rel(logits, ref_logits), "grads": _rel(grads, ref_grads),
+           "reference_bf16_logits": base_logits, "reference_bf16_grads": base_grads}
+    print(err)
+    assert err["logits"] < 2 * base_logits + 1e-3 and err["grads"] < 2 * base_grads + 1e-3, err
 
 
 def test_one_segment_is_llama_bf16():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = _model(segment_length=512)
-    llama_cfg = LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if k in LlamaConfig().to_dict()})
-    llama = LlamaForCausalLM(llama_cfg).cuda().to(torch.bfloat16)
-    llama.load_state_dict(model.state_dict())
     ids = torch.randint(0, 4096, (2, 500), device="cuda")
-    with torch.no_grad():
-        assert _rel(model(ids).logits.float(), llama(ids).logits.float()) < 2e-2
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _model(dtype, segment_length=512)
+        llama_cfg = LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if k in LlamaConfig().to_dict()})
+        llama = LlamaForCausalLM(llama_cfg).cuda().to(dtype)
+        llama.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            out[dtype] = (model(ids).logits.float(), llama(ids).logits.float())
+    assert _rel(out[torch.float32][0], out[torch.float32][1]) < 1e-4  # exactly Llama up to float32 round-off
+    llama_err = _rel(out[torch.bfloat16][1], out[torch.float32][1])
+    ours_err = _rel(out[torch.bfloat16][0], out[torch.float32][1])
+    print({"llama_bf16": llama_err, "condensation_bf16": ours_err})
+    assert ours_err < 2 * llama_err + 1e-3

@@ -12,9 +12,10 @@ import pytest
 from condensation.tokenizer import load_tokenizer
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_session():
-    """One Ray session for every data test (ray.init costs 3-6 s here).
+    """One Ray session for every data test (ray.init costs 3-6 s here), shut down before other packages' tests
+    start Ray with their own settings.
 
     One CPU: the 0.25-CPU data tasks then run at most 4 at a time, so at most 4 worker processes pay the
     import of torch/transformers (seconds each on 2 shared cores); the pipeline itself is unchanged.

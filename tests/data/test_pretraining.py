@@ -11,7 +11,7 @@ import pytest
 from condensation.data import DataSourceError, pretraining_dataset
 from condensation.data.pipeline import cut_documents, document_tokens
 
-from conftest import write_jsonl
+from .conftest import write_jsonl
 
 SEQ, MIN = 128, 600
 

@@ -12,7 +12,7 @@ from condensation.data import SUMMARY_PROMPT, format_summary_prompt, summarizati
 from condensation.data.pipeline import IGNORE_INDEX, torch_batches, train_view
 from condensation.data.summarization import BOOKSUM_FIELDS
 
-from conftest import write_jsonl
+from .conftest import write_jsonl
 
 MAX = 512
 
