@@ -371,7 +371,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("segment_length", 0), ("segment_attention", "bogus"),
                                          ("segment_schedule", "diagonal"), ("loss_reduction", "max"),
-                                         ("memory_grad_segments", 0)])
+                                         ("memory_grad_segments", 0), ("compile_cells", "fastest")])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(Exception, match=field):
         CondensationConfig(**ARCH, **{field: value})

@@ -38,7 +38,7 @@ class Case:
     segment_length: int | None = None
     schedule: str = "wavefront"
     checkpoint_cells: bool = False
-    compile_cells: bool = False
+    compile_cells: bool | str = False
     batch: int = 1
     lengths: list[int] = field(default_factory=list)
 
@@ -68,6 +68,8 @@ def default_cases(smoke: bool) -> list[Case]:
         Case("cond-sdpa-l512-seq", "condensation", "sdpa", 512, schedule="sequential", lengths=[4096, 16384]),
         Case("cond-sdpa-l512-ckpt", "condensation", "sdpa", 512, checkpoint_cells=True, lengths=long),
         Case("cond-sdpa-l512-compile", "condensation", "sdpa", 512, compile_cells=True, lengths=short[:6]),
+        Case("cond-sdpa-l512-cudagraph", "condensation", "sdpa", 512, compile_cells="reduce-overhead",
+             lengths=short[2:6]),
         Case("cond-sdpa-l512-ckpt-compile", "condensation", "sdpa", 512, checkpoint_cells=True, compile_cells=True,
              lengths=long),
     ]

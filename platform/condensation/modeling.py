@@ -50,7 +50,8 @@ class CondensationConfig(LlamaConfig):
     loss_reduction: "segment_sum" (eq. 17: sum over segments of each segment's mean token loss) or
         "token_mean" (mean over all target tokens).
     compile_cells: run each scheduled step through torch.compile (fewer, fused kernels; compiles once per number
-        of cells in a step).
+        of cells in a step). True uses torch.compile's default mode; a mode name such as "reduce-overhead" (CUDA
+        graphs: one replay per step instead of its ~100 launches) selects that mode.
     loss_chunk_tokens: when logits are not returned, the lm-head + cross-entropy runs over chunks of this many
         tokens under checkpoint, so [L, V] float32 logits never exist at once.
     """
@@ -64,7 +65,7 @@ class CondensationConfig(LlamaConfig):
     checkpoint_cells: bool = False
     loss_reduction: str = "segment_sum"
     loss_chunk_tokens: int = 2048
-    compile_cells: bool = False
+    compile_cells: bool | str = False
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -80,6 +81,9 @@ class CondensationConfig(LlamaConfig):
             raise ValueError(f"loss_reduction must be 'segment_sum' or 'token_mean', got {self.loss_reduction!r}")
         if self.loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be positive, got {self.loss_chunk_tokens!r}")
+        if self.compile_cells not in (False, True, "default", "reduce-overhead", "max-autotune",
+                                      "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile_cells must be a bool or a torch.compile mode, got {self.compile_cells!r}")
         if self.attention_bias or self.mlp_bias:
             raise ValueError("attention_bias / mlp_bias are not supported (no Llama checkpoint uses them)")
 
@@ -296,9 +300,10 @@ _COMPILED: dict[str, Callable] = {}
 def _step_fn(cfg: CondensationConfig) -> Callable:
     if not cfg.compile_cells:
         return _cells_step
-    if "step" not in _COMPILED:  # one compiled function; dynamo re-specialises on k and on memory presence
-        _COMPILED["step"] = torch.compile(_cells_step)
-    return _COMPILED["step"]
+    mode = None if cfg.compile_cells is True else cfg.compile_cells
+    if mode not in _COMPILED:  # one compiled function per mode; dynamo re-specialises on k and on memory presence
+        _COMPILED[mode] = torch.compile(_cells_step, mode=mode)
+    return _COMPILED[mode]
 
 
 def _run_step(w: LayerWeights, xs, mems, rope, cfg, attention, ckpt) -> torch.Tensor:
@@ -524,6 +529,8 @@ class CondensationModel(CondensationPreTrainedModel):
         n_seg = math.ceil(L / l)
         segs = F.pad(x, (0, 0, 0, n_seg * l - L)).view(B, n_seg, l, d)  # [B, N_s, l, d]
         ckpt = self.config.checkpoint_cells and torch.is_grad_enabled()
+        if self.config.compile_cells == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous forward's graphs may be reused
         y = run_segments(self.layers, segs, rope, self.config, self.config.segment_schedule, ckpt)
         return self.norm(y.reshape(B, n_seg * l, d)[:, :L])
 
