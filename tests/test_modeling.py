@@ -233,9 +233,11 @@ def all_grads(model, ids):
 
 
 @pytest.mark.parametrize("variant", [dict(segment_schedule="sequential"), dict(checkpoint_cells=True),
-                                     dict(segment_schedule="sequential", checkpoint_cells=True)])
+                                     dict(segment_schedule="sequential", checkpoint_cells=True),
+                                     dict(checkpoint_group_steps=2), dict(checkpoint_group_steps=3, checkpoint_cells=True),
+                                     dict(checkpoint_group_steps=2, memory_grad_segments=2)])
 def test_schedules_and_checkpointing_give_same_gradients(variant):
-    base, _ = make_pair(8)
+    base, _ = make_pair(8, memory_grad_segments=variant.get("memory_grad_segments"))
     other, _ = make_pair(8, **variant)
     ids = torch.randint(0, ARCH["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(8))
     ga, gb = all_grads(base, ids), all_grads(other, ids)
@@ -371,7 +373,8 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("segment_length", 0), ("segment_attention", "bogus"),
                                          ("segment_schedule", "diagonal"), ("loss_reduction", "max"),
-                                         ("memory_grad_segments", 0), ("compile_cells", "fastest")])
+                                         ("memory_grad_segments", 0), ("compile_cells", "fastest"),
+                                         ("checkpoint_group_steps", -1)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(Exception, match=field):
         CondensationConfig(**ARCH, **{field: value})

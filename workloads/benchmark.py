@@ -39,6 +39,7 @@ class Case:
     schedule: str = "wavefront"
     checkpoint_cells: bool = False
     compile_cells: bool | str = False
+    checkpoint_group_steps: int = 0
     batch: int = 1
     lengths: list[int] = field(default_factory=list)
 
@@ -70,6 +71,8 @@ def default_cases(smoke: bool) -> list[Case]:
         Case("cond-sdpa-l512-compile", "condensation", "sdpa", 512, compile_cells=True, lengths=short[:6]),
         Case("cond-sdpa-l512-cudagraph", "condensation", "sdpa", 512, compile_cells="reduce-overhead",
              lengths=short[2:6]),
+        Case("cond-sdpa-l512-groupckpt", "condensation", "sdpa", 512, checkpoint_cells=True, checkpoint_group_steps=16,
+             lengths=long),
         Case("cond-sdpa-l512-ckpt-compile", "condensation", "sdpa", 512, checkpoint_cells=True, compile_cells=True,
              lengths=long),
     ]
@@ -79,7 +82,8 @@ def build_model(case: Case, smoke: bool, device, dtype):
     size = "debug" if smoke else "table1"
     cfg = build_config(size, segment_length=case.segment_length or 256, segment_attention=case.attention
                        if case.kind == "condensation" else "sdpa", segment_schedule=case.schedule,
-                       checkpoint_cells=case.checkpoint_cells, compile_cells=case.compile_cells)
+                       checkpoint_cells=case.checkpoint_cells, compile_cells=case.compile_cells,
+                       checkpoint_group_steps=case.checkpoint_group_steps)
     if case.kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

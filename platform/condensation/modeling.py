@@ -49,6 +49,9 @@ class CondensationConfig(LlamaConfig):
         keeping its activations: memory O(L * d * layers) instead of O(L * (d + intermediate) * layers).
     loss_reduction: "segment_sum" (eq. 17: sum over segments of each segment's mean token loss) or
         "token_mean" (mean over all target tokens).
+    checkpoint_group_steps: with the wavefront, also checkpoint groups of this many diagonal steps, keeping only
+        each group's frontier (one segment per layer): activation memory O(L * d) with a small constant, at the cost
+        of one more forward. 0 (default) is off.
     compile_cells: run each scheduled step through torch.compile (fewer, fused kernels; compiles once per number
         of cells in a step). True uses torch.compile's default mode; a mode name such as "reduce-overhead" (CUDA
         graphs: one replay per step instead of its ~100 launches) selects that mode.
@@ -66,6 +69,7 @@ class CondensationConfig(LlamaConfig):
     loss_reduction: str = "segment_sum"
     loss_chunk_tokens: int = 2048
     compile_cells: bool | str = False
+    checkpoint_group_steps: int = 0
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -79,6 +83,8 @@ class CondensationConfig(LlamaConfig):
             raise ValueError(f"segment_schedule must be 'wavefront' or 'sequential', got {self.segment_schedule!r}")
         if self.loss_reduction not in ("segment_sum", "token_mean"):
             raise ValueError(f"loss_reduction must be 'segment_sum' or 'token_mean', got {self.loss_reduction!r}")
+        if self.checkpoint_group_steps < 0:
+            raise ValueError(f"checkpoint_group_steps must be >= 0, got {self.checkpoint_group_steps!r}")
         if self.loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be positive, got {self.loss_chunk_tokens!r}")
         if self.compile_cells not in (False, True, "default", "reduce-overhead", "max-autotune",
@@ -333,8 +339,8 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
         # Rule 8: gradient through memory, optionally cut every `trunc` segments
         return y_prev.detach() if trunc is not None and s % trunc == 0 else y_prev
 
-    outs = [None] * n_seg
     if schedule == "sequential":
+        outs = [None] * n_seg
         ws = [LayerWeights.of([layer]) for layer in layers]
         mem = [None] * n_layers  # mem[n] = y[s-1, n]
         for s in range(n_seg):
@@ -347,25 +353,42 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
         return torch.stack(outs, 1)
 
     w_all = LayerWeights.of(layers)
-    prev = [None] * n_layers  # after step t: prev[n] = y[t - n, n]
-    for t in range(n_seg + n_layers - 1):
-        lo, hi = max(0, t - n_seg + 1), min(t, n_layers - 1)
-        new = {}
-        # cells with a memory (s = t - n >= 1): layers lo .. min(hi, t - 1), batched
-        top = min(hi, t - 1)
-        if top >= lo:
-            xs = [segs[:, t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)]
-            ms = [mem_for(prev[n], t - n) for n in range(lo, top + 1)]
-            y = _run_step(w_all.slice(lo, top + 1), xs, ms, rope, cfg, attention, ckpt)
-            new.update({n: y[n - lo] for n in range(lo, top + 1)})
-        # the cell of segment 0 (no memory), layer n = t
-        if t <= n_layers - 1:
-            x = segs[:, 0] if t == 0 else prev[t - 1]
-            new[t] = _run_step(w_all.slice(t, t + 1), [x], None, rope, cfg, attention, ckpt)[0]
-        for n, y in new.items():
-            prev[n] = y
-        if hi == n_layers - 1:
-            outs[t - hi] = new[hi]
+
+    def steps(t0: int, t1: int, *prev):
+        """Diagonals t0 .. t1-1 from the frontier prev (prev[n] = y[t0-1-n, n]); returns the new frontier and the
+        last layer's outputs of the segments finished meanwhile."""
+        prev, done = list(prev), []
+        for t in range(t0, t1):
+            lo, hi = max(0, t - n_seg + 1), min(t, n_layers - 1)
+            new = {}
+            # cells with a memory (s = t - n >= 1): layers lo .. min(hi, t - 1), batched
+            top = min(hi, t - 1)
+            if top >= lo:
+                xs = [segs[:, t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)]
+                ms = [mem_for(prev[n], t - n) for n in range(lo, top + 1)]
+                y = _run_step(w_all.slice(lo, top + 1), xs, ms, rope, cfg, attention, ckpt)
+                new.update({n: y[n - lo] for n in range(lo, top + 1)})
+            # the cell of segment 0 (no memory), layer n = t
+            if t <= n_layers - 1:
+                x = segs[:, 0] if t == 0 else prev[t - 1]
+                new[t] = _run_step(w_all.slice(t, t + 1), [x], None, rope, cfg, attention, ckpt)[0]
+            for n, y in new.items():
+                prev[n] = y
+            if hi == n_layers - 1:
+                done.append(new[hi])
+        return (*prev, *done)
+
+    n_steps, group = n_seg + n_layers - 1, cfg.checkpoint_group_steps
+    if not (group and torch.is_grad_enabled()):
+        return torch.stack(list(steps(0, n_steps, *[None] * n_layers)[n_layers:]), 1)
+    # Checkpoints over groups of diagonals keep only each group's frontier (n_layers cell outputs) and the
+    # finished segments' outputs; a group's cells are recomputed in backward (the per-step checkpoints, if on,
+    # nest inside).
+    prev, outs = [None] * n_layers, []
+    for t0 in range(0, n_steps, group):
+        res = checkpoint(steps, t0, min(n_steps, t0 + group), *prev, use_reentrant=False)
+        prev, done = list(res[:n_layers]), res[n_layers:]
+        outs.extend(done)
     return torch.stack(outs, 1)
 
 
