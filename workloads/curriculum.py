@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--config", default=None, help="a YAML file of overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--ray-address", default=None, help="ray.init address (default: the job's cluster or a local one)")
+    p.add_argument("--ray-address", default=None, help="ray.init address, e.g. auto for a cluster started with `ray start` "
+                   "(default: the job's cluster under `ray job submit`, else a new local Ray)")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     args = p.parse_args(argv)
     try:
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     # operator-level progress bars of Ray Data flood a job's log; keep the dataset-level bar and the training progress
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
     if not ray.is_initialized():
-        ray.init(address=args.ray_address)
+        # inside `ray job submit` (RAY_ADDRESS is set) join that cluster; run by hand, start a private local Ray
+        # rather than attach to whatever /tmp/ray last pointed at (a stopped cluster there hangs ray.init)
+        ray.init(address=args.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"))
     t0 = time.time()
     results = run_curriculum(cfg)
     print(f"\ncurriculum {cfg.name!r} finished in {time.time() - t0:.0f} s")

@@ -16,6 +16,7 @@ The embedded default (preset "default") trains the tiny-cpu model on local text 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from condensation.config import ConfigError, load_config, preset, to_yaml
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="default", help="default (CPU, minutes), debug (seconds) or paper")
     p.add_argument("--config", default=None, help="a YAML file of overrides (configs/*.yaml)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--ray-address", default=None, help="ray.init address (default: the job's cluster or a local one)")
+    p.add_argument("--ray-address", default=None, help="ray.init address, e.g. auto for a cluster started with `ray start` "
+                   "(default: the job's cluster under `ray job submit`, else a new local Ray)")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     args = p.parse_args(argv)
     try:
@@ -42,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=args.ray_address)
+        # inside `ray job submit` (RAY_ADDRESS is set) join that cluster; run by hand, start a private local Ray
+        # rather than attach to whatever /tmp/ray last pointed at (a stopped cluster there hangs ray.init)
+        ray.init(address=args.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"))
     # the real corpora come from the data layer (condensation.data); "local"/"synthetic" need nothing
     result = fit(cfg)
     print(f"done: step {result.step}; checkpoint {result.checkpoint_path}; hf {result.hf_path}; "
