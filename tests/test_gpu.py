@@ -77,3 +77,53 @@ def test_one_segment_is_llama_bf16():
     ours_err = _rel(out[torch.bfloat16][0], out[torch.float32][1])
     print({"llama_bf16": llama_err, "condensation_bf16": ours_err})
     assert ours_err < 2 * llama_err + 1e-3
+
+
+def _fused_grads(model, ids):
+    model.zero_grad()
+    model(ids, labels=ids, return_logits=False).loss.backward()
+    return torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(checkpoint_cells=True, checkpoint_group_steps=3)])
+def test_bf16_fused_loss_gradients_as_close_as_the_reference(variant, reference):
+    """The training path (NormLinearCrossEntropy, no logits) in bf16 against float32 autograd through logits."""
+    ids, (_, ref_grads), (_, base_grads) = reference
+    grads = _fused_grads(_model(torch.bfloat16, segment_length=256, loss_chunk_tokens=700, **variant), ids)
+    err = _rel(grads, ref_grads)
+    print({"variant": variant, "grads": err, "reference_bf16_grads": base_grads})
+    assert err < 2 * base_grads + 1e-3
+
+
+def test_cuda_graph_step_equals_eager_steps():
+    """Four AdamW steps on four different batches: eager, and through CUDAGraphStep (two eager warm-up steps, a
+    capture, replays). float32, so the two must agree to round-off; a replay that ignored its new batch or
+    accumulated gradients across replays would not."""
+    from condensation.cuda_graph import CUDAGraphStep
+
+    batches = [{"input_ids": torch.randint(0, 4096, (1, 1100), device="cuda")} for _ in range(4)]
+    models, losses = [], []
+    for graphed in (False, True):
+        model = _model(torch.float32, segment_length=256, checkpoint_cells=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+
+        def step(batch):
+            loss = model(batch["input_ids"], labels=batch["input_ids"], return_logits=False).loss
+            loss.backward()
+            opt.step()
+            return loss
+
+        if graphed:
+            run = CUDAGraphStep(step, opt, warmup=2)
+        else:
+            def run(batch):
+                opt.zero_grad(set_to_none=True)
+                return step(batch)
+        losses.append([run(b).item() for b in batches])
+        models.append(model)
+    print({"eager": losses[0], "graphed": losses[1]})
+    assert len(set(losses[1])) == 4  # each replay saw its own batch
+    for a, b in zip(*losses):
+        assert abs(a - b) < 1e-4 * abs(a)
+    diff = max((p - q).abs().max().item() for p, q in zip(models[0].parameters(), models[1].parameters()))
+    assert diff < 1e-4, diff

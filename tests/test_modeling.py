@@ -185,6 +185,27 @@ def test_loss_is_sum_of_segment_means(return_logits):
     assert (out.logits is None) != return_logits
 
 
+@pytest.mark.parametrize("reduction", ["segment_sum", "token_mean"])
+def test_fused_loss_gradients_equal_autograd_through_logits(reduction):
+    """NormLinearCrossEntropy computes its gradients in the forward pass; they must equal plain autograd through the
+    full logits (final norm, tied lm-head/embedding), with masked targets and chunks straddling segments and rows."""
+    model, _ = make_pair(8, loss_chunk_tokens=5, loss_reduction=reduction)
+    ids = torch.randint(0, ARCH["vocab_size"], (2, 27), generator=torch.Generator().manual_seed(9))
+    labels = ids.clone()
+    labels[1, 10:20] = -100
+    grads, losses = [], []
+    for return_logits in (True, False):
+        model.zero_grad()
+        out = model(ids, labels=labels, return_logits=return_logits)
+        (4.0 * out.loss).backward()  # a non-unit upstream gradient (a power of two: the norm runs in float32) scales all
+        losses.append(out.loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert abs(losses[0] - losses[1]) < 1e-10
+    for name, g in grads[0].items():
+        assert g.abs().max() > 0, name
+        assert max_diff(g, grads[1][name]) < 1e-10 * max(1.0, g.abs().max().item()), name
+
+
 def test_token_mean_option():
     model, llama = make_pair(8, loss_reduction="token_mean")
     ids = torch.randint(0, ARCH["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(6))
@@ -200,8 +221,8 @@ def test_token_mean_option():
 
 def grads_of_last_segment_wrt_embeddings(model, ids, l):
     emb = model.model.embed_tokens(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=emb, labels=ids, return_logits=False)
-    out.segment_losses[-1].backward()
+    out = model(inputs_embeds=emb, labels=ids, return_logits=True)
+    out.segment_losses[-1].backward()  # differentiable on the logits path
     n_seg = math.ceil(ids.shape[1] / l)
     return [emb.grad[:, s * l : (s + 1) * l].abs().max().item() for s in range(n_seg)]
 

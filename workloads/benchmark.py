@@ -40,6 +40,8 @@ class Case:
     checkpoint_cells: bool = False
     compile_cells: bool | str = False
     checkpoint_group_steps: int = 0
+    graph: bool = False  # the whole step (forward, backward, AdamW) as one CUDA graph (condensation.cuda_graph)
+    size: str = "table1"  # condensation.sizes.MODEL_SIZES
     batch: int = 1
     lengths: list[int] = field(default_factory=list)
 
@@ -52,34 +54,45 @@ def default_cases(smoke: bool) -> list[Case]:
             Case("cond-sdpa-l32", "condensation", "sdpa", 32, lengths=L),
             Case("cond-sdpa-l32-seq", "condensation", "sdpa", 32, schedule="sequential", lengths=L),
             Case("cond-sdpa-l32-ckpt", "condensation", "sdpa", 32, checkpoint_cells=True, lengths=L),
+            Case("cond-sdpa-l32-graph", "condensation", "sdpa", 32, graph=True, lengths=L),  # eager off CUDA
         ]
     short = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     long = [4096, 16384, 65536, 262144, 1048576]
     return [
         Case("llama-sdpa", "llama", "sdpa", lengths=short),
+        Case("llama-sdpa-graph", "llama", "sdpa", graph=True, lengths=short[2:6]),
         Case("llama-sdpa-b4", "llama", "sdpa", batch=4, lengths=short[:5]),
         Case("llama-eager", "llama", "eager", lengths=short[:4]),
         Case("llama-flash", "llama", "flash_attention_2", lengths=short),
         Case("cond-sdpa-l256", "condensation", "sdpa", 256, lengths=short[:6]),
         Case("cond-sdpa-l512", "condensation", "sdpa", 512, lengths=short[:6]),
         Case("cond-sdpa-l512-b4", "condensation", "sdpa", 512, batch=4, lengths=short[:5]),
+        Case("cond-sdpa-l256-graph", "condensation", "sdpa", 256, graph=True, lengths=short[:6]),
+        Case("cond-sdpa-l512-graph", "condensation", "sdpa", 512, graph=True, lengths=short[:6]),
+        Case("cond-sdpa-l512-ckpt-graph", "condensation", "sdpa", 512, checkpoint_cells=True, graph=True,
+             lengths=long[:4]),
+        Case("cond-sdpa-l512-groupckpt", "condensation", "sdpa", 512, checkpoint_cells=True, checkpoint_group_steps=16,
+             lengths=long),
+        Case("cond-sdpa-l512-groupckpt-graph", "condensation", "sdpa", 512, checkpoint_cells=True,
+             checkpoint_group_steps=16, graph=True, lengths=long),
         Case("cond-flex-l512", "condensation", "flex", 512, lengths=[4096, 16384]),
         Case("cond-flash-l512", "condensation", "flash", 512, lengths=[4096, 16384]),
         Case("cond-eager-l512", "condensation", "eager", 512, lengths=[4096, 16384]),
         Case("cond-sdpa-l512-seq", "condensation", "sdpa", 512, schedule="sequential", lengths=[4096, 16384]),
-        Case("cond-sdpa-l512-ckpt", "condensation", "sdpa", 512, checkpoint_cells=True, lengths=long),
-        Case("cond-sdpa-l512-compile", "condensation", "sdpa", 512, compile_cells=True, lengths=short[:6]),
-        Case("cond-sdpa-l512-cudagraph", "condensation", "sdpa", 512, compile_cells="reduce-overhead",
+        Case("cond-sdpa-l512-compile-graph", "condensation", "sdpa", 512, compile_cells=True, graph=True,
              lengths=short[2:6]),
-        Case("cond-sdpa-l512-groupckpt", "condensation", "sdpa", 512, checkpoint_cells=True, checkpoint_group_steps=16,
-             lengths=long),
-        Case("cond-sdpa-l512-ckpt-compile", "condensation", "sdpa", 512, checkpoint_cells=True, compile_cells=True,
-             lengths=long),
+        # a Llama-3.2-1B-shaped model (random weights): model FLOP utilisation at 16K
+        Case("llama-1b-sdpa", "llama", "sdpa", size="llama-3.2-1b", lengths=[4096, 16384]),
+        Case("cond-1b-l512", "condensation", "sdpa", 512, size="llama-3.2-1b", lengths=[4096, 16384]),
+        Case("cond-1b-l512-graph", "condensation", "sdpa", 512, size="llama-3.2-1b", graph=True,
+             lengths=[4096, 16384]),
+        Case("cond-1b-l512-ckpt-graph", "condensation", "sdpa", 512, size="llama-3.2-1b", checkpoint_cells=True,
+             graph=True, lengths=[16384, 65536]),
     ]
 
 
 def build_model(case: Case, smoke: bool, device, dtype):
-    size = "debug" if smoke else "table1"
+    size = "debug" if smoke else case.size
     cfg = build_config(size, segment_length=case.segment_length or 256, segment_attention=case.attention
                        if case.kind == "condensation" else "sdpa", segment_schedule=case.schedule,
                        checkpoint_cells=case.checkpoint_cells, compile_cells=case.compile_cells,
@@ -113,45 +126,91 @@ def train_step(model, opt, ids, case):
         loss = model(ids, labels=ids, return_logits=False).loss
     loss.backward()
     opt.step()
-    opt.zero_grad(set_to_none=True)
     return loss
 
 
-def measure(case: Case, L: int, smoke: bool, device, dtype, steps: int, warmup: int) -> dict:
+def make_runner(case: Case, model, device):
+    """A callable running one training step on {"input_ids": ids}; eager, or replaying a captured CUDA graph."""
+    graph = case.graph and device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True, capturable=graph)
+
+    def step(batch):
+        return train_step(model, opt, batch["input_ids"], case)
+
+    if graph:
+        from condensation.cuda_graph import CUDAGraphStep
+
+        return CUDAGraphStep(step, opt, warmup=1)
+
+    def eager(batch):
+        opt.zero_grad(set_to_none=True)
+        return step(batch)
+
+    return eager
+
+
+def measure(case: Case, L: int, smoke: bool, device, dtype, steps: int, warmup: int, profile: bool = False) -> dict:
     cuda = device.type == "cuda"
     model = build_model(case, smoke, device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    ids = torch.randint(0, model.config.vocab_size, (case.batch, L), device=device)
+    run = make_runner(case, model, device)
+    batch = {"input_ids": torch.randint(0, model.config.vocab_size, (case.batch, L), device=device)}
     try:
         n_steps = 2 if L >= 262144 else steps
         first_loss = None
-        for _ in range(warmup):
-            loss = train_step(model, opt, ids, case)
+        t0 = time.perf_counter()
+        for _ in range(max(warmup, 2 if case.graph else 1)):  # a graphed case captures on its second call
+            loss = run(batch)
             first_loss = float(loss.detach()) if first_loss is None else first_loss
+        warmup_s = time.perf_counter() - t0
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(n_steps):
             t0 = time.perf_counter()
-            loss = train_step(model, opt, ids, case)
+            loss = run(batch)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         step = statistics.median(times)
         out = {"status": "ok", "step_s": step, "tokens_per_s": case.batch * L / step, "first_loss": first_loss,
-               "loss": float(loss.detach())}
+               "loss": float(loss.detach()), "warmup_s": warmup_s}
         out["flops"] = flops_per_step(model, case, L)
         if cuda:
             out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if profile:
+            out["profile"] = profile_step(run, batch)
         return out
     except torch.OutOfMemoryError:
         return {"status": "oom"}
+    except RuntimeError as e:  # e.g. a capture that failed: recorded, and the remaining cases still run
+        return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
-        del model, opt, ids
+        del model, run, batch
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+
+
+def profile_step(run, batch) -> dict:
+    """GPU kernel time inside one step against its wall time, and the kernels that take the most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        run(batch)
+        sync()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_name.values()) / 1e3, "kernels": len(kernels),
+            "top": [(name[:90], round(us / 1e3, 3)) for name, us in top]}
 
 
 @torch.no_grad()
@@ -225,14 +284,24 @@ def plot(results: dict, path_prefix: Path) -> list[Path]:
 
 def ratios_against_llama(results: dict) -> None:
     """Add speed and memory ratios against Llama-sdpa at the same length and batch (measured in the same run)."""
+    configs = results["case_configs"]
+
+    def baseline(cfg):  # the plain (eager, not graphed) Llama-sdpa case of the same size and batch
+        for name, c in configs.items():
+            if (c["kind"], c["attention"], c.get("graph", False)) == ("llama", "sdpa", False) and \
+                    c.get("size", "table1") == cfg.get("size", "table1") and c["batch"] == cfg["batch"]:
+                return name
+        return None
+
     for name, rows in results["cases"].items():
-        batch = results["case_configs"].get(name, {}).get("batch", 1)
-        base = results["cases"].get("llama-sdpa" if batch == 1 else f"llama-sdpa-b{batch}", {})
-        if name.startswith("llama-sdpa") or "skipped" in rows:
+        base_name = baseline(configs.get(name, {"batch": 1}))
+        if base_name in (None, name) or "skipped" in rows:
             continue
+        base = results["cases"][base_name]
         for L, r in rows.items():
             b = base.get(L)
             if r.get("status") == "ok" and b and b.get("status") == "ok":
+                r["baseline"] = base_name
                 r["speed_vs_llama_sdpa"] = r["tokens_per_s"] / b["tokens_per_s"]
                 if "peak_gib" in r:
                     r["llama_sdpa_memory_ratio"] = b["peak_gib"] / r["peak_gib"]
@@ -247,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--generation", default="", help="comma-separated prompt lengths for prefill+generate")
     ap.add_argument("--mlflow-uri", default=None)
+    ap.add_argument("--lengths", default="", help="comma-separated lengths overriding every case's own")
+    ap.add_argument("--profile", action="store_true", help="add GPU kernel time and the top kernels of one step")
     ap.add_argument("--replot", default=None, help="only redraw pictures (and ratios) from an existing JSON")
     args = ap.parse_args(argv)
     if args.replot:
@@ -263,7 +334,7 @@ def main(argv=None):
         "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else _platform.processor() or "cpu",
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "python": _platform.python_version(), "dtype": str(dtype)},
-        "model": "debug" if args.smoke else "table1",
+        "model": "debug" if args.smoke else "table1 (cases may name another size)",
         "matmul_peak_tflops": matmul_peak_tflops(device, dtype),
         "cases": {}, "case_configs": {}, "generation": [],
     }
@@ -284,14 +355,15 @@ def main(argv=None):
             continue
         results["case_configs"][case.name] = asdict(case)
         rows = results["cases"].setdefault(case.name, {})
-        for L in case.lengths:
-            r = measure(case, L, args.smoke, device, dtype, args.steps, args.warmup)
+        lengths = [int(x) for x in args.lengths.split(",") if x] or case.lengths
+        for L in lengths:
+            r = measure(case, L, args.smoke, device, dtype, args.steps, args.warmup, args.profile)
             if r["status"] == "ok" and results["matmul_peak_tflops"]:
                 r["mfu"] = r["flops"] / r["step_s"] / 1e12 / results["matmul_peak_tflops"]
             rows[str(L)] = r
             print(json.dumps({"case": case.name, "L": L, **r}), flush=True)
             out.write_text(json.dumps(results, indent=1))  # a crash or timeout later keeps what was measured
-            if r["status"] == "oom":
+            if r["status"] != "ok":
                 break
     ratios_against_llama(results)
     for p in filter(None, args.generation.split(",")):

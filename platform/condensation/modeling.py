@@ -55,8 +55,9 @@ class CondensationConfig(LlamaConfig):
     compile_cells: run each scheduled step through torch.compile (fewer, fused kernels; compiles once per number
         of cells in a step). True uses torch.compile's default mode; a mode name such as "reduce-overhead" (CUDA
         graphs: one replay per step instead of its ~100 launches) selects that mode.
-    loss_chunk_tokens: when logits are not returned, the lm-head + cross-entropy runs over chunks of this many
-        tokens under checkpoint, so [L, V] float32 logits never exist at once.
+    loss_chunk_tokens: when logits are not returned, the final norm, lm-head and cross-entropy run over chunks of
+        this many tokens with their gradients computed on the spot (NormLinearCrossEntropy): peak memory holds one
+        chunk's [c, V] float32 logits (0.5 GiB at 1024 tokens and a 128K vocabulary).
     """
 
     model_type = "condensation"
@@ -67,7 +68,7 @@ class CondensationConfig(LlamaConfig):
     segment_schedule: str = "wavefront"
     checkpoint_cells: bool = False
     loss_reduction: str = "segment_sum"
-    loss_chunk_tokens: int = 2048
+    loss_chunk_tokens: int = 1024
     compile_cells: bool | str = False
     checkpoint_group_steps: int = 0
 
@@ -324,7 +325,7 @@ def _run_step(w: LayerWeights, xs, mems, rope, cfg, attention, ckpt) -> torch.Te
         xs_, mems_, w_ = tensors[:k], tensors[k : 2 * k] if has_mem else None, LayerWeights(*tensors[-len(w) :])
         return fn(list(xs_), None if mems_ is None else list(mems_), w_, rope, cfg, attention)
 
-    return checkpoint(step, *xs, *(mems or ()), *w, use_reentrant=False)
+    return checkpoint(step, *xs, *(mems or ()), *w, use_reentrant=False, preserve_rng_state=False)  # no RNG in a cell
 
 
 def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig, schedule: str, ckpt: bool):
@@ -333,6 +334,8 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
     outputs [B, N_s, l, d]."""
     attention = SEGMENT_ATTENTION[cfg.segment_attention]
     n_seg, n_layers = segs.shape[1], len(layers)
+    # unbind, not segs[:, s]: a slice's backward allocates a zero tensor the size of segs, N_s times over
+    segs = segs.unbind(1)  # N_s x [B, l, d]
     trunc = cfg.memory_grad_segments
 
     def mem_for(y_prev, s):
@@ -344,7 +347,7 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
         ws = [LayerWeights.of([layer]) for layer in layers]
         mem = [None] * n_layers  # mem[n] = y[s-1, n]
         for s in range(n_seg):
-            x = segs[:, s]  # [B, l, d]
+            x = segs[s]  # [B, l, d]
             for n in range(n_layers):
                 m = None if mem[n] is None else [mem_for(mem[n], s)]
                 x = _run_step(ws[n], [x], m, rope, cfg, attention, ckpt)[0]
@@ -364,13 +367,13 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
             # cells with a memory (s = t - n >= 1): layers lo .. min(hi, t - 1), batched
             top = min(hi, t - 1)
             if top >= lo:
-                xs = [segs[:, t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)]
+                xs = [segs[t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)]
                 ms = [mem_for(prev[n], t - n) for n in range(lo, top + 1)]
                 y = _run_step(w_all.slice(lo, top + 1), xs, ms, rope, cfg, attention, ckpt)
                 new.update({n: y[n - lo] for n in range(lo, top + 1)})
             # the cell of segment 0 (no memory), layer n = t
             if t <= n_layers - 1:
-                x = segs[:, 0] if t == 0 else prev[t - 1]
+                x = segs[0] if t == 0 else prev[t - 1]
                 new[t] = _run_step(w_all.slice(t, t + 1), [x], None, rope, cfg, attention, ckpt)[0]
             for n, y in new.items():
                 prev[n] = y
@@ -386,7 +389,7 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
     # nest inside).
     prev, outs = [None] * n_layers, []
     for t0 in range(0, n_steps, group):
-        res = checkpoint(steps, t0, min(n_steps, t0 + group), *prev, use_reentrant=False)
+        res = checkpoint(steps, t0, min(n_steps, t0 + group), *prev, use_reentrant=False, preserve_rng_state=False)
         prev, done = list(res[:n_layers]), res[n_layers:]
         outs.extend(done)
     return torch.stack(outs, 1)
@@ -451,9 +454,51 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-    # hidden [n, d], targets [n] -> cross-entropy [n] in at least float32 (0 where ignored)
-    return F.cross_entropy(_at_least_fp32(lm_head(hidden)), targets, ignore_index=-100, reduction="none")
+class NormLinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_t w_t * CE(lm_head(final_norm(y_t)), target_t), and each token's CE (no gradient).
+
+    Runs over chunks of tokens and computes the gradients of y, the norm weight and the lm-head weight inside the
+    forward pass, chunk by chunk; backward only scales them. So [n, V] logits never exist beyond one chunk, the
+    lm-head matmul is not recomputed (checkpointing it costs a third more lm-head FLOPs), and nothing of size
+    [n, d] is saved but the gradient of y. With the paper's 128K vocabulary the lm-head is half the model's FLOPs."""
+
+    @staticmethod
+    def forward(ctx, y, norm_weight, lm_weight, targets, token_weights, eps: float, chunk: int):
+        # y [n, d] (pre-norm), targets [n] (-100 ignored), token_weights [n]
+        acc = torch.promote_types(lm_weight.dtype, torch.float32)
+        grad_y = torch.empty_like(y)
+        grad_norm = torch.zeros(norm_weight.shape, dtype=acc, device=y.device)
+        grad_lm = torch.zeros(lm_weight.shape, dtype=acc, device=y.device)
+        ce = torch.empty(y.shape[0], dtype=acc, device=y.device)
+        for i in range(0, y.shape[0], chunk):
+            t = targets[i : i + chunk]
+            valid = t != -100
+            tc = t.clamp(min=0)[:, None]
+            with torch.enable_grad():
+                yc, nw = y[i : i + chunk].detach().requires_grad_(), norm_weight.detach().requires_grad_()
+                h = _rms_norm(yc[None], nw[None], eps)[0]  # [c, d], exactly LlamaRMSNorm
+            logits = _at_least_fp32(h.detach() @ lm_weight.T)  # [c, V]
+            lse = torch.logsumexp(logits, -1)
+            ce[i : i + chunk] = (lse - logits.gather(1, tc)[:, 0]) * valid
+            # d loss / d logits = w_t * (softmax - onehot), built in the logits' own buffer
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs.scatter_add_(1, tc, -valid.to(probs.dtype)[:, None])
+            g = probs.mul_((token_weights[i : i + chunk] * valid).to(probs.dtype)[:, None]).to(lm_weight.dtype)
+            grad_lm += g.T @ h.detach()
+            with torch.enable_grad():
+                gy, gn = torch.autograd.grad(h, (yc, nw), g @ lm_weight)
+            grad_y[i : i + chunk] = gy
+            grad_norm += gn
+        ctx.save_for_backward(grad_y, grad_norm, grad_lm)
+        ctx.dtypes = norm_weight.dtype, lm_weight.dtype
+        ctx.mark_non_differentiable(ce)
+        return (ce * token_weights.to(acc)).sum(), ce
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce):
+        grad_y, grad_norm, grad_lm = ctx.saved_tensors
+        return (grad_y * g_loss.to(grad_y.dtype), (grad_norm * g_loss).to(ctx.dtypes[0]),
+                (grad_lm * g_loss).to(ctx.dtypes[1]), None, None, None, None)
 
 
 def condensation_loss(
@@ -462,34 +507,38 @@ def condensation_loss(
     reduction: str,
     logits: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
+    norm: LlamaRMSNorm | None = None,
     lm_head: nn.Linear | None = None,
     chunk_tokens: int = 2048,
 ):
-    """Eq. 17 from logits [B, L, V], or from final hidden states [B, L, d] through lm_head in checkpointed chunks.
+    """Eq. 17 from logits [B, L, V], or from the last layer's pre-norm outputs `hidden` [B, L, d] through the final
+    norm and lm_head by NormLinearCrossEntropy (chunked; the segment losses then carry no gradient, the loss does).
     Labels are shifted by one over the whole sequence. Returns (loss, segment_losses [N_s])."""
     B, L = labels.shape
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]: position p predicts token p + 1
-    if logits is not None:
-        ce = F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-    else:
-        h, t = hidden.flatten(0, 1), targets.flatten()
-        chunks = []
-        for i in range(0, h.shape[0], chunk_tokens):
-            hc, tc = h[i : i + chunk_tokens], t[i : i + chunk_tokens]
-            chunks.append(checkpoint(_token_losses, hc, tc, lm_head, use_reentrant=False) if torch.is_grad_enabled() else _token_losses(hc, tc, lm_head))
-        ce = torch.cat(chunks)
-    ce = ce.view(B, L)
     valid = targets != -100
     n_seg = math.ceil(L / segment_length)
     pad = n_seg * segment_length - L
-    seg_sum = F.pad(ce, (0, pad)).view(B, n_seg, segment_length).sum((0, 2))
-    seg_count = F.pad(valid, (0, pad)).view(B, n_seg, segment_length).sum((0, 2))
-    segment_losses = seg_sum / seg_count.clamp(min=1)  # a segment with no targets contributes 0
+
+    def per_segment(x):  # [B, L] -> [N_s] sums over the batch and each segment's tokens
+        return F.pad(x, (0, pad)).view(B, n_seg, segment_length).sum((0, 2))
+
+    seg_count = per_segment(valid).clamp(min=1)  # a segment with no targets contributes 0
+    if logits is not None:
+        ce = F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        ce = ce.view(B, L)
+        segment_losses = per_segment(ce) / seg_count
+        loss = ce.sum() / valid.sum().clamp(min=1) if reduction == "token_mean" else segment_losses.sum()
+        return loss, segment_losses
+    # each token's weight in the loss: 1 / (its segment's target count), or 1 / (all targets)
+    weights = valid.to(torch.promote_types(hidden.dtype, torch.float32))
     if reduction == "token_mean":
-        loss = ce.sum() / valid.sum().clamp(min=1)
+        weights = weights / valid.sum().clamp(min=1)
     else:
-        loss = segment_losses.sum()
-    return loss, segment_losses
+        weights = weights / seg_count.repeat_interleave(segment_length)[:L]  # [B, L] / [L]
+    loss, ce = NormLinearCrossEntropy.apply(hidden.flatten(0, 1), norm.weight, lm_head.weight, targets.flatten(),
+                                            weights.flatten(), norm.variance_epsilon, chunk_tokens)
+    return loss, per_segment(ce.view(B, L)) / seg_count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,8 +585,10 @@ class CondensationModel(CondensationPreTrainedModel):
         cos, sin = self.rotary_emb(like, positions)
         return Rope(cos[0], sin[0])
 
-    def forward(self, input_ids=None, inputs_embeds=None, cache: CondensationCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, L, d]. With a cache, advances it by these tokens (generation)."""
+    def forward(self, input_ids=None, inputs_embeds=None, cache: CondensationCache | None = None,
+                final_norm: bool = True) -> torch.Tensor:
+        """Final-norm hidden states [B, L, d] (the last layer's outputs with final_norm=False). With a cache, advances
+        it by these tokens (generation)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, d]
         B, L, d = x.shape
         l = self.config.segment_length
@@ -548,14 +599,16 @@ class CondensationModel(CondensationPreTrainedModel):
                 c = min(L - i, l - cache.current_length())
                 outs.append(decode_chunk(self.layers, x[:, i : i + c], cache, rope, self.config))
                 i += c
-            return self.norm(torch.cat(outs, 1))
+            y = torch.cat(outs, 1)
+            return self.norm(y) if final_norm else y
         n_seg = math.ceil(L / l)
         segs = F.pad(x, (0, 0, 0, n_seg * l - L)).view(B, n_seg, l, d)  # [B, N_s, l, d]
         ckpt = self.config.checkpoint_cells and torch.is_grad_enabled()
         if self.config.compile_cells == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous forward's graphs may be reused
         y = run_segments(self.layers, segs, rope, self.config, self.config.segment_schedule, ckpt)
-        return self.norm(y.reshape(B, n_seg * l, d)[:, :L])
+        y = y.reshape(B, n_seg * l, d)[:, :L]
+        return self.norm(y) if final_norm else y
 
 
 class CondensationForCausalLM(CondensationPreTrainedModel, GenerationMixin):
@@ -581,7 +634,8 @@ class CondensationForCausalLM(CondensationPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CondensationCausalLMOutput:
         """logits [B, L, V] (or the last `logits_to_keep`), loss (eq. 17) and segment_losses [N_s] when labels are
-        given. return_logits=False with labels computes the loss in chunks without materialising the logits."""
+        given. return_logits=False with labels computes the loss in chunks without materialising the logits
+        (NormLinearCrossEntropy; its segment_losses are values only, the loss carries the gradient)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(
                 "attention_mask with padding is not supported: segments are cut by position, so a padded row would "
@@ -590,22 +644,23 @@ class CondensationForCausalLM(CondensationPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else kwargs.get("past_key_values")  # transformers < 5.24
         if cache is None and use_cache and labels is None and not self.training:
             cache = CondensationCache(self.config.num_hidden_layers)
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache)  # [B, L, d]
+        # the loss without logits runs the final norm inside the fused lm-head + cross-entropy
+        fused = labels is not None and not return_logits
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, final_norm=not fused)
 
         logits = loss = segment_losses = None
-        if return_logits or labels is None:
-            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        if labels is not None:
-            full_logits = logits if logits is not None and not logits_to_keep else None
+        if fused:
             loss, segment_losses = condensation_loss(
-                labels,
-                self.config.segment_length,
-                self.config.loss_reduction,
-                logits=full_logits,
-                hidden=hidden if full_logits is None else None,
-                lm_head=self.lm_head,
-                chunk_tokens=self.config.loss_chunk_tokens,
+                labels, self.config.segment_length, self.config.loss_reduction, hidden=hidden, norm=self.model.norm,
+                lm_head=self.lm_head, chunk_tokens=self.config.loss_chunk_tokens,
             )
+        else:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # [B, L, V]
+            if labels is not None:
+                loss, segment_losses = condensation_loss(
+                    labels, self.config.segment_length, self.config.loss_reduction,
+                    logits=self.lm_head(hidden) if logits_to_keep else logits,
+                )
         return CondensationCausalLMOutput(loss=loss, logits=logits, segment_losses=segment_losses, **{_CACHE_FIELD: cache})
 
     # --- generation: transformers' GenerationMixin drives decoding; the cache is ours
