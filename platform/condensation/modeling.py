@@ -29,6 +29,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from .kernels import cross_entropy_grad_
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
@@ -236,10 +238,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin
 
 
-def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
-    # [k, B, c, n*D] -> [k, B, n, c, D]
+def _heads(x: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    # [k, B, c, n*D] -> [k, B, n, c, D]; RoPE (cos/sin [c, D]) is applied before the transpose, while the tensor is
+    # contiguous, so its elementwise kernels run vectorised
     k, B, c, _ = x.shape
-    return x.view(k, B, c, n, -1).transpose(2, 3)
+    x = x.view(k, B, c, n, -1)
+    if rope is not None:
+        x = _rope(x, rope[0][:, None], rope[1][:, None])
+    return x.transpose(2, 3)
 
 
 class Rope(NamedTuple):
@@ -252,7 +258,7 @@ def memory_kv(w: LayerWeights, y: torch.Tensor, rope: Rope, cfg: CondensationCon
     m = _rms_norm(y, w.input_norm, cfg.rms_norm_eps)
     n_mem = y.shape[2]
     cos, sin = rope.cos[:n_mem], rope.sin[:n_mem]
-    k = _rope(_heads(_linear(m, w.k), cfg.num_key_value_heads), cos, sin)  # [k, B, Hkv, l, D]
+    k = _heads(_linear(m, w.k), cfg.num_key_value_heads, (cos, sin))  # [k, B, Hkv, l, D]
     v = _heads(_linear(m, w.v), cfg.num_key_value_heads)
     return k, v
 
@@ -275,8 +281,8 @@ def cell_forward(
     cos, sin = rope.cos[l + offset : l + offset + c], rope.sin[l + offset : l + offset + c]
 
     h = _rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-    q = _rope(_heads(_linear(h, w.q), H), cos, sin)  # [k, B, H, c, D]
-    k = _rope(_heads(_linear(h, w.k), Hkv), cos, sin)  # [k, B, Hkv, c, D]
+    q = _heads(_linear(h, w.q), H, (cos, sin))  # [k, B, H, c, D]
+    k = _heads(_linear(h, w.k), Hkv, (cos, sin))  # [k, B, Hkv, c, D]
     v = _heads(_linear(h, w.v), Hkv)
     keys, values = (k, v) if prefix_kv is None else (torch.cat([prefix_kv[0], k], 3), torch.cat([prefix_kv[1], v], 3))
 
@@ -472,18 +478,11 @@ class NormLinearCrossEntropy(torch.autograd.Function):
         ce = torch.empty(y.shape[0], dtype=acc, device=y.device)
         for i in range(0, y.shape[0], chunk):
             t = targets[i : i + chunk]
-            valid = t != -100
-            tc = t.clamp(min=0)[:, None]
             with torch.enable_grad():
                 yc, nw = y[i : i + chunk].detach().requires_grad_(), norm_weight.detach().requires_grad_()
                 h = _rms_norm(yc[None], nw[None], eps)[0]  # [c, d], exactly LlamaRMSNorm
-            logits = _at_least_fp32(h.detach() @ lm_weight.T)  # [c, V]
-            lse = torch.logsumexp(logits, -1)
-            ce[i : i + chunk] = (lse - logits.gather(1, tc)[:, 0]) * valid
-            # d loss / d logits = w_t * (softmax - onehot), built in the logits' own buffer
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs.scatter_add_(1, tc, -valid.to(probs.dtype)[:, None])
-            g = probs.mul_((token_weights[i : i + chunk] * valid).to(probs.dtype)[:, None]).to(lm_weight.dtype)
+            g = h.detach() @ lm_weight.T  # [c, V] logits, then in place d loss / d logits = w_t * (softmax - onehot)
+            ce[i : i + chunk] = cross_entropy_grad_(g, t, token_weights[i : i + chunk])
             grad_lm += g.T @ h.detach()
             with torch.enable_grad():
                 gy, gn = torch.autograd.grad(h, (yc, nw), g @ lm_weight)
