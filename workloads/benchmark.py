@@ -264,6 +264,8 @@ def plot(results: dict, path_prefix: Path) -> list[Path]:
 
     paths = []
     for metric, label, fname in (("peak_gib", "peak memory (GiB)", "memory"), ("tokens_per_s", "tokens / s", "speed")):
+        if not any(isinstance(r, dict) and metric in r for rows in results["cases"].values() for r in rows.values()):
+            continue  # no memory off CUDA
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, rows in results["cases"].items():
             pts = [(int(L), r[metric]) for L, r in rows.items() if isinstance(r, dict) and r.get("status") == "ok"

@@ -45,13 +45,14 @@ class CUDAGraphStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_batch: dict[str, torch.Tensor] | None = None
         self.static_loss: torch.Tensor | None = None
-        self._stream = torch.cuda.Stream()
+        self._stream: torch.cuda.Stream | None = None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.calls += 1
         if self.graph is None and self.calls <= self.warmup:
             # eager steps on a side stream, as capture requires (lazy state such as optimizer moments and cuBLAS
             # workspaces is created here, outside the graph)
+            self._stream = self._stream or torch.cuda.Stream()
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
                 self.optimizer.zero_grad(set_to_none=True)

@@ -59,7 +59,7 @@ class CondensationConfig(LlamaConfig):
         graphs: one replay per step instead of its ~100 launches) selects that mode.
     loss_chunk_tokens: when logits are not returned, the final norm, lm-head and cross-entropy run over chunks of
         this many tokens with their gradients computed on the spot (NormLinearCrossEntropy): peak memory holds one
-        chunk's [c, V] float32 logits (0.5 GiB at 1024 tokens and a 128K vocabulary).
+        chunk's [c, V] logits (on a GPU in bf16, 0.5 GiB at 2048 tokens and a 128K vocabulary).
     """
 
     model_type = "condensation"
@@ -70,7 +70,7 @@ class CondensationConfig(LlamaConfig):
     segment_schedule: str = "wavefront"
     checkpoint_cells: bool = False
     loss_reduction: str = "segment_sum"
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 2048
     compile_cells: bool | str = False
     checkpoint_group_steps: int = 0
 
@@ -181,29 +181,33 @@ def attention_unavailable_reason(name: str, device: torch.device | str = "cpu", 
 
 
 class LayerWeights(NamedTuple):
+    """Weights of k layers, projections stored transposed ([k, in, out]) so that a cell's weight gradients come out
+    of bmm contiguous; with [k, out, in] they are transposed views, and every scheduled step then paid a strided
+    copy of all its weights' gradients (the largest kernel of a 1B-size step)."""
+
     input_norm: torch.Tensor  # [k, d]
-    q: torch.Tensor  # [k, H*D, d]
-    k: torch.Tensor  # [k, Hkv*D, d]
-    v: torch.Tensor  # [k, Hkv*D, d]
-    o: torch.Tensor  # [k, d, H*D]
+    q: torch.Tensor  # [k, d, H*D]
+    k: torch.Tensor  # [k, d, Hkv*D]
+    v: torch.Tensor  # [k, d, Hkv*D]
+    o: torch.Tensor  # [k, H*D, d]
     post_norm: torch.Tensor  # [k, d]
-    gate: torch.Tensor  # [k, I, d]
-    up: torch.Tensor  # [k, I, d]
-    down: torch.Tensor  # [k, d, I]
+    gate: torch.Tensor  # [k, d, I]
+    up: torch.Tensor  # [k, d, I]
+    down: torch.Tensor  # [k, I, d]
 
     @classmethod
     def of(cls, layers) -> "LayerWeights":
         tensors = [
             [
                 layer.input_layernorm.weight,
-                layer.self_attn.q_proj.weight,
-                layer.self_attn.k_proj.weight,
-                layer.self_attn.v_proj.weight,
-                layer.self_attn.o_proj.weight,
+                layer.self_attn.q_proj.weight.T,
+                layer.self_attn.k_proj.weight.T,
+                layer.self_attn.v_proj.weight.T,
+                layer.self_attn.o_proj.weight.T,
                 layer.post_attention_layernorm.weight,
-                layer.mlp.gate_proj.weight,
-                layer.mlp.up_proj.weight,
-                layer.mlp.down_proj.weight,
+                layer.mlp.gate_proj.weight.T,
+                layer.mlp.up_proj.weight.T,
+                layer.mlp.down_proj.weight.T,
             ]
             for layer in layers
         ]
@@ -211,8 +215,23 @@ class LayerWeights(NamedTuple):
             return cls(*(t.unsqueeze(0) for t in tensors[0]))
         return cls(*(torch.stack(ts) for ts in zip(*tensors)))
 
-    def slice(self, lo: int, hi: int) -> "LayerWeights":
-        return LayerWeights(*(t[lo:hi] for t in self))
+
+class StackedLayers:
+    """All layers' weights stacked once per forward, served to scheduled steps as layer ranges [lo, hi). The full
+    range is the stack itself; a partial one is stacked from per-layer views. (Slicing the stack instead would make
+    each step's backward allocate and fill a gradient the size of all layers.)"""
+
+    def __init__(self, layers):
+        self.all = LayerWeights.of(layers)
+        self.n = len(layers)
+        self._layers = list(zip(*(t.unbind(0) for t in self.all)))  # per layer: a tuple of contiguous views
+
+    def range(self, lo: int, hi: int) -> LayerWeights:
+        if (lo, hi) == (0, self.n):
+            return self.all
+        if hi - lo == 1:
+            return LayerWeights(*(t.unsqueeze(0) for t in self._layers[lo]))
+        return LayerWeights(*(torch.stack(ts) for ts in zip(*self._layers[lo:hi])))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -223,9 +242,9 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # x [k, ..., in], w [k, out, in] -> [k, ..., out]
+    # x [k, ..., in], w [k, in, out] -> [k, ..., out]
     shape = x.shape
-    return torch.bmm(x.reshape(shape[0], -1, shape[-1]), w.transpose(1, 2)).view(*shape[:-1], w.shape[1])
+    return torch.bmm(x.reshape(shape[0], -1, shape[-1]), w).view(*shape[:-1], w.shape[2])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -361,7 +380,7 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
             outs[s] = x
         return torch.stack(outs, 1)
 
-    w_all = LayerWeights.of(layers)
+    w_all = StackedLayers(layers)
 
     def steps(t0: int, t1: int, *prev):
         """Diagonals t0 .. t1-1 from the frontier prev (prev[n] = y[t0-1-n, n]); returns the new frontier and the
@@ -375,12 +394,12 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
             if top >= lo:
                 xs = [segs[t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)]
                 ms = [mem_for(prev[n], t - n) for n in range(lo, top + 1)]
-                y = _run_step(w_all.slice(lo, top + 1), xs, ms, rope, cfg, attention, ckpt)
+                y = _run_step(w_all.range(lo, top + 1), xs, ms, rope, cfg, attention, ckpt)
                 new.update({n: y[n - lo] for n in range(lo, top + 1)})
             # the cell of segment 0 (no memory), layer n = t
             if t <= n_layers - 1:
                 x = segs[0] if t == 0 else prev[t - 1]
-                new[t] = _run_step(w_all.slice(t, t + 1), [x], None, rope, cfg, attention, ckpt)[0]
+                new[t] = _run_step(w_all.range(t, t + 1), [x], None, rope, cfg, attention, ckpt)[0]
             for n, y in new.items():
                 prev[n] = y
             if hi == n_layers - 1:
