@@ -80,14 +80,20 @@ def default_cases(smoke: bool) -> list[Case]:
         Case("cond-eager-l512", "condensation", "eager", 512, lengths=[4096, 16384]),
         Case("cond-sdpa-l512-seq", "condensation", "sdpa", 512, schedule="sequential", lengths=[4096, 16384]),
         Case("cond-sdpa-l512-compile-graph", "condensation", "sdpa", 512, compile_cells=True, graph=True,
-             lengths=short[2:6]),
+             lengths=short[:6]),
+        Case("cond-sdpa-l512-ckpt-compile-graph", "condensation", "sdpa", 512, checkpoint_cells=True,
+             compile_cells=True, graph=True, lengths=long),
+        Case("cond-sdpa-l512-groupckpt-compile-graph", "condensation", "sdpa", 512, checkpoint_cells=True,
+             checkpoint_group_steps=16, compile_cells=True, graph=True, lengths=long),
         # a Llama-3.2-1B-shaped model (random weights): model FLOP utilisation at 16K
         Case("llama-1b-sdpa", "llama", "sdpa", size="llama-3.2-1b", lengths=[4096, 16384]),
         Case("cond-1b-l512", "condensation", "sdpa", 512, size="llama-3.2-1b", lengths=[4096, 16384]),
         Case("cond-1b-l512-graph", "condensation", "sdpa", 512, size="llama-3.2-1b", graph=True,
              lengths=[4096, 16384]),
-        Case("cond-1b-l512-ckpt-graph", "condensation", "sdpa", 512, size="llama-3.2-1b", checkpoint_cells=True,
-             graph=True, lengths=[16384, 65536]),
+        Case("cond-1b-l512-compile-graph", "condensation", "sdpa", 512, size="llama-3.2-1b", compile_cells=True,
+             graph=True, lengths=[4096, 16384]),
+        Case("cond-1b-l512-ckpt-compile-graph", "condensation", "sdpa", 512, size="llama-3.2-1b",
+             checkpoint_cells=True, compile_cells=True, graph=True, lengths=[16384, 65536]),
     ]
 
 
