@@ -256,14 +256,19 @@ def all_grads(model, ids):
 @pytest.mark.parametrize("variant", [dict(segment_schedule="sequential"), dict(checkpoint_cells=True),
                                      dict(segment_schedule="sequential", checkpoint_cells=True),
                                      dict(checkpoint_group_steps=2), dict(checkpoint_group_steps=3, checkpoint_cells=True),
-                                     dict(checkpoint_group_steps=2, memory_grad_segments=2)])
+                                     dict(checkpoint_group_steps=2, memory_grad_segments=2),
+                                     # compiled cells inside nested checkpoints: forward and recomputation must
+                                     # run the same compiled variant for every number of cells per step
+                                     dict(checkpoint_group_steps=3, checkpoint_cells=True, compile_cells=True)])
 def test_schedules_and_checkpointing_give_same_gradients(variant):
     base, _ = make_pair(8, memory_grad_segments=variant.get("memory_grad_segments"))
     other, _ = make_pair(8, **variant)
     ids = torch.randint(0, ARCH["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(8))
     ga, gb = all_grads(base, ids), all_grads(other, ids)
+    # inductor's fused kernels reorder the float32 RMSNorm arithmetic: equal to float32 round-off, not bit for bit
+    tol = 1e-5 if variant.get("compile_cells") else 1e-9
     for name in ga:
-        assert max_diff(ga[name], gb[name]) < 1e-9, name
+        assert max_diff(ga[name], gb[name]) < tol * max(1.0, ga[name].abs().max().item()), name
 
 
 # ---------------------------------------------------------------------------------------------------------------

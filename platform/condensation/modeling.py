@@ -334,7 +334,11 @@ def _step_fn(cfg: CondensationConfig) -> Callable:
         return _cells_step
     mode = None if cfg.compile_cells is True else cfg.compile_cells
     if mode not in _COMPILED:  # one compiled function per mode; dynamo re-specialises on k and on memory presence
-        _COMPILED[mode] = torch.compile(_cells_step, mode=mode)
+        # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's
+        # default limit of 8 variants it silently runs the rest eagerly, and a checkpoint's recomputation can then
+        # differ from its forward (one compiled, one eager): allow them all.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * cfg.num_hidden_layers + 8)
+        _COMPILED[mode] = torch.compile(_cells_step, mode=mode, dynamic=False)
     return _COMPILED[mode]
 
 
@@ -508,14 +512,20 @@ class NormLinearCrossEntropy(torch.autograd.Function):
             grad_y[i : i + chunk] = gy
             grad_norm += gn
         ctx.save_for_backward(grad_y, grad_norm, grad_lm)
-        ctx.dtypes = norm_weight.dtype, lm_weight.dtype
+        ctx.dtypes, ctx.used = (norm_weight.dtype, lm_weight.dtype), False
         ctx.mark_non_differentiable(ce)
         return (ce * token_weights.to(acc)).sum(), ce
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_loss, g_ce):
         grad_y, grad_norm, grad_lm = ctx.saved_tensors
-        return (grad_y * g_loss.to(grad_y.dtype), (grad_norm * g_loss).to(ctx.dtypes[0]),
+        if ctx.used:
+            raise RuntimeError("NormLinearCrossEntropy's saved gradients were scaled in place by a first backward; "
+                               "it cannot run backward twice (retain_graph=True)")
+        ctx.used = True
+        # in place: a second [n, d] buffer would be 1 GiB at 1M tokens
+        return (grad_y.mul_(g_loss.to(grad_y.dtype)), (grad_norm * g_loss).to(ctx.dtypes[0]),
                 (grad_lm * g_loss).to(ctx.dtypes[1]), None, None, None, None)
 
 
@@ -620,7 +630,9 @@ class CondensationModel(CondensationPreTrainedModel):
             y = torch.cat(outs, 1)
             return self.norm(y) if final_norm else y
         n_seg = math.ceil(L / l)
-        segs = F.pad(x, (0, 0, 0, n_seg * l - L)).view(B, n_seg, l, d)  # [B, N_s, l, d]
+        if n_seg * l != L:  # F.pad copies even when there is nothing to pad (1 GiB at 1M tokens)
+            x = F.pad(x, (0, 0, 0, n_seg * l - L))
+        segs = x.view(B, n_seg, l, d)  # [B, N_s, l, d]
         ckpt = self.config.checkpoint_cells and torch.is_grad_enabled()
         if self.config.compile_cells == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous forward's graphs may be reused
