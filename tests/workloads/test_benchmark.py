@@ -22,7 +22,8 @@ def benchmark():
 
 def test_smoke_run_writes_json_ratios_and_pictures(benchmark, tmp_path):
     out = tmp_path / "bench.json"
-    results = benchmark.main(["--smoke", "--out", str(out), "--steps", "1", "--warmup", "1"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    results = benchmark.main(["--smoke", "--out", str(out), "--steps", "1", "--warmup", "1", "--mlflow-uri", uri])
     saved = json.loads(out.read_text())
     assert set(saved["cases"]) == {c.name for c in benchmark.default_cases(smoke=True)}
     for name, rows in saved["cases"].items():
@@ -35,6 +36,16 @@ def test_smoke_run_writes_json_ratios_and_pictures(benchmark, tmp_path):
     pictures = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pictures == ["bench_speed.png"]  # no memory picture without CUDA
     assert (tmp_path / "bench_speed.png").stat().st_size > 1000
+
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmark").experiment_id])
+    assert run.data.params["torch"] == saved["machine"]["torch"]
+    history = client.get_metric_history(run.info.run_id, "cond-sdpa-l32/tokens_per_s")
+    assert sorted(m.step for m in history) == [64, 128, 256]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"bench.json", "bench_speed.png"} <= artifacts
 
 
 def test_ratios_pick_the_plain_llama_of_the_same_size_and_batch(benchmark):
@@ -52,3 +63,4 @@ def test_ratios_pick_the_plain_llama_of_the_same_size_and_batch(benchmark):
     assert results["cases"]["cond"]["4096"]["llama_sdpa_memory_ratio"] == 4.0
     assert results["cases"]["cond-1b"]["4096"]["baseline"] == "llama-1b"
     assert results["cases"]["llama-sdpa-graph"]["4096"]["baseline"] == "llama-sdpa"
+
