@@ -14,7 +14,7 @@ import importlib.util
 
 import torch
 
-# tests flip this to compare the kernel against the torch path on the same GPU
+# False sends every call to the torch path (to compare or debug on a GPU)
 USE_TRITON = True
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
