@@ -338,6 +338,11 @@ def main(argv=None):
         Path(args.replot).write_text(json.dumps(results, indent=1))
         return plot(results, Path(args.replot))
 
+    wanted = set(filter(None, args.cases.split(",")))
+    unknown = wanted - {c.name for c in default_cases(args.smoke)}
+    if unknown:
+        ap.error(f"--cases: unknown {sorted(unknown)}; known: {[c.name for c in default_cases(args.smoke)]}")
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     import transformers
@@ -352,7 +357,6 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wanted = set(filter(None, args.cases.split(",")))
     for case in default_cases(args.smoke):
         if wanted and case.name not in wanted:
             continue

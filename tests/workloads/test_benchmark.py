@@ -64,3 +64,9 @@ def test_ratios_pick_the_plain_llama_of_the_same_size_and_batch(benchmark):
     assert results["cases"]["cond-1b"]["4096"]["baseline"] == "llama-1b"
     assert results["cases"]["llama-sdpa-graph"]["4096"]["baseline"] == "llama-sdpa"
 
+
+
+def test_unknown_case_fails_before_any_measurement(benchmark, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--smoke", "--cases", "cond-sdpa-l32,cond-typo"])
+    assert "unknown ['cond-typo']" in capsys.readouterr().err
