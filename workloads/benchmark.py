@@ -3,12 +3,16 @@
 On a GPU (the paper's Table I model, bf16, AdamW):
     python workloads/benchmark.py --out benchmarks/results/h200.json
     ray job submit --working-dir . -- python workloads/benchmark.py --out benchmarks/results/h200.json
+The fastest configurations against the baseline, with kernel-time profiles:
+    python workloads/benchmark.py --out /tmp/fast.json --profile \
+        --cases llama-sdpa,cond-sdpa-l512-compile-graph,cond-sdpa-l512-ckpt-compile-graph --lengths 4096,32768
 CPU smoke run (tiny sizes, seconds):
     python workloads/benchmark.py --smoke --out /tmp/bench.json
 
-Every configuration runs a full training step (forward, backward, AdamW step) at each total length until it runs
-out of memory; peak memory is torch.cuda.max_memory_allocated over the measured steps, step time the median of
-CUDA-synchronised steps after warm-up. Ratios are against Llama-sdpa measured in the same run. Pictures like the
+Every configuration runs a full training step (forward, backward, gradient clipping, AdamW step) at each total
+length until it runs out of memory; "-graph" cases replay the whole step as one CUDA graph
+(condensation.cuda_graph). Peak memory is torch.cuda.max_memory_allocated from after the first step (a graph's
+capture included), step time the median of CUDA-synchronised steps after warm-up. Ratios are against Llama-sdpa measured in the same run. Pictures like the
 paper's Fig. 5-7 are written beside the JSON, and everything is logged to MLflow when --mlflow-uri is given.
 """
 
