@@ -17,10 +17,11 @@ import torch
 # False sends every call to the torch path (to compare or debug on a GPU)
 USE_TRITON = True
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once, not per loss chunk
 
 
 def triton_usable(x: torch.Tensor) -> bool:
-    return USE_TRITON and x.is_cuda and x.dtype in _TRITON_DTYPES and importlib.util.find_spec("triton") is not None
+    return USE_TRITON and _HAS_TRITON and x.is_cuda and x.dtype in _TRITON_DTYPES
 
 
 def cross_entropy_grad_torch_(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

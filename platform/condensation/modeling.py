@@ -333,11 +333,11 @@ def _step_fn(cfg: CondensationConfig) -> Callable:
     if not cfg.compile_cells:
         return _cells_step
     mode = None if cfg.compile_cells is True else cfg.compile_cells
+    # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's default
+    # limit of 8 variants it silently runs the rest eagerly, and a checkpoint's recomputation can then differ from its
+    # forward (one compiled, one eager): allow them all, for the deepest model seen so far.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * cfg.num_hidden_layers + 8)
     if mode not in _COMPILED:  # one compiled function per mode; dynamo re-specialises on k and on memory presence
-        # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's
-        # default limit of 8 variants it silently runs the rest eagerly, and a checkpoint's recomputation can then
-        # differ from its forward (one compiled, one eager): allow them all.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * cfg.num_hidden_layers + 8)
         _COMPILED[mode] = torch.compile(_cells_step, mode=mode, dynamic=False)
     return _COMPILED[mode]
 
