@@ -89,6 +89,11 @@ def default_cases(smoke: bool) -> list[Case]:
              compile_cells=True, graph=True, lengths=long),
         Case("cond-sdpa-l512-groupckpt-compile-graph", "condensation", "sdpa", 512, checkpoint_cells=True,
              checkpoint_group_steps=16, compile_cells=True, graph=True, lengths=long),
+        # group checkpoints alone: a group's recomputation keeps its activations for its backward, so every cell
+        # runs forward twice (as with per-step checkpoints, not three times as nested), and memory holds the group
+        # frontiers plus one group's activations
+        Case("cond-sdpa-l512-group8-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8,
+             compile_cells=True, graph=True, lengths=long),
         # a Llama-3.2-1B-shaped model (random weights): model FLOP utilisation at 16K
         Case("llama-1b-sdpa", "llama", "sdpa", size="llama-3.2-1b", lengths=[4096, 16384]),
         Case("cond-1b-l512", "condensation", "sdpa", 512, size="llama-3.2-1b", lengths=[4096, 16384]),

@@ -292,7 +292,8 @@ def cell_forward(
     attention: Callable[..., torch.Tensor],
 ):
     """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c), attending to
-    prefix_kv ([k, B, Hkv, p, D]: memory keys, then keys of the segment's earlier tokens) and to itself causally.
+    prefix_kv ([m, B, Hkv, p, D]: memory keys, then keys of the segment's earlier tokens) and to itself causally.
+    prefix_kv may cover only the first m < k cells: the rest (a wavefront's segment-0 cell) have no memory.
     Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache."""
     kc, B, c, _ = x.shape
     l = cfg.segment_length
@@ -303,9 +304,14 @@ def cell_forward(
     q = _heads(_linear(h, w.q), H, (cos, sin))  # [k, B, H, c, D]
     k = _heads(_linear(h, w.k), Hkv, (cos, sin))  # [k, B, Hkv, c, D]
     v = _heads(_linear(h, w.v), Hkv)
-    keys, values = (k, v) if prefix_kv is None else (torch.cat([prefix_kv[0], k], 3), torch.cat([prefix_kv[1], v], 3))
-
-    o = attention(q.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5)  # [k*B, H, c, D]
+    m = 0 if prefix_kv is None else prefix_kv[0].shape[0]
+    if m == 0:
+        o = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), D**-0.5)  # [k*B, H, c, D]
+    else:
+        keys, values = torch.cat([prefix_kv[0], k[:m]], 3), torch.cat([prefix_kv[1], v[:m]], 3)
+        o = attention(q[:m].flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5)  # [m*B, H, c, D]
+        if m < kc:  # cells without memory attend to themselves only
+            o = torch.cat([o, attention(q[m:].flatten(0, 1), k[m:].flatten(0, 1), v[m:].flatten(0, 1), D**-0.5)])
     o = o.view(kc, B, H, c, D).transpose(2, 3).reshape(kc, B, c, H * D)
     x = x + _linear(o, w.o)
 
@@ -320,9 +326,12 @@ def cell_forward(
 
 
 def _cells_step(xs, mems, w: LayerWeights, rope: Rope, cfg: CondensationConfig, attention) -> torch.Tensor:
-    """k cells: inputs xs (k tensors [B, l, d]) and memories mems (k tensors y[s-1, n], or None) -> [k, B, l, d]."""
+    """k cells: inputs xs (k tensors [B, l, d]) and memories mems (m <= k tensors y[s-1, n] for the first m cells;
+    the rest have none) -> [k, B, l, d]."""
     x = torch.stack(xs)  # [k, B, l, d]
-    prefix = None if mems is None else memory_kv(w, torch.stack(mems), rope, cfg)
+    m = len(mems)
+    w_mem = w if m == len(xs) else LayerWeights(*(t[:m] for t in w))
+    prefix = None if m == 0 else memory_kv(w_mem, torch.stack(mems), rope, cfg)
     return cell_forward(w, x, prefix, 0, rope, cfg, attention)[0]
 
 
@@ -348,13 +357,12 @@ def _run_step(w: LayerWeights, xs, mems, rope, cfg, attention, ckpt) -> torch.Te
     fn = _step_fn(cfg)
     if not ckpt:
         return fn(xs, mems, w, rope, cfg, attention)
-    k, has_mem = len(xs), mems is not None
+    k, m = len(xs), len(mems)
 
     def step(*tensors):
-        xs_, mems_, w_ = tensors[:k], tensors[k : 2 * k] if has_mem else None, LayerWeights(*tensors[-len(w) :])
-        return fn(list(xs_), None if mems_ is None else list(mems_), w_, rope, cfg, attention)
+        return fn(list(tensors[:k]), list(tensors[k : k + m]), LayerWeights(*tensors[k + m :]), rope, cfg, attention)
 
-    return checkpoint(step, *xs, *(mems or ()), *w, use_reentrant=False, preserve_rng_state=False)  # no RNG in a cell
+    return checkpoint(step, *xs, *mems, *w, use_reentrant=False, preserve_rng_state=False)  # no RNG in a cell
 
 
 def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig, schedule: str, ckpt: bool):
@@ -378,7 +386,7 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
         for s in range(n_seg):
             x = segs[s]  # [B, l, d]
             for n in range(n_layers):
-                m = None if mem[n] is None else [mem_for(mem[n], s)]
+                m = [] if mem[n] is None else [mem_for(mem[n], s)]
                 x = _run_step(ws[n], [x], m, rope, cfg, attention, ckpt)[0]
                 mem[n] = x
             outs[s] = x
@@ -391,23 +399,16 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
         last layer's outputs of the segments finished meanwhile."""
         prev, done = list(prev), []
         for t in range(t0, t1):
+            # cells (t - n, n) for layers lo .. hi in one batched step; those with s >= 1 have a memory (layers
+            # lo .. min(hi, t - 1)), the segment-0 cell (layer t, on the first n_layers diagonals) has none and comes last
             lo, hi = max(0, t - n_seg + 1), min(t, n_layers - 1)
-            new = {}
-            # cells with a memory (s = t - n >= 1): layers lo .. min(hi, t - 1), batched
-            top = min(hi, t - 1)
-            if top >= lo:
-                xs = [segs[t] if n == 0 else prev[n - 1] for n in range(lo, top + 1)]
-                ms = [mem_for(prev[n], t - n) for n in range(lo, top + 1)]
-                y = _run_step(w_all.range(lo, top + 1), xs, ms, rope, cfg, attention, ckpt)
-                new.update({n: y[n - lo] for n in range(lo, top + 1)})
-            # the cell of segment 0 (no memory), layer n = t
-            if t <= n_layers - 1:
-                x = segs[0] if t == 0 else prev[t - 1]
-                new[t] = _run_step(w_all.range(t, t + 1), [x], None, rope, cfg, attention, ckpt)[0]
-            for n, y in new.items():
-                prev[n] = y
+            xs = [segs[t] if n == 0 else prev[n - 1] for n in range(lo, hi + 1)]
+            ms = [mem_for(prev[n], t - n) for n in range(lo, min(hi, t - 1) + 1)]
+            y = _run_step(w_all.range(lo, hi + 1), xs, ms, rope, cfg, attention, ckpt)
+            for n in range(lo, hi + 1):
+                prev[n] = y[n - lo]
             if hi == n_layers - 1:
-                done.append(new[hi])
+                done.append(prev[hi])
         return (*prev, *done)
 
     n_steps, group = n_seg + n_layers - 1, cfg.checkpoint_group_steps
