@@ -47,7 +47,8 @@ def reference():
 
 @pytest.mark.parametrize("variant", [dict(segment_attention=a) for a in sorted(SEGMENT_ATTENTION)]
                          + [dict(checkpoint_cells=True), dict(segment_schedule="sequential"), dict(compile_cells=True),
-                            dict(compile_cells=True, checkpoint_cells=True)])
+                            dict(compile_cells=True, checkpoint_cells=True), dict(weight_grads="accumulate"),
+                            dict(weight_grads="deferred"), dict(weight_grads="deferred", checkpoint_cells=True)])
 def test_bf16_paths_as_close_as_the_reference(variant, reference):
     reason = attention_unavailable_reason(variant.get("segment_attention", "sdpa"), "cuda", backward=True)
     if reason:
@@ -95,7 +96,8 @@ def test_bf16_fused_loss_gradients_as_close_as_the_reference(variant, reference)
     assert err < 2 * base_grads + 1e-3
 
 
-def test_cuda_graph_step_equals_eager_steps():
+@pytest.mark.parametrize("weight_grads", ["autograd", "deferred"])
+def test_cuda_graph_step_equals_eager_steps(weight_grads):
     """Four AdamW steps on four different batches: eager, and through CUDAGraphStep (two eager warm-up steps, a
     capture, replays). float32, so the two must agree to round-off; a replay that ignored its new batch or
     accumulated gradients across replays would not."""
@@ -104,7 +106,7 @@ def test_cuda_graph_step_equals_eager_steps():
     batches = [{"input_ids": torch.randint(0, 4096, (1, 1100), device="cuda")} for _ in range(4)]
     models, losses = [], []
     for graphed in (False, True):
-        model = _model(torch.float32, segment_length=256, checkpoint_cells=True)
+        model = _model(torch.float32, segment_length=256, checkpoint_cells=True, weight_grads=weight_grads)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
 
         def step(batch):

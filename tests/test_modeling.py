@@ -259,7 +259,13 @@ def all_grads(model, ids):
                                      dict(checkpoint_group_steps=2, memory_grad_segments=2),
                                      # compiled cells inside nested checkpoints: forward and recomputation must
                                      # run the same compiled variant for every number of cells per step
-                                     dict(checkpoint_group_steps=3, checkpoint_cells=True, compile_cells=True)])
+                                     dict(checkpoint_group_steps=3, checkpoint_cells=True, compile_cells=True),
+                                     # layer weight gradients outside autograd: summed by baddbmm, or one GEMM per
+                                     # layer at the end of backward (also under both kinds of checkpoint)
+                                     dict(weight_grads="accumulate"), dict(weight_grads="deferred"),
+                                     dict(weight_grads="deferred", checkpoint_cells=True),
+                                     dict(weight_grads="accumulate", checkpoint_group_steps=3, checkpoint_cells=True),
+                                     dict(weight_grads="deferred", checkpoint_group_steps=2, memory_grad_segments=2)])
 def test_schedules_and_checkpointing_give_same_gradients(variant):
     base, _ = make_pair(8, memory_grad_segments=variant.get("memory_grad_segments"))
     other, _ = make_pair(8, **variant)
@@ -400,7 +406,12 @@ def test_tied_embeddings_stay_tied(tmp_path):
 @pytest.mark.parametrize("field,value", [("segment_length", 0), ("segment_attention", "bogus"),
                                          ("segment_schedule", "diagonal"), ("loss_reduction", "max"),
                                          ("memory_grad_segments", 0), ("compile_cells", "fastest"),
-                                         ("checkpoint_group_steps", -1)])
+                                         ("checkpoint_group_steps", -1), ("weight_grads", "later")])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(Exception, match=field):
         CondensationConfig(**ARCH, **{field: value})
+
+
+def test_weight_grads_outside_autograd_refuse_compiled_cells():
+    with pytest.raises(ValueError, match="weight_grads='deferred'.*compile_cells"):
+        CondensationConfig(**ARCH, weight_grads="deferred", compile_cells=True)

@@ -44,6 +44,7 @@ class Case:
     checkpoint_cells: bool = False
     compile_cells: bool | str = False
     checkpoint_group_steps: int = 0
+    weight_grads: str = "autograd"  # CondensationConfig.weight_grads
     graph: bool = False  # the whole step (forward, backward, AdamW) as one CUDA graph (condensation.cuda_graph)
     size: str = "table1"  # condensation.sizes.MODEL_SIZES
     batch: int = 1
@@ -59,6 +60,7 @@ def default_cases(smoke: bool) -> list[Case]:
             Case("cond-sdpa-l32-seq", "condensation", "sdpa", 32, schedule="sequential", lengths=L),
             Case("cond-sdpa-l32-ckpt", "condensation", "sdpa", 32, checkpoint_cells=True, lengths=L),
             Case("cond-sdpa-l32-graph", "condensation", "sdpa", 32, graph=True, lengths=L),  # eager off CUDA
+            Case("cond-sdpa-l32-deferred", "condensation", "sdpa", 32, weight_grads="deferred", lengths=L),
         ]
     short = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     long = [4096, 16384, 65536, 262144, 1048576]
@@ -101,6 +103,11 @@ def default_cases(smoke: bool) -> list[Case]:
              lengths=[4096, 16384]),
         Case("cond-1b-l512-compile-graph", "condensation", "sdpa", 512, size="llama-3.2-1b", compile_cells=True,
              graph=True, lengths=[4096, 16384]),
+        # weight gradients as one GEMM per layer over all tokens (K = L), or accumulated by baddbmm
+        Case("cond-1b-l512-deferred-graph", "condensation", "sdpa", 512, size="llama-3.2-1b", weight_grads="deferred",
+             graph=True, lengths=[4096, 16384]),
+        Case("cond-1b-l512-accumulate-graph", "condensation", "sdpa", 512, size="llama-3.2-1b",
+             weight_grads="accumulate", graph=True, lengths=[4096, 16384]),
         Case("cond-1b-l512-ckpt-compile-graph", "condensation", "sdpa", 512, size="llama-3.2-1b",
              checkpoint_cells=True, compile_cells=True, graph=True, lengths=[16384, 65536]),
     ]
@@ -111,7 +118,7 @@ def build_model(case: Case, smoke: bool, device, dtype):
     cfg = build_config(size, segment_length=case.segment_length or 256, segment_attention=case.attention
                        if case.kind == "condensation" else "sdpa", segment_schedule=case.schedule,
                        checkpoint_cells=case.checkpoint_cells, compile_cells=case.compile_cells,
-                       checkpoint_group_steps=case.checkpoint_group_steps)
+                       checkpoint_group_steps=case.checkpoint_group_steps, weight_grads=case.weight_grads)
     if case.kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -54,6 +54,12 @@ class CondensationConfig(LlamaConfig):
     checkpoint_group_steps: with the wavefront, also checkpoint groups of this many diagonal steps, keeping only
         each group's frontier (one segment per layer): activation memory O(L * d) with a small constant, at the cost
         of one more forward. 0 (default) is off.
+    weight_grads: how the wavefront's batched matmuls produce layer weight gradients. "autograd" (default): each
+        step's bmm gives its layers' gradients (K = l tokens) and autograd sums them. "accumulate": each step adds
+        into one buffer per projection with baddbmm (no per-step gradient tensors, no separate sums). "deferred":
+        each step keeps its matmul inputs and output gradients, and every layer's gradient is one GEMM over all its
+        tokens at the end of backward (K = L, as in a plain Llama layer): the fastest for large models, at the cost
+        of holding those inputs and gradients until then. The last two run cells eagerly (no compile_cells).
     compile_cells: run each scheduled step through torch.compile (fewer, fused kernels; compiles once per number
         of cells in a step). True uses torch.compile's default mode; a mode name such as "reduce-overhead" (CUDA
         graphs: one replay per step instead of its ~100 launches) selects that mode.
@@ -73,6 +79,7 @@ class CondensationConfig(LlamaConfig):
     loss_chunk_tokens: int = 2048
     compile_cells: bool | str = False
     checkpoint_group_steps: int = 0
+    weight_grads: str = "autograd"
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -93,6 +100,10 @@ class CondensationConfig(LlamaConfig):
         if self.compile_cells not in (False, True, "default", "reduce-overhead", "max-autotune",
                                       "max-autotune-no-cudagraphs"):
             raise ValueError(f"compile_cells must be a bool or a torch.compile mode, got {self.compile_cells!r}")
+        if self.weight_grads not in ("autograd", "accumulate", "deferred"):
+            raise ValueError(f"weight_grads must be 'autograd', 'accumulate' or 'deferred', got {self.weight_grads!r}")
+        if self.weight_grads != "autograd" and self.compile_cells:
+            raise ValueError(f"weight_grads={self.weight_grads!r} runs cells eagerly: it needs compile_cells=False")
         if self.attention_bias or self.mlp_bias:
             raise ValueError("attention_bias / mlp_bias are not supported (no Llama checkpoint uses them)")
 
@@ -195,43 +206,147 @@ class LayerWeights(NamedTuple):
     up: torch.Tensor  # [k, d, I]
     down: torch.Tensor  # [k, I, d]
 
+    @staticmethod
+    def params(layer) -> list[torch.Tensor]:
+        """A LlamaDecoderLayer's parameters in field order (projections as stored: [out, in])."""
+        return [layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
+                layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
+
     @classmethod
     def of(cls, layers) -> "LayerWeights":
-        tensors = [
-            [
-                layer.input_layernorm.weight,
-                layer.self_attn.q_proj.weight.T,
-                layer.self_attn.k_proj.weight.T,
-                layer.self_attn.v_proj.weight.T,
-                layer.self_attn.o_proj.weight.T,
-                layer.post_attention_layernorm.weight,
-                layer.mlp.gate_proj.weight.T,
-                layer.mlp.up_proj.weight.T,
-                layer.mlp.down_proj.weight.T,
-            ]
-            for layer in layers
-        ]
+        tensors = [[t.T if t.dim() == 2 else t for t in cls.params(layer)] for layer in layers]
         if len(tensors) == 1:
             return cls(*(t.unsqueeze(0) for t in tensors[0]))
         return cls(*(torch.stack(ts) for ts in zip(*tensors)))
 
 
 class StackedLayers:
-    """All layers' weights stacked once per forward, served to scheduled steps as layer ranges [lo, hi). The full
-    range is the stack itself; a partial one is stacked from per-layer views. (Slicing the stack instead would make
-    each step's backward allocate and fill a gradient the size of all layers.)"""
+    """All layers' weights stacked once per forward, served to scheduled steps as layer ranges [lo, hi).
 
-    def __init__(self, layers):
-        self.all = LayerWeights.of(layers)
+    weight_grads="autograd": the full range is the stack itself; a partial one is stacked from per-layer views.
+    (Slicing the stack instead would make each step's backward allocate and fill a gradient the size of all layers.)
+    Otherwise projections are served as SlicedWeight (a view of the stack; the gradient goes to a WeightSink)."""
+
+    def __init__(self, layers, weight_grads: str = "autograd"):
         self.n = len(layers)
-        self._layers = list(zip(*(t.unbind(0) for t in self.all)))  # per layer: a tuple of contiguous views
+        self.sink = None
+        if weight_grads == "autograd":
+            self.all = LayerWeights.of(layers)
+            self._layers = list(zip(*(t.unbind(0) for t in self.all)))  # per layer: a tuple of contiguous views
+        else:
+            self.sink = WeightSink(weight_grads)
+            params = (t for layer in layers for t in LayerWeights.params(layer))
+            self.all = LayerWeights(*_StackWeights.apply(self.sink, *params))
 
     def range(self, lo: int, hi: int) -> LayerWeights:
+        if self.sink is not None:
+            return LayerWeights(*(t[lo:hi] if name.endswith("norm") else SlicedWeight(t, lo, hi, self.sink, name)
+                                  for name, t in zip(LayerWeights._fields, self.all)))
         if (lo, hi) == (0, self.n):
             return self.all
         if hi - lo == 1:
             return LayerWeights(*(t.unsqueeze(0) for t in self._layers[lo]))
         return LayerWeights(*(torch.stack(ts) for ts in zip(*self._layers[lo:hi])))
+
+
+class SlicedWeight:
+    """Layers [lo, hi) of one projection stacked over all layers (full [N, in, out]); _linear's weight gradient goes
+    to the sink instead of through autograd."""
+
+    __slots__ = ("full", "lo", "hi", "sink", "name")
+
+    def __init__(self, full: torch.Tensor, lo: int, hi: int, sink: "WeightSink", name: str):
+        self.full, self.lo, self.hi, self.sink, self.name = full, lo, hi, sink, name
+
+    def __getitem__(self, item: slice) -> "SlicedWeight":  # w[:m]: the first m layers of the range
+        if not (isinstance(item, slice) and item.start is None and item.step is None and item.stop is not None):
+            raise TypeError(f"SlicedWeight supports [:m] only, got {item!r}")
+        return SlicedWeight(self.full, self.lo, self.lo + min(item.stop, self.hi - self.lo), self.sink, self.name)
+
+
+class WeightSink:
+    """Weight gradients of a forward's SlicedWeight matmuls (StackedLayers with weight_grads != "autograd").
+
+    "accumulate": x^T g of each step goes into one [N, in, out] buffer per projection with baddbmm.
+    "deferred": each step's (x, g) is kept per layer; at the end of backward, layer n's gradient is one GEMM over all
+    its rows, cat(g)^T cat(x), in the parameter's own [out, in] layout."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.rows: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(self, name: str, lo: int, x: torch.Tensor, g: torch.Tensor, full: torch.Tensor) -> None:
+        # x [k, M, in], g [k, M, out]: layers lo .. lo + k - 1
+        if self.mode == "accumulate":
+            if name not in self.buffers:
+                self.buffers[name] = torch.zeros_like(full)
+            self.buffers[name][lo : lo + x.shape[0]].baddbmm_(x.transpose(1, 2), g)
+        else:
+            for i in range(x.shape[0]):
+                self.rows.setdefault((name, lo + i), []).append((x[i], g[i]))
+
+    def grad(self, name: str, n: int, cache: dict) -> torch.Tensor | None:
+        """The gradient of layer n's `name` projection weight ([out, in]), or None if it had none."""
+        if self.mode == "accumulate":
+            return None if name not in self.buffers else self.buffers[name][n].T
+        rows = self.rows.pop((name, n), None)
+        if rows is None:
+            return None
+        # q, k and v share their input rows: concatenate them once
+        key = tuple((x.data_ptr(), x.shape[0]) for x, _ in rows)
+        if key not in cache:
+            cache.clear()
+            cache[key] = rows[0][0] if len(rows) == 1 else torch.cat([x for x, _ in rows])
+        g = rows[0][1] if len(rows) == 1 else torch.cat([g for _, g in rows])
+        return g.T @ cache[key]  # [out, T] @ [T, in]
+
+
+class _StackWeights(torch.autograd.Function):
+    """Per-layer parameters -> LayerWeights stacked over layers (projections transposed to [N, in, out]). In
+    backward, the projections' gradients come from the sink; the norms' flow in through autograd."""
+
+    @staticmethod
+    def forward(ctx, sink: WeightSink, *params):
+        n_fields = len(LayerWeights._fields)
+        per_field = [params[j::n_fields] for j in range(n_fields)]
+        ctx.sink, ctx.n_layers = sink, len(params) // n_fields
+        ctx.set_materialize_grads(False)
+        return tuple(torch.stack([t.T if t.dim() == 2 else t for t in ts]) for ts in per_field)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        out, cache = [], {}
+        for n in range(ctx.n_layers):
+            for name, g in zip(LayerWeights._fields, grads):
+                if name in ("input_norm", "post_norm"):  # served as plain slices: autograd brings their gradients
+                    out.append(None if g is None else g[n])
+                else:
+                    gw = ctx.sink.grad(name, n, cache)
+                    if g is not None:  # not reached by _linear, but counted all the same
+                        gw = g[n].T if gw is None else gw + g[n].T
+                    out.append(gw)
+        return (None, *out)
+
+
+class _SlicedBmm(torch.autograd.Function):
+    """x [k, M, in] @ w.full[lo:hi]; backward returns the input gradient and hands (x, g) to the sink."""
+
+    @staticmethod
+    def forward(ctx, x, full, w: SlicedWeight):
+        ctx.save_for_backward(x, full)
+        ctx.w = w
+        return torch.bmm(x, full[w.lo : w.hi])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, full = ctx.saved_tensors
+        w = ctx.w
+        w.sink.add(w.name, w.lo, x, g, full)
+        return torch.bmm(g, full[w.lo : w.hi].transpose(1, 2)), None, None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -241,10 +356,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight.view(weight.shape[0], *([1] * (x.dim() - 2)), -1) * xf.to(x.dtype)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, w: torch.Tensor | SlicedWeight) -> torch.Tensor:
     # x [k, ..., in], w [k, in, out] -> [k, ..., out]
     shape = x.shape
-    return torch.bmm(x.reshape(shape[0], -1, shape[-1]), w).view(*shape[:-1], w.shape[2])
+    x = x.reshape(shape[0], -1, shape[-1])
+    y = _SlicedBmm.apply(x, w.full, w) if isinstance(w, SlicedWeight) else torch.bmm(x, w)
+    return y.view(*shape[:-1], y.shape[2])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -392,7 +509,7 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
             outs[s] = x
         return torch.stack(outs, 1)
 
-    w_all = StackedLayers(layers)
+    w_all = StackedLayers(layers, cfg.weight_grads)
 
     def steps(t0: int, t1: int, *prev):
         """Diagonals t0 .. t1-1 from the frontier prev (prev[n] = y[t0-1-n, n]); returns the new frontier and the
