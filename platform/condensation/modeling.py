@@ -755,7 +755,9 @@ class CondensationModel(CondensationPreTrainedModel):
         if self.config.compile_cells == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous forward's graphs may be reused
         y = run_segments(self.layers, segs, rope, self.config, self.config.segment_schedule, ckpt)
-        y = y.reshape(B, n_seg * l, d)[:, :L]
+        y = y.reshape(B, n_seg * l, d)
+        if n_seg * l != L:  # even a full-length slice's backward allocates and copies a [B, L, d] gradient
+            y = y[:, :L]
         return self.norm(y) if final_norm else y
 
 
