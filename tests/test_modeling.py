@@ -265,7 +265,8 @@ def all_grads(model, ids):
                                      dict(weight_grads="accumulate"), dict(weight_grads="deferred"),
                                      dict(weight_grads="deferred", checkpoint_cells=True),
                                      dict(weight_grads="accumulate", checkpoint_group_steps=3, checkpoint_cells=True),
-                                     dict(weight_grads="deferred", checkpoint_group_steps=2, memory_grad_segments=2)])
+                                     dict(weight_grads="deferred", checkpoint_group_steps=2, memory_grad_segments=2),
+                                     dict(weight_grads="deferred", compile_cells=True)])
 def test_schedules_and_checkpointing_give_same_gradients(variant):
     base, _ = make_pair(8, memory_grad_segments=variant.get("memory_grad_segments"))
     other, _ = make_pair(8, **variant)
@@ -410,8 +411,3 @@ def test_tied_embeddings_stay_tied(tmp_path):
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(Exception, match=field):
         CondensationConfig(**ARCH, **{field: value})
-
-
-def test_weight_grads_outside_autograd_refuse_compiled_cells():
-    with pytest.raises(Exception, match="weight_grads=.deferred.*compile_cells"):
-        CondensationConfig(**ARCH, weight_grads="deferred", compile_cells=True)

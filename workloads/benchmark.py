@@ -94,6 +94,8 @@ def default_cases(smoke: bool) -> list[Case]:
         # group checkpoints alone: a group's recomputation keeps its activations for its backward, so every cell
         # runs forward twice (as with per-step checkpoints, not three times as nested), and memory holds the group
         # frontiers plus one group's activations
+        Case("cond-sdpa-l512-deferred-compile-graph", "condensation", "sdpa", 512, weight_grads="deferred",
+             compile_cells=True, graph=True, lengths=short[:6]),
         Case("cond-sdpa-l512-group8-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8,
              compile_cells=True, graph=True, lengths=long),
         # a Llama-3.2-1B-shaped model (random weights): model FLOP utilisation at 16K
@@ -106,6 +108,8 @@ def default_cases(smoke: bool) -> list[Case]:
         # weight gradients as one GEMM per layer over all tokens (K = L), or accumulated by baddbmm
         Case("cond-1b-l512-deferred-graph", "condensation", "sdpa", 512, size="llama-3.2-1b", weight_grads="deferred",
              graph=True, lengths=[4096, 16384]),
+        Case("cond-1b-l512-deferred-compile-graph", "condensation", "sdpa", 512, size="llama-3.2-1b",
+             weight_grads="deferred", compile_cells=True, graph=True, lengths=[4096, 16384]),
         Case("cond-1b-l512-accumulate-graph", "condensation", "sdpa", 512, size="llama-3.2-1b",
              weight_grads="accumulate", graph=True, lengths=[4096, 16384]),
         Case("cond-1b-l512-ckpt-compile-graph", "condensation", "sdpa", 512, size="llama-3.2-1b",

@@ -59,10 +59,12 @@ class CondensationConfig(LlamaConfig):
         into one buffer per projection with baddbmm (no per-step gradient tensors, no separate sums). "deferred":
         each step keeps its matmul inputs and output gradients, and every layer's gradient is one GEMM over all its
         tokens at the end of backward (K = L, as in a plain Llama layer): the fastest for large models, at the cost
-        of holding those inputs and gradients until then. The last two run cells eagerly (no compile_cells).
+        of holding those inputs and gradients until then. With the last two, compile_cells compiles a cell's
+        elementwise pieces (norms, RoPE, SwiGLU) and leaves its matmuls eager.
     compile_cells: run each scheduled step through torch.compile (fewer, fused kernels; compiles once per number
         of cells in a step). True uses torch.compile's default mode; a mode name such as "reduce-overhead" (CUDA
-        graphs: one replay per step instead of its ~100 launches) selects that mode.
+        graphs: one replay per step instead of its ~100 launches) selects that mode. With weight_grads other than
+        "autograd", only a cell's elementwise pieces are compiled (default mode).
     loss_chunk_tokens: when logits are not returned, the final norm, lm-head and cross-entropy run over chunks of
         this many tokens with their gradients computed on the spot (NormLinearCrossEntropy): peak memory holds one
         chunk's [c, V] logits (on a GPU in bf16, 0.5 GiB at 2048 tokens and a 128K vocabulary).
@@ -102,8 +104,6 @@ class CondensationConfig(LlamaConfig):
             raise ValueError(f"compile_cells must be a bool or a torch.compile mode, got {self.compile_cells!r}")
         if self.weight_grads not in ("autograd", "accumulate", "deferred"):
             raise ValueError(f"weight_grads must be 'autograd', 'accumulate' or 'deferred', got {self.weight_grads!r}")
-        if self.weight_grads != "autograd" and self.compile_cells:
-            raise ValueError(f"weight_grads={self.weight_grads!r} runs cells eagerly: it needs compile_cells=False")
         if self.attention_bias or self.mlp_bias:
             raise ValueError("attention_bias / mlp_bias are not supported (no Llama checkpoint uses them)")
 
@@ -384,6 +384,33 @@ def _heads(x: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | No
     return x.transpose(2, 3)
 
 
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    return ACT2FN[act](gate) * up
+
+
+class Pointwise(NamedTuple):
+    """A cell's elementwise pieces, between its matmuls."""
+
+    rms_norm: Callable[..., torch.Tensor]
+    heads: Callable[..., torch.Tensor]
+    swiglu: Callable[..., torch.Tensor]
+
+
+_EAGER_POINTWISE = Pointwise(_rms_norm, _heads, _swiglu)
+_COMPILED_POINTWISE: list[Pointwise] = []
+
+
+def _pointwise(cfg: CondensationConfig) -> Pointwise:
+    """Compiled (fused kernels, shapes dynamic) when a cell is compiled piecewise: compile_cells with weight_grads
+    other than "autograd", whose matmuls stay eager. Otherwise plain: either eager, or traced inside the compiled
+    step."""
+    if not cfg.compile_cells or cfg.weight_grads == "autograd":
+        return _EAGER_POINTWISE
+    if not _COMPILED_POINTWISE:
+        _COMPILED_POINTWISE.append(Pointwise(*(torch.compile(f) for f in _EAGER_POINTWISE)))
+    return _COMPILED_POINTWISE[0]
+
+
 class Rope(NamedTuple):
     cos: torch.Tensor  # [2l, D]: positions [0, l) for memory, [l, 2l) for the current segment
     sin: torch.Tensor
@@ -391,11 +418,12 @@ class Rope(NamedTuple):
 
 def memory_kv(w: LayerWeights, y: torch.Tensor, rope: Rope, cfg: CondensationConfig):
     """Rule 2-3: keys/values of layer n's memory, from its own output y[s-1, n] ([k, B, l, d]), at positions [0, l)."""
-    m = _rms_norm(y, w.input_norm, cfg.rms_norm_eps)
+    pw = _pointwise(cfg)
+    m = pw.rms_norm(y, w.input_norm, cfg.rms_norm_eps)
     n_mem = y.shape[2]
     cos, sin = rope.cos[:n_mem], rope.sin[:n_mem]
-    k = _heads(_linear(m, w.k), cfg.num_key_value_heads, (cos, sin))  # [k, B, Hkv, l, D]
-    v = _heads(_linear(m, w.v), cfg.num_key_value_heads)
+    k = pw.heads(_linear(m, w.k), cfg.num_key_value_heads, (cos, sin))  # [k, B, Hkv, l, D]
+    v = pw.heads(_linear(m, w.v), cfg.num_key_value_heads)
     return k, v
 
 
@@ -417,10 +445,11 @@ def cell_forward(
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     cos, sin = rope.cos[l + offset : l + offset + c], rope.sin[l + offset : l + offset + c]
 
-    h = _rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-    q = _heads(_linear(h, w.q), H, (cos, sin))  # [k, B, H, c, D]
-    k = _heads(_linear(h, w.k), Hkv, (cos, sin))  # [k, B, Hkv, c, D]
-    v = _heads(_linear(h, w.v), Hkv)
+    pw = _pointwise(cfg)
+    h = pw.rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+    q = pw.heads(_linear(h, w.q), H, (cos, sin))  # [k, B, H, c, D]
+    k = pw.heads(_linear(h, w.k), Hkv, (cos, sin))  # [k, B, Hkv, c, D]
+    v = pw.heads(_linear(h, w.v), Hkv)
     m = 0 if prefix_kv is None else prefix_kv[0].shape[0]
     if m == 0:
         o = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), D**-0.5)  # [k*B, H, c, D]
@@ -432,8 +461,8 @@ def cell_forward(
     o = o.view(kc, B, H, c, D).transpose(2, 3).reshape(kc, B, c, H * D)
     x = x + _linear(o, w.o)
 
-    h = _rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-    y = x + _linear(ACT2FN[cfg.hidden_act](_linear(h, w.gate)) * _linear(h, w.up), w.down)
+    h = pw.rms_norm(x, w.post_norm, cfg.rms_norm_eps)
+    y = x + _linear(pw.swiglu(_linear(h, w.gate), _linear(h, w.up), cfg.hidden_act), w.down)
     return y, (k, v)
 
 
@@ -456,7 +485,7 @@ _COMPILED: dict[str, Callable] = {}
 
 
 def _step_fn(cfg: CondensationConfig) -> Callable:
-    if not cfg.compile_cells:
+    if not cfg.compile_cells or cfg.weight_grads != "autograd":  # the latter compiles only the pieces (_pointwise)
         return _cells_step
     mode = None if cfg.compile_cells is True else cfg.compile_cells
     # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's default
