@@ -48,7 +48,8 @@ def reference():
 @pytest.mark.parametrize("variant", [dict(segment_attention=a) for a in sorted(SEGMENT_ATTENTION)]
                          + [dict(checkpoint_cells=True), dict(segment_schedule="sequential"), dict(compile_cells=True),
                             dict(compile_cells=True, checkpoint_cells=True), dict(weight_grads="accumulate"),
-                            dict(weight_grads="deferred"), dict(weight_grads="deferred", checkpoint_cells=True)])
+                            dict(weight_grads="deferred"), dict(weight_grads="deferred", checkpoint_cells=True),
+                            dict(weight_grads="deferred", compile_cells=True)])
 def test_bf16_paths_as_close_as_the_reference(variant, reference):
     reason = attention_unavailable_reason(variant.get("segment_attention", "sdpa"), "cuda", backward=True)
     if reason:
@@ -86,7 +87,8 @@ def _fused_grads(model, ids):
     return torch.cat([p.grad.float().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(checkpoint_cells=True, checkpoint_group_steps=3)])
+@pytest.mark.parametrize("variant", [dict(), dict(checkpoint_cells=True, checkpoint_group_steps=3),
+                                     dict(checkpoint_group_steps=2, compile_cells=True)])
 def test_bf16_fused_loss_gradients_as_close_as_the_reference(variant, reference):
     """The training path (NormLinearCrossEntropy, no logits) in bf16 against float32 autograd through logits."""
     ids, (_, ref_grads), (_, base_grads) = reference

@@ -511,14 +511,13 @@ def _run_step(w: LayerWeights, xs, mems, rope, cfg, attention, ckpt) -> torch.Te
     return checkpoint(step, *xs, *mems, *w, use_reentrant=False, preserve_rng_state=False)  # no RNG in a cell
 
 
-def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig, schedule: str, ckpt: bool):
-    """Run all (segment, layer) cells. segs [B, N_s, l, d] (the last segment padded at its end; padding sits after
-    every real token, so the causal mask keeps it out of every real token's computation). Returns the last layer's
-    outputs [B, N_s, l, d]."""
+def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rope: Rope, cfg: CondensationConfig,
+                 schedule: str, ckpt: bool):
+    """Run all (segment, layer) cells. segment(s) gives segment s's input embeddings [B, l, d] (the last segment
+    padded at its end; padding sits after every real token, so the causal mask keeps it out of every real token's
+    computation). Returns the last layer's outputs [B, N_s, l, d]."""
     attention = SEGMENT_ATTENTION[cfg.segment_attention]
-    n_seg, n_layers = segs.shape[1], len(layers)
-    # unbind, not segs[:, s]: a slice's backward allocates a zero tensor the size of segs, N_s times over
-    segs = segs.unbind(1)  # N_s x [B, l, d]
+    n_layers = len(layers)
     trunc = cfg.memory_grad_segments
 
     def mem_for(y_prev, s):
@@ -530,7 +529,7 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
         ws = [LayerWeights.of([layer]) for layer in layers]
         mem = [None] * n_layers  # mem[n] = y[s-1, n]
         for s in range(n_seg):
-            x = segs[s]  # [B, l, d]
+            x = segment(s)  # [B, l, d]
             for n in range(n_layers):
                 m = [] if mem[n] is None else [mem_for(mem[n], s)]
                 x = _run_step(ws[n], [x], m, rope, cfg, attention, ckpt)[0]
@@ -548,7 +547,7 @@ def run_segments(layers, segs: torch.Tensor, rope: Rope, cfg: CondensationConfig
             # cells (t - n, n) for layers lo .. hi in one batched step; those with s >= 1 have a memory (layers
             # lo .. min(hi, t - 1)), the segment-0 cell (layer t, on the first n_layers diagonals) has none and comes last
             lo, hi = max(0, t - n_seg + 1), min(t, n_layers - 1)
-            xs = [segs[t] if n == 0 else prev[n - 1] for n in range(lo, hi + 1)]
+            xs = [segment(t) if n == 0 else prev[n - 1] for n in range(lo, hi + 1)]
             ms = [mem_for(prev[n], t - n) for n in range(lo, min(hi, t - 1) + 1)]
             y = _run_step(w_all.range(lo, hi + 1), xs, ms, rope, cfg, attention, ckpt)
             for n in range(lo, hi + 1):
@@ -764,10 +763,19 @@ class CondensationModel(CondensationPreTrainedModel):
                 final_norm: bool = True) -> torch.Tensor:
         """Final-norm hidden states [B, L, d] (the last layer's outputs with final_norm=False). With a cache, advances
         it by these tokens (generation)."""
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, d]
-        B, L, d = x.shape
-        l = self.config.segment_length
-        rope = self.rope(x)
+        cfg, l = self.config, self.config.segment_length
+        # Under group checkpoints each group embeds its own segments (recomputed in backward): no [L, d] embeddings
+        # are kept, and their gradient goes to the embedding weight group by group instead of being gathered into an
+        # [L, d] tensor at the end of backward (2-3 GiB at 1M tokens on the Table I model).
+        embed_in_groups = (inputs_embeds is None and cache is None and cfg.checkpoint_group_steps > 0
+                           and cfg.segment_schedule == "wavefront" and torch.is_grad_enabled())
+        if embed_in_groups:
+            x = None
+            (B, L), d = input_ids.shape, cfg.hidden_size
+        else:
+            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, d]
+            B, L, d = x.shape
+        rope = self.rope(self.embed_tokens.weight if x is None else x)
         if cache is not None:
             outs, i = [], 0
             while i < L:  # split the chunk at segment boundaries
@@ -777,13 +785,19 @@ class CondensationModel(CondensationPreTrainedModel):
             y = torch.cat(outs, 1)
             return self.norm(y) if final_norm else y
         n_seg = math.ceil(L / l)
-        if n_seg * l != L:  # F.pad copies even when there is nothing to pad (1 GiB at 1M tokens)
-            x = F.pad(x, (0, 0, 0, n_seg * l - L))
-        segs = x.view(B, n_seg, l, d)  # [B, N_s, l, d]
-        ckpt = self.config.checkpoint_cells and torch.is_grad_enabled()
-        if self.config.compile_cells == "reduce-overhead":
+        if embed_in_groups:
+            def segment(s: int) -> torch.Tensor:
+                e = self.embed_tokens(input_ids[:, s * l : (s + 1) * l])  # [B, <= l, d]
+                return e if e.shape[1] == l else F.pad(e, (0, 0, 0, l - e.shape[1]))
+        else:
+            if n_seg * l != L:  # F.pad copies even when there is nothing to pad (1 GiB at 1M tokens)
+                x = F.pad(x, (0, 0, 0, n_seg * l - L))
+            # unbind, not x[:, s]: a slice's backward allocates a zero tensor the size of x, N_s times over
+            segment = x.view(B, n_seg, l, d).unbind(1).__getitem__  # N_s x [B, l, d]
+        ckpt = cfg.checkpoint_cells and torch.is_grad_enabled()
+        if cfg.compile_cells == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous forward's graphs may be reused
-        y = run_segments(self.layers, segs, rope, self.config, self.config.segment_schedule, ckpt)
+        y = run_segments(self.layers, segment, n_seg, rope, cfg, cfg.segment_schedule, ckpt)
         y = y.reshape(B, n_seg * l, d)
         if n_seg * l != L:  # even a full-length slice's backward allocates and copies a [B, L, d] gradient
             y = y[:, :L]
