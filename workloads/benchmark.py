@@ -5,7 +5,9 @@ On a GPU (the paper's Table I model, bf16, AdamW):
     ray job submit --working-dir . -- python workloads/benchmark.py --out benchmarks/results/h200.json
 The fastest configurations against the baseline, with kernel-time profiles:
     python workloads/benchmark.py --out /tmp/fast.json --profile \
-        --cases llama-sdpa,cond-sdpa-l512-compile-graph,cond-sdpa-l512-ckpt-compile-graph --lengths 4096,32768
+        --cases llama-sdpa,cond-sdpa-l512-compile-graph,cond-sdpa-l512-group8-compile-graph --lengths 4096,32768
+    python workloads/benchmark.py --out /tmp/1b.json --profile --lengths 16384 \
+        --cases llama-1b-sdpa,cond-1b-l512-deferred-compile-graph
 CPU smoke run (tiny sizes, seconds):
     python workloads/benchmark.py --smoke --out /tmp/bench.json
 
