@@ -253,6 +253,20 @@ def all_grads(model, ids):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def test_group_checkpoints_keep_the_padding_row_without_gradient():
+    """Under group checkpoints the embedding's gradient is gathered outside nn.Embedding: its padding_idx row must
+    still get none, and every other row what nn.Embedding gives."""
+    base, _ = make_pair(8, pad_token_id=3)
+    other, _ = make_pair(8, pad_token_id=3, checkpoint_group_steps=2)
+    ids = torch.randint(0, ARCH["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(8))
+    ids[:, ::5] = 3
+    ga, gb = all_grads(base, ids), all_grads(other, ids)
+    emb = "model.embed_tokens.weight"
+    assert ga[emb][3].abs().max() == 0 and ga[emb].abs().max() > 0  # nn.Embedding's rule, and rows that learn
+    for name in ga:
+        assert max_diff(ga[name], gb[name]) < 1e-9 * max(1.0, ga[name].abs().max().item()), name
+
+
 @pytest.mark.parametrize("variant", [dict(segment_schedule="sequential"), dict(checkpoint_cells=True),
                                      dict(segment_schedule="sequential", checkpoint_cells=True),
                                      dict(checkpoint_group_steps=2), dict(checkpoint_group_steps=3, checkpoint_cells=True),

@@ -716,6 +716,64 @@ def condensation_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Embedding inside group checkpoints
+
+
+class EmbeddingSink:
+    """The embedding weight's gradient, gathered row by row from many small lookups into one float32 [V, d] buffer."""
+
+    def __init__(self, padding_idx: int | None):
+        self.padding_idx = padding_idx
+        self.grad: torch.Tensor | None = None
+
+    def add(self, ids: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> None:
+        if self.grad is None:
+            self.grad = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                    device=weight.device)
+        self.grad.index_add_(0, ids.flatten(), g.reshape(-1, g.shape[-1]).to(self.grad.dtype))
+
+
+class _SinkEmbedding(torch.autograd.Function):
+    """F.embedding(ids, weight) whose weight gradient rows go to the sink (returned by _GradFromEmbeddingSink)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, sink: EmbeddingSink):
+        ctx.save_for_backward(ids, weight)
+        ctx.sink = sink
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        ids, weight = ctx.saved_tensors
+        ctx.sink.add(ids, g, weight)
+        return None, None, None
+
+
+class _GradFromEmbeddingSink(torch.autograd.Function):
+    """Identity on the embedding weight; in backward (after every _SinkEmbedding that used its output) it returns the
+    sink's rows as the weight's gradient, with nn.Embedding's padding_idx row kept at zero."""
+
+    @staticmethod
+    def forward(ctx, weight, sink: EmbeddingSink):
+        ctx.sink, ctx.dtype = sink, weight.dtype
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        sink_grad = ctx.sink.grad
+        if sink_grad is None:
+            return g, None
+        if ctx.sink.padding_idx is not None:
+            sink_grad[ctx.sink.padding_idx] = 0
+        ctx.sink.grad = None
+        grad = sink_grad.to(ctx.dtype)
+        return (grad if g is None else grad + g), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -765,8 +823,9 @@ class CondensationModel(CondensationPreTrainedModel):
         it by these tokens (generation)."""
         cfg, l = self.config, self.config.segment_length
         # Under group checkpoints each group embeds its own segments (recomputed in backward): no [L, d] embeddings
-        # are kept, and their gradient goes to the embedding weight group by group instead of being gathered into an
-        # [L, d] tensor at the end of backward (2-3 GiB at 1M tokens on the Table I model).
+        # are kept, and each group's gradient rows are added into one [V, d] buffer (EmbeddingSink) instead of being
+        # gathered into an [L, d] tensor at the end of backward (2-3 GiB at 1M tokens on the Table I model) or
+        # costing a dense [V, d] embedding gradient per group.
         embed_in_groups = (inputs_embeds is None and cache is None and cfg.checkpoint_group_steps > 0
                            and cfg.segment_schedule == "wavefront" and torch.is_grad_enabled())
         if embed_in_groups:
@@ -786,8 +845,11 @@ class CondensationModel(CondensationPreTrainedModel):
             return self.norm(y) if final_norm else y
         n_seg = math.ceil(L / l)
         if embed_in_groups:
+            sink = EmbeddingSink(self.embed_tokens.padding_idx)
+            weight = _GradFromEmbeddingSink.apply(self.embed_tokens.weight, sink)
+
             def segment(s: int) -> torch.Tensor:
-                e = self.embed_tokens(input_ids[:, s * l : (s + 1) * l])  # [B, <= l, d]
+                e = _SinkEmbedding.apply(input_ids[:, s * l : (s + 1) * l], weight, sink)  # [B, <= l, d]
                 return e if e.shape[1] == l else F.pad(e, (0, 0, 0, l - e.shape[1]))
         else:
             if n_seg * l != L:  # F.pad copies even when there is nothing to pad (1 GiB at 1M tokens)
