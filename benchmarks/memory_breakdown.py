@@ -1,7 +1,10 @@
 """Where the peak memory of one training step goes, by allocation site (CUDA only).
 
-    python benchmarks/memory_breakdown.py --length 1048576 --set checkpoint_group_steps=8 --set compile_cells=true \
-        --out benchmarks/results/h200_memory_1m.json
+    python benchmarks/memory_breakdown.py --length 262144 --set checkpoint_group_steps=8 \
+        --out benchmarks/results/h200_s3_memory_256k.json
+
+Cells run eagerly here: with compile_cells, recording the allocator history once made a compiled autograd Function
+fail (SystemError) on torch 2.11. Compilation fuses kernels but keeps the same tensors alive across the step.
 
 Builds the Table I model with the given CondensationConfig overrides, runs one eager training step (forward, the
 fused loss, backward, AdamW) so that the optimizer state exists, then records the CUDA allocator's history over a

@@ -21,7 +21,10 @@ def test_zero2_lowers_loss_keeps_ranks_identical_and_logs_one_mlflow_run(ray_ses
     from condensation import CondensationForCausalLM
     from condensation.train import local_text_rows, rows_dataset
 
-    cfg = debug_cfg(tmp_path, "train")
+    # the fast-path model options under ZeRO-2: layer weight gradients produced at the end of backward outside
+    # autograd (weight_grads), and group checkpoints, whose embedding gradient comes from EmbeddingSink
+    cfg = debug_cfg(tmp_path, "train", "model.overrides.weight_grads=deferred",
+                    "model.overrides.checkpoint_group_steps=2")
     datasets = {"train": rows_dataset(local_text_rows(128, 64, seed=1))}  # any Dataset of the row schema
     res = fit(cfg, datasets, data_stats={"skipped_too_short": 3, "documents": 61})
     assert res.step == 8
@@ -48,6 +51,7 @@ def test_zero2_lowers_loss_keeps_ranks_identical_and_logs_one_mlflow_run(ray_ses
     assert {"resolved_config.yaml", "data_stats.json"} <= arts
     text = open(client.download_artifacts(res.mlflow_run_id, "resolved_config.yaml", str(tmp_path))).read()
     assert "deepspeed_resolved" in text and "train_batch_size: 4" in text
+    assert "weight_grads: deferred" in text and "checkpoint_group_steps: 2" in text
 
     # the HF export loads with from_pretrained and holds the trained (rank-identical) weights
     model = CondensationForCausalLM.from_pretrained(res.hf_path)
