@@ -4,7 +4,8 @@
         --out benchmarks/results/h200_s3_memory_256k.json
 
 Cells run eagerly here: with compile_cells, recording the allocator history once made a compiled autograd Function
-fail (SystemError) on torch 2.11. Compilation fuses kernels but keeps the same tensors alive across the step.
+fail (SystemError) on torch 2.11. Compiled cells save other (fewer) intermediates inside a cell; the tensors that
+scale with the sequence length are the same.
 
 Builds the Table I model with the given CondensationConfig overrides, runs one eager training step (forward, the
 fused loss, backward, AdamW) so that the optimizer state exists, then records the CUDA allocator's history over a
