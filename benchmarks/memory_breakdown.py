@@ -23,21 +23,10 @@ from pathlib import Path
 import torch
 
 from condensation import CondensationForCausalLM
+from condensation.config import parse_overrides
 from condensation.sizes import build_config
 
 OURS = ("condensation/", "workloads/", "benchmarks/")
-
-
-def _value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _site(frames: list[dict]) -> str:
@@ -82,12 +71,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (it reads the CUDA allocator's history)")
-    overrides = {"segment_length": 512}
-    for item in args.set:
-        key, sep, val = item.partition("=")
-        if not sep:
-            ap.error(f"--set expects key=value, got {item!r}")
-        overrides[key] = _value(val)
+    overrides = {"segment_length": 512, **parse_overrides(args.set)}  # key=value, values read as YAML
     cfg = build_config(args.size, **overrides)
     model = CondensationForCausalLM(cfg).cuda().to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)

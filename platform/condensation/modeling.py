@@ -545,7 +545,8 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
         prev, done = list(prev), []
         for t in range(t0, t1):
             # cells (t - n, n) for layers lo .. hi in one batched step; those with s >= 1 have a memory (layers
-            # lo .. min(hi, t - 1)), the segment-0 cell (layer t, on the first n_layers diagonals) has none and comes last
+            # lo .. min(hi, t - 1)), the segment-0 cell (layer t, on the first n_layers diagonals) has none and
+            # comes last
             lo, hi = max(0, t - n_seg + 1), min(t, n_layers - 1)
             xs = [segment(t) if n == 0 else prev[n - 1] for n in range(lo, hi + 1)]
             ms = [mem_for(prev[n], t - n) for n in range(lo, min(hi, t - 1) + 1)]
@@ -720,16 +721,17 @@ def condensation_loss(
 
 
 class EmbeddingSink:
-    """The embedding weight's gradient, gathered row by row from many small lookups into one float32 [V, d] buffer."""
+    """An nn.Embedding's weight gradient, gathered row by row from many small lookups into one float32 [V, d]
+    buffer."""
 
-    def __init__(self, padding_idx: int | None):
-        self.padding_idx = padding_idx
+    def __init__(self, embedding: nn.Embedding):
+        self.weight, self.padding_idx = embedding.weight, embedding.padding_idx
         self.grad: torch.Tensor | None = None
 
-    def add(self, ids: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> None:
+    def add(self, ids: torch.Tensor, g: torch.Tensor) -> None:
         if self.grad is None:
-            self.grad = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                                    device=weight.device)
+            self.grad = torch.zeros(self.weight.shape, dtype=torch.promote_types(self.weight.dtype, torch.float32),
+                                    device=self.weight.device)
         self.grad.index_add_(0, ids.flatten(), g.reshape(-1, g.shape[-1]).to(self.grad.dtype))
 
 
@@ -738,15 +740,14 @@ class _SinkEmbedding(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, weight, sink: EmbeddingSink):
-        ctx.save_for_backward(ids, weight)
+        ctx.save_for_backward(ids)
         ctx.sink = sink
         return F.embedding(ids, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        ids, weight = ctx.saved_tensors
-        ctx.sink.add(ids, g, weight)
+        ctx.sink.add(ctx.saved_tensors[0], g)
         return None, None, None
 
 
@@ -756,7 +757,7 @@ class _GradFromEmbeddingSink(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, sink: EmbeddingSink):
-        ctx.sink, ctx.dtype = sink, weight.dtype
+        ctx.sink = sink
         ctx.set_materialize_grads(False)
         return weight.view_as(weight)
 
@@ -769,7 +770,7 @@ class _GradFromEmbeddingSink(torch.autograd.Function):
         if ctx.sink.padding_idx is not None:
             sink_grad[ctx.sink.padding_idx] = 0
         ctx.sink.grad = None
-        grad = sink_grad.to(ctx.dtype)
+        grad = sink_grad.to(ctx.sink.weight.dtype)
         return (grad if g is None else grad + g), None
 
 
@@ -845,7 +846,7 @@ class CondensationModel(CondensationPreTrainedModel):
             return self.norm(y) if final_norm else y
         n_seg = math.ceil(L / l)
         if embed_in_groups:
-            sink = EmbeddingSink(self.embed_tokens.padding_idx)
+            sink = EmbeddingSink(self.embed_tokens)
             weight = _GradFromEmbeddingSink.apply(self.embed_tokens.weight, sink)
 
             def segment(s: int) -> torch.Tensor:
