@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform as _platform
 import statistics
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from condensation import CondensationForCausalLM, attention_unavailable_reason
+from condensation.flops import matmul_peak_tflops, training_flops
 from condensation.sizes import build_config
 
 
@@ -137,14 +137,7 @@ def build_model(case: Case, smoke: bool, device, dtype):
 
 
 def flops_per_step(model, case: Case, L: int) -> float:
-    """Model FLOPs of forward + backward (6 per parameter-token for matmuls, plus attention scores)."""
-    cfg = model.config
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    if cfg.tie_word_embeddings:
-        matmul_params += cfg.vocab_size * cfg.hidden_size
-    kv_per_query = L / 2 if case.kind == "llama" else min(L, case.segment_length) * (1.5 if L > case.segment_length else 0.5)
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * kv_per_query
-    return case.batch * L * (6 * matmul_params + attn)
+    return training_flops(model.config, L, case.batch, None if case.kind == "llama" else case.segment_length)
 
 
 def train_step(model, opt, ids, case):
@@ -267,21 +260,6 @@ def measure_generation(prompt_len: int, segment_length: int, new_tokens: int, sm
     del model
     gc.collect()
     return res
-
-
-def matmul_peak_tflops(device, dtype) -> float | None:
-    if device.type != "cuda":
-        return None
-    a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
 
 
 def plot(results: dict, path_prefix: Path) -> list[Path]:

@@ -166,6 +166,10 @@ class TrackingConfig:
     log_every: log metrics / print a progress line every this many steps.
     progress_bar: a tqdm bar on rank 0 (else one log line per `log_every` steps).
     parent_run_id: nest this run's MLflow run under that run (a curriculum's stages under the curriculum).
+    system_metrics: on GPU workers, MLflow's system metrics (GPU utilisation and memory, CPU, host memory) beside
+        the training metrics, sampled every `system_metrics_interval_s` seconds by rank 0 for its node.
+    system_metrics_interval_s: seconds between system-metric samples.
+    peak_tflops: the matmul TFLOP/s that MFU is reported against; None measures the device once at start.
     """
 
     enabled: bool = True
@@ -175,6 +179,9 @@ class TrackingConfig:
     log_every: int = 1
     progress_bar: bool = False
     parent_run_id: str | None = None
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -201,10 +208,16 @@ class DebugConfig:
     fault_at_step: the last worker raises once after this optimizer step (before its checkpoint), to test
         recovery through FailureConfig; a marker in the run folder makes it fire only once.
     nan_at_step: the loss of this optimizer step becomes NaN, to test the non-finite-loss stop.
+    fault_once: the injected fault fires in the first attempt only (a transient failure); False fires it in every
+        attempt, as a bug would.
+    kill_at_step: the last worker's process kills itself with SIGKILL once after this optimizer step (a lost
+        worker, not an exception), to test recovery from a dead process.
     """
 
     fault_at_step: int | None = None
     nan_at_step: int | None = None
+    fault_once: bool = True
+    kill_at_step: int | None = None
 
 
 @dataclass
@@ -504,6 +517,10 @@ def validate(cfg: TrainConfig) -> None:
     if c.max_failures < -1:
         raise ConfigError("checkpoint.max_failures", f"must be >= -1, got {c.max_failures}")
 
+    if t.system_metrics_interval_s <= 0:
+        raise ConfigError("tracking.system_metrics_interval_s", f"must be positive, got {t.system_metrics_interval_s}")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError("tracking.peak_tflops", f"must be positive or None, got {t.peak_tflops}")
     if t.log_every <= 0:
         raise ConfigError("tracking.log_every", f"must be positive, got {t.log_every}")
     if not t.experiment:
@@ -514,7 +531,7 @@ def validate(cfg: TrainConfig) -> None:
     if not r.storage:
         raise ConfigError("run.storage", "must not be empty")
 
-    for k in ("fault_at_step", "nan_at_step"):
+    for k in ("fault_at_step", "nan_at_step", "kill_at_step"):
         v = getattr(dbg, k)
         if v is not None and not (1 <= v <= s.total_steps):
             raise ConfigError(f"debug.{k}", f"must be within [1, schedule.total_steps={s.total_steps}], got {v}")

@@ -112,3 +112,27 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(ray_sess
     client, runs = mlflow_runs(type("R", (), {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert runs[0].data.tags["nonfinite_loss_step"] == "5"
+
+
+def test_worker_killed_with_sigkill_resumes_to_same_final_step(ray_session, tmp_path):
+    cfg = debug_cfg(tmp_path, "kill", "debug.kill_at_step=5", "checkpoint.max_failures=1")
+    res = fit(cfg)
+    assert res.step == 8 and os.path.exists(os.path.join(res.run_dir, ".kill_injected_at_step_5"))
+    client, runs = mlflow_runs(res)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # the killed process logged step 5, then died before checkpoint 6: the new workers resumed from 4
+    assert [s for s, _ in _loss_history(client, res.mlflow_run_id)] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert res.metrics["ranks_in_sync"] == 1.0
+
+
+def test_error_repeating_at_the_same_step_fails_at_once(ray_session, tmp_path):
+    from condensation.train import RepeatedFailureError
+
+    cfg = debug_cfg(tmp_path, "bug", "debug.fault_at_step=3", "debug.fault_once=false", "checkpoint.max_failures=5")
+    with pytest.raises(RepeatedFailureError, match="failed twice at step 3.*injected fault at step 3") as err:
+        fit(cfg)
+    assert err.value.step == 3 and err.value.error_type == "RuntimeError"
+    client, runs = mlflow_runs(type("R", (), {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    # two attempts, not max_failures + 1: steps 1-3, then 3 again from checkpoint 2
+    assert [s for s, _ in _loss_history(client, runs[0].info.run_id)] == [1, 2, 3, 3]

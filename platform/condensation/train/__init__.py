@@ -11,10 +11,11 @@ from .data import local_text_rows, rows_dataset, synthetic_rows, train_datasets
 from .deepspeed_config import deepspeed_config
 from .loop import param_digest, train_loop_per_worker
 from .model import build_model
-from .trainer import NonFiniteLossError, TrainResult, fit, prepare, resolved_config_dict
+from .trainer import NonFiniteLossError, RepeatedFailureError, TrainResult, fit, prepare, resolved_config_dict
 
 __all__ = [
     "NonFiniteLossError",
+    "RepeatedFailureError",
     "TrainResult",
     "build_model",
     "deepspeed_config",

@@ -1,9 +1,18 @@
 """The Ray Train worker function: reads only its config, builds the model, wraps it in DeepSpeed, trains.
 
-Per optimizer step: `grad_accum` micro-batches from `get_dataset_shard("train")`, each `engine(...)` with
-`return_logits=False` (chunked loss), `engine.backward`, `engine.step` (DeepSpeed clips, steps AdamW and the cosine
-schedule at the accumulation boundary). Losses are all-reduced so every rank sees the same value: a non-finite loss
-stops every rank at the same step, before its backward, and the last good checkpoint stays as it was.
+Per optimizer step: `grad_accum` micro-batches from `get_dataset_shard("train")` (prefetched onto the device by
+Ray Data), each `engine(...)` with `return_logits=False` (the fused chunked loss), `engine.backward`, `engine.step`
+(DeepSpeed clips, steps AdamW and the cosine schedule at the accumulation boundary).
+
+The host waits on the GPU once per optimizer step, not per micro-step: the loss and segment losses are summed on
+the device and all-reduced there (NCCL needs device tensors), and before the boundary `engine.step` one flag says
+whether every rank's losses were finite. A non-finite loss therefore stops every rank at the same step before its
+update, and the last good checkpoint stays as it was. DeepSpeed's ZeRO-2 step itself reads the gradient norm on the
+host (`.item()`), so this flag costs no extra stall, and it is also why the step cannot be captured as a CUDA graph.
+Metrics (loss, tokens/s, MFU, peak memory) are read by the host once per `tracking.log_every` steps.
+
+Failures: an exception raised here is recorded in `<run_dir>/last_error.json` (step, rank, message) before it
+propagates, so the driver (`trainer.fit`) can tell a bug that repeats at the same step from a lost worker.
 
 Checkpoints: every rank calls `engine.save_checkpoint` into its own local folder and reports it with the same
 `checkpoint_dir_name`; Ray Train merges them into one checkpoint (model states + every rank's ZeRO shard), plus
@@ -12,10 +21,12 @@ Checkpoints: every rank calls `engine.save_checkpoint` into its own local folder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -31,10 +42,12 @@ DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
 HF_DIR = "hf"
 NONFINITE_FILE = "nonfinite_loss.json"
+ERROR_FILE = "last_error.json"
 
 
-def fault_marker(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.run.run_dir, f".fault_injected_at_step_{cfg.debug.fault_at_step}")
+def fault_marker(cfg: TrainConfig, kind: str = "fault") -> str:
+    step = cfg.debug.kill_at_step if kind == "kill" else cfg.debug.fault_at_step
+    return os.path.join(cfg.run.run_dir, f".{kind}_injected_at_step_{step}")
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -54,12 +67,21 @@ def param_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _batches(shard, batch_size: int):
-    """Micro-batches forever, epoch after epoch."""
+def _checkpoint_step(path: str | None) -> int:
+    if not path:
+        return -1
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)["step"]
+
+
+def _batches(shard, batch_size: int, device: torch.device):
+    """Micro-batches forever, epoch after epoch, already on `device` (Ray Data copies the next batches there while
+    the current one trains)."""
     epoch = 0
     while True:
         n = 0
-        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.long):
+        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.long, device=device,
+                                          prefetch_batches=2):
             n += 1
             yield epoch, b
         if n == 0:
@@ -67,7 +89,32 @@ def _batches(shard, batch_size: int):
         epoch += 1
 
 
+def _record_error(cfg: TrainConfig, step: int, rank: int, exc: BaseException) -> None:
+    """What the driver compares between attempts: the same step and message twice is a bug, not bad luck."""
+    try:
+        rec = {"step": step, "rank": rank, "type": type(exc).__name__, "message": str(exc)[:2000]}
+        path = os.path.join(cfg.run.run_dir, ERROR_FILE)
+        with open(f"{path}.r{rank}.tmp", "w") as f:
+            json.dump(rec, f)
+        os.replace(f"{path}.r{rank}.tmp", path)
+    except OSError:  # the record is advice to the driver; never mask the real error
+        pass
+
+
 def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    progress = {"step": 0}
+    try:
+        _train(cfg, config, progress)
+    except Exception as e:
+        _record_error(cfg, progress["step"], rank, e)
+        raise
+
+
+def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -75,7 +122,8 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    cfg = TrainConfig.from_dict(config["cfg"])
+    from ..flops import matmul_peak_tflops, training_flops
+
     run_id = config.get("mlflow_run_id")
     s, o = cfg.schedule, cfg.optim
     ctx = ray.train.get_context()
@@ -97,16 +145,19 @@ def train_loop_per_worker(config: dict) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_cfg, dist_init_required=False)
 
-    logger = make_logger(cfg, run_id, rank)
+    logger = make_logger(cfg, run_id, rank, system_metrics=device.type == "cuda")
     step = 0
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    resume = config.get("resume_from")  # the newest complete checkpoint on disk, which Ray may not know of yet
+    if ckpt is not None or resume:
+        with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(resume)) as d:
+            if resume and _checkpoint_step(resume) > _checkpoint_step(d):
+                d = resume
             engine.load_checkpoint(d, tag=DS_TAG)
-            with open(os.path.join(d, STATE_FILE)) as f:
-                step = json.load(f)["step"]
+            step = _checkpoint_step(d)
         if rank == 0:
-            print(f"[condensation.train] resumed from {ckpt.path} at step {step}", flush=True)
+            print(f"[condensation.train] resumed from {d} at step {step}", flush=True)
+    progress["step"] = step
     resolved = {**cfg.to_dict(), "deepspeed_resolved": ds_cfg, "model_config": seq_cfg.to_dict(), "world_size": world}
     if step == 0:
         logger.log_params({**cfg.to_dict(), "deepspeed_resolved": ds_cfg, "world_size": world,
@@ -118,13 +169,17 @@ def train_loop_per_worker(config: dict) -> None:
             logger.log_text(json.dumps(stats, indent=2, default=str), "data_stats.json")
 
     shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, s.per_worker_batch)
+    batches = _batches(shard, s.per_worker_batch, device)
     n_seg = -(-cfg.data.seq_len // seq_cfg.segment_length)
+    step_flops = training_flops(seq_cfg, cfg.data.seq_len, s.per_worker_batch * s.grad_accum, seq_cfg.segment_length)
+    peak_tflops = None
+    if rank == 0 and device.type == "cuda":
+        peak_tflops = cfg.tracking.peak_tflops or matmul_peak_tflops(device, torch.bfloat16 if s.bf16() else torch.float32)
     bar = None
     if rank == 0 and cfg.tracking.progress_bar:
         from tqdm import tqdm
 
-        bar = tqdm(total=s.total_steps, initial=step, desc=cfg.run.name, file=sys.stdout)
+        bar = tqdm(total=s.total_steps, initial=step, desc=cfg.run.name, file=sys.stdout, mininterval=10)
 
     def save(step: int, metrics: dict, final: bool) -> None:
         tmp = tempfile.mkdtemp(prefix=f"condensation-ckpt-r{rank}-")
@@ -132,7 +187,8 @@ def train_loop_per_worker(config: dict) -> None:
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                    json.dump({"step": step, "mlflow_run_id": run_id, "total_steps": s.total_steps}, f)
+                    json.dump({"step": step, "mlflow_run_id": run_id, "total_steps": s.total_steps, "world_size": world,
+                               "zero_stage": s.zero_stage}, f)
                 with open(os.path.join(tmp, "resolved_config.yaml"), "w") as f:
                     f.write(to_yaml(resolved))
                 if cfg.checkpoint.export_hf and (final or cfg.checkpoint.export_hf_every):
@@ -141,77 +197,97 @@ def train_loop_per_worker(config: dict) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    # [loss, segment losses..., finite flag] summed over micro-steps and ranks, on the device until logged
+    window = torch.zeros(2 + n_seg, dtype=torch.float64, device=device)
+    window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
     metrics: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     while step < s.total_steps:
         step += 1
-        t0 = time.perf_counter()
-        stats = torch.zeros(1 + n_seg, dtype=torch.float64)
+        progress["step"] = step
         lr = optimizer.param_groups[0]["lr"]
-        nonfinite = False
-        tokens = 0
-        for _ in range(s.grad_accum):
+        acc = torch.zeros(2 + n_seg, dtype=torch.float64, device=device)
+        for micro in range(s.grad_accum):
             epoch, b = next(batches)
-            ids = b["input_ids"].to(device, non_blocking=True)
-            labels = b["labels"].to(device, non_blocking=True)
+            ids, labels = b["input_ids"], b["labels"]
             out = engine(input_ids=ids, labels=labels, return_logits=False)
             loss = out.loss
             if cfg.debug.nan_at_step == step:
                 loss = loss * float("nan")
-            seg = out.segment_losses.detach().double().cpu()[:n_seg]
+            seg = out.segment_losses.detach().double()[:n_seg]
             seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))  # rows of another length: fixed width
-            micro = torch.cat([loss.detach().double().cpu().reshape(1), seg])
-            tokens += ids.numel() * world
-            dist.all_reduce(micro)  # sum over ranks: a NaN on any rank is a NaN everywhere
-            if not torch.isfinite(micro).all():
-                nonfinite = True
-                bad = float(micro[0]) / world
-                break
-            stats += micro / world
+            l64 = loss.detach().double().reshape(1)
+            acc += torch.cat([l64, seg, (~torch.isfinite(l64)).double()])
+            window_tokens += ids.numel() * world
             engine.backward(loss)
+            if micro == s.grad_accum - 1:
+                dist.all_reduce(acc)  # sum over ranks, on the device: a NaN on any rank is a NaN everywhere
+                if acc[-1].item() > 0:  # the one host wait per optimizer step, before the update
+                    return _stop_nonfinite(cfg, step, float(acc[0]) / (world * s.grad_accum), rank, logger)
             engine.step()
-        if nonfinite:
-            msg = (f"non-finite loss ({bad}) at step {step} of run {cfg.run.name!r}; training stopped before this step's "
-                   f"update; the last good checkpoint is kept")
-            if rank == 0:
-                print(f"[condensation.train] ERROR: {msg}", flush=True)
-                with open(os.path.join(cfg.run.run_dir, NONFINITE_FILE), "w") as f:
-                    json.dump({"step": step, "loss": str(bad), "message": msg}, f)
-                logger.set_tags({"nonfinite_loss_step": step})
-                logger.finish("FAILED")
-            return
-        dt = time.perf_counter() - t0
-        stats /= s.grad_accum
-        metrics = {
-            "step": step,
-            "loss": float(stats[0]),
-            "lr": lr,
-            "tokens_per_s": tokens / dt,
-            "step_time_s": dt,
-            "peak_memory_gib": _peak_memory_gib(device),
-            "epoch": epoch,
-            **{f"segment_loss_{i}": float(v) for i, v in enumerate(stats[1:])},
-        }
-        if step % cfg.tracking.log_every == 0 or step == s.total_steps:
+        window += acc
+        window_steps += 1
+
+        log_now = step % cfg.tracking.log_every == 0 or step == s.total_steps
+        final = step == s.total_steps
+        ckpt_now = final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        if log_now or ckpt_now:
+            vals = (window / (world * s.grad_accum * window_steps)).tolist()  # waits for the GPU: once per interval
+            dt = time.perf_counter() - t_window
+            metrics = {
+                "step": step,
+                "loss": vals[0],
+                "lr": lr,
+                "tokens_per_s": window_tokens / dt,
+                "step_time_s": dt / window_steps,
+                "peak_memory_gib": _peak_memory_gib(device),
+                "epoch": epoch,
+                **{f"segment_loss_{i}": v for i, v in enumerate(vals[1:-1])},
+            }
+            if peak_tflops:
+                metrics["mfu"] = step_flops / metrics["step_time_s"] / 1e12 / peak_tflops
             logger.log_metrics(metrics, step=step)
             if rank == 0 and bar is None:
+                mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
                 print(f"[condensation.train] step {step}/{s.total_steps} loss {metrics['loss']:.4f} lr {lr:.3g} "
-                      f"tok/s {metrics['tokens_per_s']:.0f} peak {metrics['peak_memory_gib']:.2f} GiB", flush=True)
+                      f"tok/s {metrics['tokens_per_s']:.0f}{mfu} peak {metrics['peak_memory_gib']:.2f} GiB", flush=True)
+            window.zero_()
+            window_steps, window_tokens = 0, 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2g}")
+            if metrics:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2g}", refresh=False)
 
-        if cfg.debug.fault_at_step == step and rank == world - 1 and not os.path.exists(fault_marker(cfg)):
+        if cfg.debug.fault_at_step == step and rank == world - 1 and not (cfg.debug.fault_once and os.path.exists(fault_marker(cfg))):
             open(fault_marker(cfg), "w").close()
             raise RuntimeError(f"injected fault at step {step} (debug.fault_at_step)")
+        if cfg.debug.kill_at_step == step and rank == world - 1 and not os.path.exists(fault_marker(cfg, "kill")):
+            open(fault_marker(cfg, "kill"), "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)  # a lost worker, as the OOM killer or a dead node leaves it
 
-        final = step == s.total_steps
-        if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        if ckpt_now:
             if final:
                 digests = [None] * world
                 dist.all_gather_object(digests, param_digest(engine.module))
                 metrics.update({f"param_digest_rank{r}": d for r, d in enumerate(digests)})
                 metrics["ranks_in_sync"] = float(len(set(digests)) == 1)
             save(step, metrics, final)
+        if log_now or ckpt_now:
+            t_window = time.perf_counter()  # a checkpoint's time does not count against the next interval's speed
     if bar is not None:
         bar.close()
     logger.finish("FINISHED")
+
+
+def _stop_nonfinite(cfg: TrainConfig, step: int, bad: float, rank: int, logger) -> None:
+    msg = (f"non-finite loss ({bad}) at step {step} of run {cfg.run.name!r}; training stopped before this step's "
+           f"update; the last good checkpoint is kept")
+    if rank == 0:
+        print(f"[condensation.train] ERROR: {msg}", flush=True)
+        with open(os.path.join(cfg.run.run_dir, NONFINITE_FILE), "w") as f:
+            json.dump({"step": step, "loss": str(bad), "message": msg}, f)
+        logger.set_tags({"nonfinite_loss_step": step})
+        logger.finish("FAILED")

@@ -70,13 +70,19 @@ class NullLogger:
 
 
 class MlflowLogger(NullLogger):
-    def __init__(self, uri: str, run_id: str, mark_running: bool = True):
+    """Logs into one existing MLflow run. `system_metrics_interval_s`: also sample this node's GPUs, CPU and memory
+    into the run (MLflow's `system/...` metrics) until `finish`."""
+
+    def __init__(self, uri: str, run_id: str, mark_running: bool = True, system_metrics_interval_s: float | None = None):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self.monitor = None
         if mark_running:
             self.client.update_run(run_id, status="RUNNING")
+        if system_metrics_interval_s:
+            self.monitor = _system_metrics_monitor(uri, run_id, system_metrics_interval_s)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -103,10 +109,31 @@ class MlflowLogger(NullLogger):
             self.client.set_tag(self.run_id, k, str(v))
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
         self.client.set_terminated(self.run_id, status=status)
 
 
-def make_logger(cfg: TrainConfig, run_id: str | None, rank: int) -> NullLogger:
+def _system_metrics_monitor(uri: str, run_id: str, interval_s: float):
+    """MLflow's own sampler (GPU utilisation and memory through NVML, CPU and memory through psutil), or None with
+    a warning where it cannot run (no nvidia-ml-py / psutil)."""
+    import logging
+
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                       resume_logging=True, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # missing optional packages must not stop training
+        logging.getLogger(__name__).warning("MLflow system metrics are off: %s", e)
+        return None
+
+
+def make_logger(cfg: TrainConfig, run_id: str | None, rank: int, system_metrics: bool = False) -> NullLogger:
     if rank != 0 or not cfg.tracking.enabled or not run_id:
         return NullLogger()
-    return MlflowLogger(tracking_uri(cfg), run_id)
+    interval = cfg.tracking.system_metrics_interval_s if system_metrics and cfg.tracking.system_metrics else None
+    return MlflowLogger(tracking_uri(cfg), run_id, system_metrics_interval_s=interval)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig, resolve, to_yaml
 from .deepspeed_config import deepspeed_config
-from .loop import HF_DIR, NONFINITE_FILE, STATE_FILE, train_loop_per_worker
+from .loop import DS_TAG, ERROR_FILE, HF_DIR, NONFINITE_FILE, STATE_FILE, train_loop_per_worker
 from .tracking import ensure_run, tracking_uri
 
 
@@ -29,6 +29,73 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(message)
         self.step = step
         self.last_checkpoint = last_checkpoint
+
+
+class RepeatedFailureError(RuntimeError):
+    """The same error at the same step in two attempts in a row: a bug or a bad config, not a lost machine, so the
+    run fails at once instead of using up `checkpoint.max_failures`."""
+
+    def __init__(self, message: str, step: int, error_type: str):
+        super().__init__(message)
+        self.step = step
+        self.error_type = error_type
+
+
+def _lost_worker(err) -> bool:
+    """A worker that died (SIGKILL, OOM killer, node lost) rather than raised: Ray reports a failed health check."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    failures = getattr(err, "worker_failures", None) or {}
+    return any(isinstance(f, (WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)) for f in failures.values())
+
+
+def _wait_removed(groups: set, timeout_s: float = 60.0) -> None:
+    import time
+
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        table = placement_group_table()
+        if all(table.get(g, {}).get("state", "REMOVED") == "REMOVED" for g in groups):
+            return
+        time.sleep(0.5)
+
+
+def _read_error(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _mark_failed(cfg: TrainConfig, run_id: str | None) -> None:
+    if run_id:
+        from .tracking import MlflowLogger
+
+        MlflowLogger(tracking_uri(cfg), run_id, mark_running=False).finish("FAILED")
+
+
+def newest_complete_checkpoint(run_dir: str) -> str | None:
+    """The newest `checkpoint_<step>` folder of a run that holds its trainer state and every rank's shard.
+
+    Ray Train registers a reported checkpoint some time after every rank's `report` has written it; a worker lost
+    in between would otherwise resume from the checkpoint before (e.g. 900 with 1000 complete on disk)."""
+    if not os.path.isdir(run_dir):
+        return None
+    for name in sorted((d for d in os.listdir(run_dir) if d.startswith("checkpoint_")), reverse=True):
+        path = os.path.join(run_dir, name)
+        try:
+            with open(os.path.join(path, STATE_FILE)) as f:
+                state = json.load(f)
+            files = set(os.listdir(os.path.join(path, DS_TAG)))
+        except (OSError, ValueError):
+            continue
+        world = state.get("world_size", 1)
+        if state.get("zero_stage", 0) == 0 or all(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in files for r in range(world)):
+            return path
+    return None
 
 
 @dataclass
@@ -72,11 +139,15 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
     (e.g. the previous stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data
     pipeline's counts: a dict (logged by rank 0 at the start) or a `condensation.data.DataReport` (its counts are
     logged after the run, when the data has streamed through). Raises ConfigError before Ray starts,
-    NonFiniteLossError when the loss stops being finite, ray.train.TrainingFailedError when failures exceed
-    `checkpoint.max_failures`."""
+    NonFiniteLossError when the loss stops being finite, RepeatedFailureError when the same error comes back at the
+    same step after a restart, ray.train.TrainingFailedError when failures exceed `checkpoint.max_failures`.
+
+    Retries: a lost worker (killed, out of host memory, node gone) or an error seen for the first time restarts the
+    whole worker group from the last checkpoint, up to `checkpoint.max_failures` times."""
     cfg = prepare(cfg, init_from)  # validation first: nothing below starts before the config is known good
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util import placement_group_table
 
     run_dir = cfg.run.run_dir
     os.makedirs(run_dir, exist_ok=True)
@@ -102,20 +173,57 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "data_stats": data_stats},
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=cfg.run.storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-        ),
-        datasets=datasets,
-    )
-    result = trainer.fit()
+
+    def trainer():
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "data_stats": data_stats,
+                               "resume_from": newest_complete_checkpoint(run_dir)},
+            torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=cfg.run.name,
+                storage_path=cfg.run.storage,
+                # retries are decided here (below), so that a repeated bug is not retried like a lost worker
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # Ray Train's per-rank INFO lines (each report's metrics, echoed from every worker) drown the
+                # one progress line per interval that rank 0 prints
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            ),
+            datasets=datasets,
+        )
+
+    error_file = os.path.join(run_dir, ERROR_FILE)
+    failures, previous = 0, None
+    while True:
+        if os.path.exists(error_file):
+            os.remove(error_file)
+        groups_before = set(placement_group_table())
+        try:
+            result = trainer().fit()
+            break
+        except ray.train.TrainingFailedError as e:
+            # the failed attempt's placement group is removed asynchronously; a new worker group started before
+            # that can have its workers destroyed with it
+            _wait_removed(set(placement_group_table()) - groups_before)
+            rec = None if _lost_worker(e) else _read_error(error_file)
+            key = rec and (rec["step"], rec["type"], rec["message"])
+            if key and key == previous:
+                _mark_failed(cfg, run_id)
+                raise RepeatedFailureError(
+                    f"run {cfg.run.name!r} failed twice at step {rec['step']} with the same error, so it is not "
+                    f"retried again: {rec['type']}: {rec['message']}", rec["step"], rec["type"]) from e
+            failures += 1
+            limit = cfg.checkpoint.max_failures
+            if limit != -1 and failures > limit:
+                _mark_failed(cfg, run_id)
+                raise
+            what = "a worker was lost" if rec is None else f"{rec['type']} at step {rec['step']}: {rec['message'][:200]}"
+            print(f"[condensation.train] attempt {failures} of run {cfg.run.name!r} failed ({what}); restarting from "
+                  f"its last checkpoint ({failures}/{'unlimited' if limit == -1 else limit} retries)", flush=True)
+            previous = key
     if data_report is not None and run_id:  # skip counts exist once the data has streamed through the workers
         from .tracking import MlflowLogger
 
