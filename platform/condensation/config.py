@@ -579,7 +579,7 @@ def paper_pretrain_preset() -> TrainConfig:
     512, lr 6e-5 -> 2e-5 cosine, global batch 64, bf16, ZeRO-2, GPU workers, 6491 steps."""
     return merge(TrainConfig(), {
         "model": {"size": "llama-3.2-1b", "init_from": "meta-llama/Llama-3.2-1B", "segment_length": 512,
-                  "overrides": {"checkpoint_cells": True}},
+                  "overrides": {"compile_cells": True, "weight_grads": "deferred"}},
         "data": {"source": "fineweb-edu", "seq_len": 4096, "num_rows": None, "tokenizer": "meta-llama/Llama-3.2-1B"},
         "optim": {"lr": 6e-5, "min_lr": 2e-5, "warmup_steps": 100, "weight_decay": 0.0},
         "schedule": {"total_steps": 6491, "global_batch": 64, "per_worker_batch": 1, "num_workers": 8,

@@ -114,7 +114,20 @@ def train_loop_per_worker(config: dict) -> None:
         raise
 
 
+def _quiet_worker_logs() -> None:
+    """One progress line per interval from rank 0: Ray Train's per-report INFO line (every rank's metrics) and
+    deprecation notices from inside DeepSpeed/torch.distributed would otherwise repeat in the driver's log."""
+    import logging
+    import warnings
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
+    _quiet_worker_logs()
     import deepspeed
     import ray.train
     import ray.train.torch
