@@ -136,3 +136,21 @@ def test_error_repeating_at_the_same_step_fails_at_once(ray_session, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     # two attempts, not max_failures + 1: steps 1-3, then 3 again from checkpoint 2
     assert [s for s, _ in _loss_history(client, runs[0].info.run_id)] == [1, 2, 3, 3]
+
+
+@pytest.mark.parametrize("prefix", ["", "bf16_"])
+def test_newest_complete_checkpoint_needs_every_ranks_shard(tmp_path, prefix):
+    from condensation.train.trainer import newest_complete_checkpoint
+
+    def ckpt(step, ranks):
+        d = tmp_path / f"checkpoint_{step:08d}"
+        (d / "ds").mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 2, "zero_stage": 2}))
+        for r in ranks:
+            (d / "ds" / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_text("x")
+
+    ckpt(4, [0, 1])
+    ckpt(6, [0, 1])
+    ckpt(8, [0])  # rank 1's shard never arrived
+    (tmp_path / "checkpoint_00000010" / "ds").mkdir(parents=True)  # no trainer state yet
+    assert newest_complete_checkpoint(str(tmp_path)).endswith("checkpoint_00000006")

@@ -67,6 +67,13 @@ def param_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _say(line: str) -> None:
+    """A progress line from rank 0, written once: Ray Train's patched `print` in a worker also logs every line through
+    the root logger, so each printed line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _checkpoint_step(path: str | None) -> int:
     if not path:
         return -1
@@ -169,7 +176,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             engine.load_checkpoint(d, tag=DS_TAG)
             step = _checkpoint_step(d)
         if rank == 0:
-            print(f"[condensation.train] resumed from {d} at step {step}", flush=True)
+            _say(f"[condensation.train] resumed from {d} at step {step}")
     progress["step"] = step
     resolved = {**cfg.to_dict(), "deepspeed_resolved": ds_cfg, "model_config": seq_cfg.to_dict(), "world_size": world}
     if step == 0:
@@ -263,8 +270,8 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             logger.log_metrics(metrics, step=step)
             if rank == 0 and bar is None:
                 mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
-                print(f"[condensation.train] step {step}/{s.total_steps} loss {metrics['loss']:.4f} lr {lr:.3g} "
-                      f"tok/s {metrics['tokens_per_s']:.0f}{mfu} peak {metrics['peak_memory_gib']:.2f} GiB", flush=True)
+                _say(f"[condensation.train] step {step}/{s.total_steps} loss {metrics['loss']:.4f} lr {lr:.3g} "
+                     f"tok/s {metrics['tokens_per_s']:.0f}{mfu} peak {metrics['peak_memory_gib']:.2f} GiB")
             window.zero_()
             window_steps, window_tokens = 0, 0
             if device.type == "cuda":
@@ -299,7 +306,7 @@ def _stop_nonfinite(cfg: TrainConfig, step: int, bad: float, rank: int, logger) 
     msg = (f"non-finite loss ({bad}) at step {step} of run {cfg.run.name!r}; training stopped before this step's "
            f"update; the last good checkpoint is kept")
     if rank == 0:
-        print(f"[condensation.train] ERROR: {msg}", flush=True)
+        _say(f"[condensation.train] ERROR: {msg}")
         with open(os.path.join(cfg.run.run_dir, NONFINITE_FILE), "w") as f:
             json.dump({"step": step, "loss": str(bad), "message": msg}, f)
         logger.set_tags({"nonfinite_loss_step": step})

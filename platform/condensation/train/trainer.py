@@ -93,7 +93,10 @@ def newest_complete_checkpoint(run_dir: str) -> str | None:
         except (OSError, ValueError):
             continue
         world = state.get("world_size", 1)
-        if state.get("zero_stage", 0) == 0 or all(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in files for r in range(world)):
+        # DeepSpeed names a rank's ZeRO shard zero_pp_rank_<r>_mp_rank_00_optim_states.pt, with a bf16_ prefix in bf16
+        shards = {f.split("zero_pp_rank_")[1].split("_")[0] for f in files
+                  if "zero_pp_rank_" in f and f.endswith("_optim_states.pt")}
+        if state.get("zero_stage", 0) == 0 or shards >= {str(r) for r in range(world)}:
             return path
     return None
 
