@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..config import TrainConfig, resolve, to_yaml
 from .deepspeed_config import deepspeed_config
 from .loop import HF_DIR, NONFINITE_FILE, STATE_FILE, train_loop_per_worker
+from .resources import worker_resources
 from .tracking import ensure_run, tracking_uri
 
 
@@ -99,9 +100,7 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
         raise ValueError("datasets must hold a 'train' Dataset")
 
     s = cfg.schedule
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_resources(cfg, datasets)  # fails here, not in a silent wait, when workers + data cannot fit
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "data_stats": data_stats},
