@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         results = run_curriculum(cfg)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run and raises SystemExit
         ray.shutdown()  # the workers stop logging before the runs are marked
         end_runs(cfg, "KILLED")
         print(f"\ninterrupted; the same command continues curriculum {cfg.name!r} from its last checkpoint",

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = fit(cfg)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run and raises SystemExit
         ray.shutdown()  # the workers stop logging before the run is marked
         end_run(cfg, "KILLED")
         print(f"\ninterrupted; the same command continues run {cfg.run.name!r} from its last checkpoint", file=sys.stderr)
