@@ -24,6 +24,7 @@ import sys
 
 from condensation.config import ConfigError, job_storage_base, load_config, preset, rebase_storage, to_yaml
 from condensation.train import check_train_data, fit, prepare, resolved_config_dict
+from condensation.train.checkpoints import resume_point
 from condensation.train.tracking import end_run, tracking_uri
 
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(resolved_config_dict(cfg)))
         return 0
     print(f"run folder: {cfg.run.run_dir}")
+    resume = resume_point(cfg.run.run_dir)
+    if resume is not None:
+        print(f"resuming from the checkpoint of step {resume[0]} ({resume[1]}){resume[2]}")
     if cfg.tracking.enabled:
         print(f"tracking: mlflow ui --backend-store-uri {tracking_uri(cfg)}", flush=True)
 

@@ -359,6 +359,7 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
     from .modeling import CondensationForCausalLM
     from .tokenizer import load_tokenizer
     from .train import fit
+    from .train.checkpoints import resume_point
 
     cfg.validate()
     tokenizer = load_tokenizer(cfg.train.data.tokenizer)
@@ -377,10 +378,10 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
         tcfg = stage_train_config(cfg, i)
         if parent:
             tcfg = dataclasses.replace(tcfg, tracking=dataclasses.replace(tcfg.tracking, parent_run_id=parent))
-        ckpt = latest_checkpoint(os.path.join(tcfg.run.storage, tcfg.run.name))
+        ckpt = resume_point(os.path.join(tcfg.run.storage, tcfg.run.name))
         if ckpt is not None:  # the training layer continues the stage's own run folder, whatever `prev` says
             log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps: resuming stage {i} from checkpoint "
-                f"{ckpt[0]} ({ckpt[1]})")
+                f"{ckpt[0]} ({ckpt[1]}){ckpt[2]}")
         else:
             log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps, lr {st.lr:g} -> {st.min_lr:g}, "
                 f"from {prev or 'scratch (' + tcfg.model.size + ')'}")
@@ -423,21 +424,6 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
         log(f"curriculum {cfg.name!r} had already finished: nothing to do. To start over, give it a new name "
             f"(name=...) or delete its folders {os.path.join(cfg.train.run.storage, cfg.name)}* ")
     return results
-
-
-def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
-    """(step, path) of the newest complete checkpoint in a run folder (complete: its trainer_state.json exists)."""
-    if not os.path.isdir(run_dir):
-        return None
-    found = []
-    for name in os.listdir(run_dir):
-        state = os.path.join(run_dir, name, "trainer_state.json")
-        if name.startswith("checkpoint_") and os.path.isfile(state):
-            try:
-                found.append((int(json.load(open(state))["step"]), os.path.join(run_dir, name)))
-            except (ValueError, KeyError):
-                continue
-    return max(found) if found else None
 
 
 def end_runs(cfg: CurriculumConfig, status: str = "KILLED") -> list[str]:
