@@ -54,14 +54,22 @@ def derive_cpus_per_worker(cluster_cpus: float, num_workers: int, data_cpus: flo
     return float(math.floor(share)) if share >= 1 else math.floor(share * 20 + _EPS) / 20
 
 
-def plan_resources(cfg: TrainConfig, cluster: dict, data_cpus: float) -> dict:
+def plan_resources(cfg: TrainConfig, cluster: dict, data_cpus: float, gpu_nodes: list | None = None) -> dict:
     """`resources_per_worker` for `cfg` on a cluster of `cluster` resources (ray.cluster_resources()); raises
-    ConfigError naming the field when workers and data tasks cannot all be scheduled."""
+    ConfigError naming the field when a CPU run's workers and data tasks cannot all be scheduled.
+
+    GPU runs are not refused: an autoscaling cluster (cluster/h100.yaml starts with no GPU node) adds nodes when
+    Ray Train asks for them. Their derived CPU share comes from the GPU nodes present (`gpu_nodes`: (CPUs, GPUs)
+    per node), one CPU per GPU worker when there are none yet."""
     s = cfg.schedule
-    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    if s.use_gpu and s.num_workers > gpus + _EPS:
-        raise ConfigError("schedule.num_workers", f"{s.num_workers} GPU workers, but the cluster has {gpus:g} GPUs")
     per = s.cpus_per_worker
+    if s.use_gpu:
+        if per is None:
+            room = max(MIN_DATA_ROOM, data_cpus)
+            shares = [math.floor((c - room) / g) for c, g in (gpu_nodes or []) if g > 0]
+            per = float(max(1, min(shares))) if shares else 1.0
+        return {"CPU": per, "GPU": 1}
+    cpus = float(cluster.get("CPU", 0))
     if per is None:
         per = derive_cpus_per_worker(cpus, s.num_workers, data_cpus)
         if per <= 0:
@@ -74,10 +82,7 @@ def plan_resources(cfg: TrainConfig, cluster: dict, data_cpus: float) -> dict:
             f"{s.num_workers} workers x {per:g} CPU + {data_cpus:g} CPU for a data task need "
             f"{s.num_workers * per + data_cpus:g} CPUs, the cluster has {cpus:g}; the run would wait forever. "
             f"Leave it unset (schedule.cpus_per_worker=null derives it) or set at most {max(most, 0):g}")
-    resources = {"CPU": per}
-    if s.use_gpu:
-        resources["GPU"] = 1
-    return resources
+    return {"CPU": per}
 
 
 def worker_resources(cfg: TrainConfig, datasets: dict | None) -> dict:
@@ -87,10 +92,15 @@ def worker_resources(cfg: TrainConfig, datasets: dict | None) -> dict:
     if not ray.is_initialized():
         ray.init()
     data_cpus = data_task_cpus(datasets)
-    resources = plan_resources(cfg, ray.cluster_resources(), data_cpus)
+    cluster = ray.cluster_resources()
+    gpu_nodes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    resources = plan_resources(cfg, cluster, data_cpus, gpu_nodes)
     free = ray.available_resources().get("CPU", 0.0)
     need = cfg.schedule.num_workers * resources["CPU"] + data_cpus
     note = "" if free + _EPS >= need else f"; only {free:g} CPUs are free now, so it waits for other work to finish"
+    if cfg.schedule.use_gpu and cluster.get("GPU", 0) < cfg.schedule.num_workers:
+        note += (f"; the cluster has {cluster.get('GPU', 0):g} GPUs now, so it waits for an autoscaler to add "
+                 f"{cfg.schedule.num_workers}")
     print(f"[condensation.train] {cfg.schedule.num_workers} workers x {resources['CPU']:g} CPU"
           f"{' + 1 GPU' if cfg.schedule.use_gpu else ''}"
           f"{' (derived from the cluster)' if cfg.schedule.cpus_per_worker is None else ''}, "
