@@ -92,3 +92,22 @@ def test_ctrl_c_ends_the_mlflow_run_killed(tmp_path):
     assert "interrupted; the same command continues run 'stopped'" in out
     run_id = open(tmp_path / "stopped" / "mlflow_run_id").read().strip()
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+
+
+def test_curriculum_runs_end_killed_and_continue_running(tmp_path):
+    import dataclasses
+
+    from mlflow import MlflowClient
+
+    from condensation.curriculum import end_runs, ensure_parent_run, load_curriculum_config, stage_train_config
+    from condensation.train.tracking import ensure_run
+
+    cfg = load_curriculum_config("debug", overrides=[f"train.run.storage={tmp_path}"])
+    parent = ensure_parent_run(cfg)
+    stage0 = stage_train_config(cfg, 0)
+    stage0 = dataclasses.replace(stage0, tracking=dataclasses.replace(stage0.tracking, parent_run_id=parent))
+    child = ensure_run(stage0)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert sorted(end_runs(cfg, "KILLED")) == sorted([parent, child])
+    assert {client.get_run(r).info.status for r in (parent, child)} == {"KILLED"}
+    assert ensure_parent_run(cfg) == parent and client.get_run(parent).info.status == "RUNNING"
