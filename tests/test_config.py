@@ -131,3 +131,65 @@ def test_workload_cli_rejects_bad_config_before_ray():
     assert out.returncode == 2
     assert "schedule.global_batch" in out.stderr and "not divisible" in out.stderr
     assert "Started a local Ray instance" not in out.stderr + out.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 17: a new user's errors are one line naming the field, before Ray starts
+
+
+def test_config_file_errors_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--config: .*nope.yaml: no such file$"):
+        load_config(yaml_path=tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1\n")
+    with pytest.raises(ConfigError, match=r"^--config: .*bad.yaml: not valid YAML at line \d+") as err:
+        load_config(yaml_path=bad)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, field, text", [
+    (["data.source=local", "data.dataset_options.path=/nonexistent.jsonl"], "data.dataset_options.path",
+     "takes no dataset_options"),
+    (["data.source=synthetic", "data.dataset_options.split=train"], "data.dataset_options.split", "takes no"),
+    (["data.source=/x.jsonl", "data.dataset_options.textfield=body"], "data.dataset_options.textfield",
+     "not an option"),
+    (["data.source=/x.jsonl", "data.dataset_options.mode=glue"], "data.dataset_options.mode", "'cut' or 'pack'"),
+    (["schedule.cpus_per_worker=0"], "schedule.cpus_per_worker", "positive"),
+])
+def test_dataset_options_a_source_does_not_take_are_errors(overrides, field, text):
+    with pytest.raises(ConfigError, match=text) as err:
+        load_config(overrides=overrides)
+    assert err.value.key == field
+
+
+def test_dataset_options_list_matches_the_data_layer():
+    import inspect
+
+    from condensation.config import DATA_LAYER_OPTIONS
+    from condensation.data import pretraining_dataset
+
+    params = list(inspect.signature(pretraining_dataset).parameters)
+    assert params[:3] == ["source", "tokenizer", "seq_len"] and set(params[3:]) == set(DATA_LAYER_OPTIONS)
+    cfg = load_config(overrides=["data.source=/x.jsonl", "data.dataset_options.text_field=body"])
+    assert cfg.data.dataset_options == {"text_field": "body"}
+
+
+def test_cpus_per_worker_defaults_to_derived():
+    assert TrainConfig().schedule.cpus_per_worker is None
+    assert load_config(overrides=["schedule.cpus_per_worker=0.75"]).schedule.cpus_per_worker == 0.75
+
+
+def test_storage_under_a_ray_job_goes_to_a_stable_folder(tmp_path):
+    from condensation.config import job_storage_base, rebase_storage, resolve
+
+    home = str(tmp_path / "home")
+    job_cwd = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_abc"
+    assert job_storage_base(job_cwd, {}, home) == os.path.join(home, "condensation-runs")
+    assert job_storage_base("/work/repo", {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, home) == os.path.join(home, "condensation-runs")
+    assert job_storage_base("/work/repo", {"RAY_ADDRESS": "auto"}, home) is None  # plain driver: the cwd as before
+    base = job_storage_base(job_cwd, {}, home)
+    cfg = resolve(rebase_storage(TrainConfig(), base))
+    assert cfg.run.storage == os.path.join(home, "condensation-runs", "runs")
+    absolute = merge(TrainConfig(), {"run": {"storage": str(tmp_path / "mine")}})
+    assert rebase_storage(absolute, base).run.storage == str(tmp_path / "mine")
+    assert rebase_storage(TrainConfig(), None).run.storage == "runs"

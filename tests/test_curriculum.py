@@ -44,6 +44,12 @@ def test_bad_config_names_the_field(override, field):
         load_curriculum_config("default", overrides=[override])
 
 
+def test_stage_override_type_error_names_the_stage():
+    with pytest.raises(ConfigError) as err:
+        load_curriculum_config("default", overrides=["stages.0.steps=abc"])
+    assert err.value.key == "stages.0.steps" and str(err.value).startswith("stages.0.steps: expected an int")
+
+
 def test_stage_override_reaches_one_stage():
     cfg = load_curriculum_config("default", overrides=["stages.1.steps=77", "evaluation.n_per_cell=3"])
     assert cfg.stages[1].steps == 77 and cfg.stages[0].steps != 77 and cfg.evaluation.n_per_cell == 3
@@ -85,9 +91,12 @@ def test_stages_chain_resume_and_log_nested_runs(ray_session, tmp_path):
     stage1_dir = os.path.join(tmp_path, stage_name(cfg, 1))
     assert "checkpoint_00000002" in os.listdir(stage1_dir) and "checkpoint_00000004" not in os.listdir(stage1_dir)
 
-    # 3. started again: stage 0 is found finished, stage 1 continues from its checkpoint
-    results = run_curriculum(cfg)
+    # 3. started again: stage 0 is found finished, stage 1 continues from its checkpoint, and says so
+    said = []
+    results = run_curriculum(cfg, log=said.append)
     assert [r.skipped for r in results] == [True, False]
+    assert any("resuming stage 1 from checkpoint 2" in line for line in said), said
+    assert not any("stage 1" in line and "from scratch" in line for line in said)
     s0, s1 = results
     assert s0.hf_path == first[0].hf_path
     resolved = open(os.path.join(stage1_dir, "resolved_config.yaml")).read()
@@ -117,4 +126,10 @@ def test_stages_chain_resume_and_log_nested_runs(ray_session, tmp_path):
         assert {"passkey/passkey_heatmap.png", "passkey/passkey_grid.json"} <= arts
     parent_arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.md", "stage_summary.png", "curriculum_config.yaml"} <= parent_arts
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+    # 4. a finished curriculum run again: nothing to do, and how to start over
+    said = []
+    assert all(r.skipped for r in run_curriculum(cfg, log=said.append))
+    assert any("already finished: nothing to do" in line and "name=" in line for line in said), said
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"

@@ -1,4 +1,4 @@
-"""The model against SPEC.md's rules, checked with an independent plain loop over transformers' Llama modules.
+"""The model against the rules of docs/model.md, checked with an independent plain loop over transformers' Llama modules.
 
 Weights are drawn with std 0.15 (norm weights around 1 +- 0.2) so that a wrong mask, a memory taken from the
 layer's input, or a missing memory moves the logits far beyond float64 round-off; negative controls show each
@@ -49,7 +49,7 @@ def make_pair(segment_length: int, dtype=torch.float64, seed: int = 0, **overrid
 
 @torch.no_grad()
 def reference_logits(llama: LlamaForCausalLM, input_ids, l, memory="output", mask="lower_right", positions="local"):
-    """Plain loop over SPEC.md rules 1-6 with transformers' own Llama modules, one segment and layer at a time.
+    """Plain loop over docs/model.md rules 1-6 with transformers' own Llama modules, one segment and layer at a time.
 
     memory: "output" (Rule 2), or the mistakes "input" (Transformer-XL style) and "none".
     mask: "lower_right" (Rule 4) or the mistake "top_left" (SDPA's is_causal).

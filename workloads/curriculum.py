@@ -9,19 +9,27 @@ with a passkey accuracy grid after every stage, tracked in MLflow (a parent run,
 
 Config: preset <- `--config file.yaml` <- `key.sub=value` overrides (fields in condensation.curriculum and, under
 `train.`, condensation.config). A bad config fails here, before Ray starts, naming the field. Started again with
-the same name and storage, the curriculum continues from its first unfinished stage. Then:
+the same name and storage, the curriculum continues from its first unfinished stage. Under `ray job submit` a
+relative train.run.storage resolves under ~/condensation-runs (the job's own folder is a temporary copy). Then
+(the command is printed at the start and the end):
     mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import signal
 import sys
 import time
 
-from condensation.config import ConfigError, to_yaml
-from condensation.curriculum import PRESETS, load_curriculum_config, run_curriculum
+from condensation.config import ConfigError, job_storage_base, rebase_storage, to_yaml
+from condensation.curriculum import PRESETS, end_runs, load_curriculum_config, run_curriculum
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_curriculum_config(args.preset, args.config, args.overrides)
+        # under `ray job submit` the cwd is a throw-away copy: relative storage goes under ~/condensation-runs
+        base = job_storage_base(os.getcwd(), dict(os.environ), os.path.expanduser("~"))
+        cfg = dataclasses.replace(cfg, train=rebase_storage(cfg.train, base))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+
+    if cfg.train.tracking.enabled:
+        from condensation.config import resolve
+        from condensation.train.tracking import tracking_uri
+
+        print(f"run folders: {os.path.abspath(cfg.train.run.storage)}\n"
+              f"tracking: mlflow ui --backend-store-uri {tracking_uri(resolve(cfg.train))}", flush=True)
 
     import ray
 
@@ -50,8 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         # inside `ray job submit` (RAY_ADDRESS is set) join that cluster; run by hand, start a private local Ray
         # rather than attach to whatever /tmp/ray last pointed at (a stopped cluster there hangs ray.init)
         ray.init(address=args.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"))
+    # `ray job stop` sends SIGTERM: end the MLflow runs as KILLED as Ctrl-C does (ray.init's handler just exits)
+    signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
-    results = run_curriculum(cfg)
+    try:
+        results = run_curriculum(cfg)
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run and raises SystemExit
+        ray.shutdown()  # the workers stop logging before the runs are marked
+        end_runs(cfg, "KILLED")
+        print(f"\ninterrupted; the same command continues curriculum {cfg.name!r} from its last checkpoint",
+              file=sys.stderr)
+        return 130
+    except ConfigError as e:  # a config that cannot run on this cluster (e.g. workers + data tasks do not fit)
+        end_runs(cfg, "FAILED")
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     print(f"\ncurriculum {cfg.name!r} finished in {time.time() - t0:.0f} s")
     for r in results:
         print(f"  stage {r.index} ({r.total_tokens} tokens): exact {r.exact:.2f}, per digit {r.digit:.2f}, "

@@ -10,6 +10,8 @@ Run it on a Ray cluster (or a local `ray start --head`; with Ray 2.60 start that
 Config: preset defaults <- `--config file.yaml` <- `key.sub=value` overrides (see condensation.config for every
 field). Bad configs fail here, before Ray starts, naming the field. Starting again with the same run.name and
 run.storage continues the run from its last checkpoint. `--print-config` shows the resolved config and exits.
+Under `ray job submit` a relative run.storage resolves under ~/condensation-runs (the job's own folder is a
+temporary copy); the run folder and the MLflow URI are printed at the start.
 The embedded default (preset "default") trains the tiny-cpu model on local text on 2 CPU workers in a few minutes.
 """
 
@@ -17,10 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-from condensation.config import ConfigError, load_config, preset, to_yaml
-from condensation.train import fit, prepare, resolved_config_dict
+from condensation.config import ConfigError, job_storage_base, load_config, preset, rebase_storage, to_yaml
+from condensation.train import check_train_data, fit, prepare, resolved_config_dict
+from condensation.train.checkpoints import resume_point
+from condensation.train.tracking import end_run, tracking_uri
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     args = p.parse_args(argv)
     try:
-        cfg = prepare(load_config(preset(args.preset), args.config, args.overrides))
+        cfg = load_config(preset(args.preset), args.config, args.overrides)
+        # under `ray job submit` the cwd is a throw-away copy: relative storage goes under ~/condensation-runs
+        cfg = prepare(rebase_storage(cfg, job_storage_base(os.getcwd(), dict(os.environ), os.path.expanduser("~"))))
+        check_train_data(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_yaml(resolved_config_dict(cfg)))
         return 0
+    print(f"run folder: {cfg.run.run_dir}")
+    resume = resume_point(cfg.run.run_dir)
+    if resume is not None:
+        print(f"resuming from the checkpoint of step {resume[0]} ({resume[1]}){resume[2]}")
+    if cfg.tracking.enabled:
+        print(f"tracking: mlflow ui --backend-store-uri {tracking_uri(cfg)}", flush=True)
 
     import ray
 
@@ -47,8 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         # inside `ray job submit` (RAY_ADDRESS is set) join that cluster; run by hand, start a private local Ray
         # rather than attach to whatever /tmp/ray last pointed at (a stopped cluster there hangs ray.init)
         ray.init(address=args.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"))
-    # the real corpora come from the data layer (condensation.data); "local"/"synthetic" need nothing
-    result = fit(cfg)
+    # `ray job stop` sends SIGTERM: end the MLflow run as KILLED as Ctrl-C does (ray.init's handler just exits)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = fit(cfg)
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run and raises SystemExit
+        ray.shutdown()  # the workers stop logging before the run is marked
+        end_run(cfg, "KILLED")
+        print(f"\ninterrupted; the same command continues run {cfg.run.name!r} from its last checkpoint", file=sys.stderr)
+        return 130
+    except ConfigError as e:  # a config that cannot run on this cluster (e.g. workers + data tasks do not fit)
+        end_run(cfg, "FAILED")
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     print(f"done: step {result.step}; checkpoint {result.checkpoint_path}; hf {result.hf_path}; "
           f"mlflow run {result.mlflow_run_id} at {result.tracking_uri}")
     return 0

@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
-        super().__init__(f"{key}: {message}")
+        # one line: workloads print it as `config error: <key>: <message>` and scripts grep for that
+        super().__init__(" ".join(f"{key}: {message}".split()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +68,8 @@ class DataConfig:
     seq_len: tokens per row (the paper's "total" length, e.g. 4096).
     num_rows: rows to build for "local"/"synthetic" (cycled over epochs); for other sources, a cap (None = all).
     tokenizer: tokenizer name or path for `condensation.data` (None = the project's built-in one).
-    dataset_options: extra keyword arguments for the `condensation.data` source (e.g. split, min_tokens).
+    dataset_options: extra keyword arguments for the `condensation.data` source (`DATA_LAYER_OPTIONS`: e.g.
+        text_field, split, min_tokens); "local", "synthetic" and "passkey" take none.
     seed: data order / generation seed.
     """
 
@@ -110,7 +112,9 @@ class ScheduleConfig:
     per_worker_batch: sequences per micro-batch on each worker.
     num_workers: Ray Train workers (one per GPU on GPU).
     use_gpu: one GPU per worker, NCCL; False runs on CPU with gloo.
-    cpus_per_worker: CPUs reserved per worker (fractional on small CPU boxes, e.g. 0.9 on 2 cores).
+    cpus_per_worker: CPUs reserved per worker; None derives it from the cluster's CPUs when `fit` starts, leaving
+        room for the data tasks (`condensation.train.resources`). An explicit value that leaves no CPU for the
+        data tasks is an error at fit time.
     precision: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32".
     zero_stage: DeepSpeed ZeRO stage (the paper: 2).
     torch_threads: torch intra-op threads per worker; None leaves torch's default.
@@ -122,7 +126,7 @@ class ScheduleConfig:
     per_worker_batch: int = 2
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 0.9
+    cpus_per_worker: float | None = None
     precision: str = "auto"
     zero_stage: int = 2
     torch_threads: int | None = 1
@@ -381,11 +385,21 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return nested
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+def load_yaml(path: str | os.PathLike, key: str = "--config") -> dict:
+    """The mapping in a YAML file; a missing file or a syntax error is a ConfigError under `key`."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(key, f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(key, f"{path}: is a folder, not a YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(key, f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(str(path), "a config file must hold a mapping at the top level")
+        raise ConfigError(key, f"{path}: a config file must hold a mapping at the top level")
     return data
 
 
@@ -473,6 +487,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.source", "must name a source")
     if seg is not None and isinstance(seg, int) and seg > 0 and d.seq_len < 1:
         raise ConfigError("data.seq_len", "must hold at least one token")
+    _validate_dataset_options(d)
 
     if o.lr <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {o.lr}")
@@ -501,7 +516,7 @@ def validate(cfg: TrainConfig) -> None:
             f"{s.global_batch} is not divisible by per_worker_batch x num_workers = "
             f"{s.per_worker_batch} x {s.num_workers} = {s.per_worker_batch * s.num_workers}",
         )
-    if s.cpus_per_worker <= 0:
+    if s.cpus_per_worker is not None and s.cpus_per_worker <= 0:
         raise ConfigError("schedule.cpus_per_worker", f"must be positive, got {s.cpus_per_worker}")
     if s.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError("schedule.precision", f"must be 'auto', 'bf16' or 'fp32', got {s.precision!r}")
@@ -541,6 +556,52 @@ def validate(cfg: TrainConfig) -> None:
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if k in cfg.deepspeed:
             raise ConfigError(f"deepspeed.{k}", "is derived from schedule.*; set the batch there")
+
+
+# Keyword arguments of `condensation.data.pretraining_dataset` beyond (source, tokenizer, seq_len); a test keeps the
+# two in step. Spelled out here so validation needs no Ray import.
+DATA_LAYER_OPTIONS = ("min_tokens", "mode", "split", "config", "text_field", "limit_documents", "batch_size", "num_cpus")
+BUILTIN_SOURCES = ("local", "synthetic", "passkey")
+
+
+def _validate_dataset_options(d: DataConfig) -> None:
+    if not isinstance(d.dataset_options, dict):
+        raise ConfigError("data.dataset_options", f"expected a mapping, got {d.dataset_options!r}")
+    for k in d.dataset_options:
+        key = f"data.dataset_options.{k}"
+        if d.source in BUILTIN_SOURCES:
+            hint = (" (to train on your own file set data.source=/path/to/file.jsonl)" if d.source == "local" else "")
+            raise ConfigError(key, f"data.source={d.source!r} takes no dataset_options{hint}")
+        if k not in DATA_LAYER_OPTIONS:
+            raise ConfigError(key, f"not an option of data.source={d.source!r}; known: {list(DATA_LAYER_OPTIONS)}")
+    mode = d.dataset_options.get("mode")
+    if mode is not None and mode not in ("cut", "pack"):
+        raise ConfigError("data.dataset_options.mode", f"must be 'cut' or 'pack', got {mode!r}")
+
+
+def rebase_storage(cfg: TrainConfig, base_dir: str | os.PathLike | None) -> TrainConfig:
+    """A relative `run.storage` placed under `base_dir` instead of the current directory (None: unchanged).
+
+    Workloads pass a base when the current directory is not a place to keep runs, e.g. the throw-away folder
+    that `ray job submit --working-dir` unpacks a job into."""
+    storage = cfg.run.storage
+    if base_dir is None or "://" in storage or os.path.isabs(os.path.expanduser(storage)):
+        return cfg
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage=os.path.join(str(base_dir), storage)))
+
+
+JOB_STORAGE_DIR = "condensation-runs"
+
+
+def job_storage_base(cwd: str, env: dict, home: str) -> str | None:
+    """Where relative storage paths go when this process is a `ray job submit` driver: `<home>/condensation-runs`
+    (None otherwise, i.e. the current directory). A job runs in a folder Ray unpacks for it under
+    `.../runtime_resources/working_dir_files/` (or the job server's own folder without --working-dir) and may
+    delete; runs, checkpoints and mlflow.db there could not be found by `mlflow ui` nor resumed by the next job.
+    The workload passes its cwd, environment and home, since the library reads neither."""
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in env or (
+        f"{os.sep}runtime_resources{os.sep}" in cwd and f"{os.sep}working_dir_files{os.sep}" in cwd)
+    return os.path.join(home, JOB_STORAGE_DIR) if in_job else None
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

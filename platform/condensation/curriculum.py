@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .config import ConfigError, TrainConfig, merge, parse_overrides, load_yaml, to_yaml
+from .config import ConfigError, TrainConfig, _merge_into, merge, parse_overrides, load_yaml, to_yaml
 
 STAGE_DONE_TAG = "curriculum.stage_status"
 PARENT_ID_FILE = "mlflow_parent_run_id"
@@ -88,7 +88,7 @@ class CurriculumConfig:
             raise ConfigError("stages", "at least one stage is needed")
         stages = []
         for i, st in enumerate(self.stages):
-            st = st if isinstance(st, StageConfig) else merge(StageConfig(), _mapping(st, f"stages.{i}"))
+            st = st if isinstance(st, StageConfig) else _merge_into(StageConfig(), _mapping(st, f"stages.{i}"), f"stages.{i}.")
             if st.total_tokens <= 0:
                 raise ConfigError(f"stages.{i}.total_tokens", f"must be positive, got {st.total_tokens}")
             if st.steps <= 0:
@@ -308,7 +308,7 @@ def _client(cfg: CurriculumConfig):
 
 def ensure_parent_run(cfg: CurriculumConfig) -> str:
     """The curriculum's MLflow parent run, created once and found again from its id file in the storage folder."""
-    from .train.tracking import artifact_location
+    from .train.tracking import artifact_location, ensure_experiment
 
     folder = os.path.join(cfg.train.run.storage, cfg.name)
     os.makedirs(folder, exist_ok=True)
@@ -317,13 +317,12 @@ def ensure_parent_run(cfg: CurriculumConfig) -> str:
     if os.path.exists(id_file):
         run_id = open(id_file).read().strip()
         try:
-            client.get_run(run_id)
+            if client.get_run(run_id).info.status != "RUNNING":  # continued after an interrupt (KILLED)
+                client.update_run(run_id, status="RUNNING")
             return run_id
         except Exception:  # the store was wiped: start over in a new parent run
             pass
-    exp = client.get_experiment_by_name(cfg.train.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.train.tracking.experiment, artifact_location=artifact_location(cfg.train))
+    exp_id = ensure_experiment(client, cfg.train.tracking.experiment, artifact_location(cfg.train))
     run = client.create_run(exp_id, run_name=cfg.name, tags={"curriculum": cfg.name})
     client.log_text(run.info.run_id, to_yaml(cfg), "curriculum_config.yaml")
     for k, v in {"stages": len(cfg.stages), "stage_lengths": ",".join(str(s.total_tokens) for s in cfg.stages),
@@ -360,6 +359,7 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
     from .modeling import CondensationForCausalLM
     from .tokenizer import load_tokenizer
     from .train import fit
+    from .train.checkpoints import resume_point
 
     cfg.validate()
     tokenizer = load_tokenizer(cfg.train.data.tokenizer)
@@ -378,8 +378,13 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
         tcfg = stage_train_config(cfg, i)
         if parent:
             tcfg = dataclasses.replace(tcfg, tracking=dataclasses.replace(tcfg.tracking, parent_run_id=parent))
-        log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps, lr {st.lr:g} -> {st.min_lr:g}, "
-            f"from {prev or 'scratch (' + tcfg.model.size + ')'}")
+        ckpt = resume_point(os.path.join(tcfg.run.storage, tcfg.run.name))
+        if ckpt is not None:  # the training layer continues the stage's own run folder, whatever `prev` says
+            log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps: resuming stage {i} from checkpoint "
+                f"{ckpt[0]} ({ckpt[1]}){ckpt[2]}")
+        else:
+            log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps, lr {st.lr:g} -> {st.min_lr:g}, "
+                f"from {prev or 'scratch (' + tcfg.model.size + ')'}")
         res = fit(tcfg, {"train": stage_dataset(cfg, i, tokenizer)}, init_from=prev)
         if res.hf_path is None:
             raise RuntimeError(f"stage {i} left no HF export (checkpoint.export_hf is off?)")
@@ -415,7 +420,24 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
 
     if parent:
         _log_summary(cfg, parent, results, client)
+    if results and all(r.skipped for r in results):
+        log(f"curriculum {cfg.name!r} had already finished: nothing to do. To start over, give it a new name "
+            f"(name=...) or delete its folders {os.path.join(cfg.train.run.storage, cfg.name)}* ")
     return results
+
+
+def end_runs(cfg: CurriculumConfig, status: str = "KILLED") -> list[str]:
+    """End the curriculum's MLflow runs that are still RUNNING (its parent and any stage's) with `status`, e.g.
+    after Ctrl-C; the ids ended. Started again, the curriculum marks them RUNNING as it continues."""
+    from .train.tracking import end_run, end_run_id, tracking_uri
+
+    if not cfg.train.tracking.enabled:
+        return []
+    ended = [end_run(stage_train_config(cfg, i), status) for i in range(len(cfg.stages))]
+    id_file = os.path.join(cfg.train.run.storage, cfg.name, PARENT_ID_FILE)
+    if os.path.exists(id_file):
+        ended.append(end_run_id(tracking_uri(cfg.train), open(id_file).read().strip(), status))
+    return [r for r in ended if r]
 
 
 def _log_summary(cfg: CurriculumConfig, parent: str, results: list[StageResult], client) -> None:

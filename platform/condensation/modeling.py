@@ -3,7 +3,7 @@
 Read top to bottom: the config, the attention functions (eager reference beside sdpa / flex / flash), the
 (segment, layer) cell, the schedules over cells (sequential as in the paper, and the wavefront), the bounded
 generation cache, the loss (eq. 17), and the HF model classes. The rules referenced below are those of
-SPEC.md (Rules 1-10).
+docs/model.md (Rules 1-10).
 
 Shapes: B batch, L tokens, l segment length, c tokens of a chunk (<= l), d hidden, H query heads, Hkv key/value
 heads, D head dim, k cells processed together (one per layer on a wavefront diagonal), V vocab.

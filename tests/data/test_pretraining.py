@@ -110,3 +110,24 @@ def test_missing_file_and_unknown_dataset(ray_session, tokenizer, tmp_path, monk
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataSourceError, match="someone/missing-dataset"):
         pretraining_dataset("someone/missing-dataset", tokenizer, seq_len=SEQ)
+
+
+def test_missing_text_field_log_names_it_and_the_fields_there(caplog):
+    """Issue 17: `missing_field=13` per batch did not say which field, nor what the rows hold instead."""
+    import json
+    import logging
+
+    import pyarrow as pa
+
+    from condensation.data.sources import RAW_LINE, validate_batch
+
+    class Counts:
+        def add(self, counts):
+            self.counts = counts
+
+    rows = pa.table({RAW_LINE: pa.array([json.dumps({"body": "x", "id": 1}).encode()] * 3, pa.binary())})
+    report = Counts()
+    with caplog.at_level(logging.WARNING, logger="condensation.data.report"):
+        assert validate_batch(rows, ["text"], ["text"], report, "my.jsonl").num_rows == 0
+    assert report.counts["skipped_missing_field"] == 3
+    assert "['text'] (its fields: ['body', 'id']" in caplog.text and "data.dataset_options.text_field" in caplog.text

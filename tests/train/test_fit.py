@@ -140,7 +140,7 @@ def test_error_repeating_at_the_same_step_fails_at_once(ray_session, tmp_path):
 
 @pytest.mark.parametrize("prefix", ["", "bf16_"])
 def test_newest_complete_checkpoint_needs_every_ranks_shard(tmp_path, prefix):
-    from condensation.train.trainer import newest_complete_checkpoint
+    from condensation.train.checkpoints import newest_complete_checkpoint
 
     def ckpt(step, ranks):
         d = tmp_path / f"checkpoint_{step:08d}"

@@ -1,6 +1,9 @@
 """`ray job submit --working-dir . -- python workloads/pretrain.py` against a local `ray start --head` (auth off,
-as STACK.md says for Ray 2.60): the debug preset trains to its last step and exports a HF folder."""
+as STACK.md says for Ray 2.60): the debug preset trains to its last step and exports a HF folder. A relative
+run.storage lands under ~/condensation-runs, not in the job's unpacked copy of the working dir, so a resubmitted
+job finds the run (issue 17)."""
 
+import json
 import os
 import signal
 import socket
@@ -29,11 +32,14 @@ def test_ray_job_submit_pretrain(tmp_path):
     bindir = os.path.dirname(sys.executable)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": bindir + os.pathsep + os.environ["PATH"],
            "RAY_TMPDIR": "/tmp"}
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     ray_bin = os.path.join(bindir, "ray")
     # --block keeps `ray start` in the foreground, in its own process group: the test stops exactly this cluster
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                             # its own job agent port: another Ray on this machine may hold the default 52365, and
+                             # then jobs are refused with "No available agent" for as long as it runs
+                             f"--dashboard-agent-listen-port={agent}",
                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -45,23 +51,38 @@ def test_ray_job_submit_pretrain(tmp_path):
             except OSError:
                 assert time.time() < deadline and head.poll() is None, "ray start --head did not come up"
                 time.sleep(1)
-        storage = tmp_path / "runs"
-        deadline = time.time() + 120
-        while True:  # the head's job agent comes up a little after its HTTP server
-            out = subprocess.run(
-            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-             "python", "workloads/pretrain.py", "--preset", "debug", f"run.storage={storage}", "run.name=job",
-             "schedule.total_steps=3", "checkpoint.every=0", "data.num_rows=16", "data.seq_len=64",
-             "schedule.global_batch=2", "schedule.per_worker_batch=1"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-            )
-            if "No available agent" not in out.stderr + out.stdout or time.time() > deadline:
-                break
-            time.sleep(2)
+        home = tmp_path / "home"  # the job's ~ (set through its runtime env), so the test writes nothing in the real one
+        home.mkdir()
+        runtime_env = json.dumps({"env_vars": {"HOME": str(home)}})
+
+        def submit():
+            deadline = time.time() + 240
+            while True:  # the head's job agent comes up a little after its HTTP server
+                out = subprocess.run(
+                    [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                     "--runtime-env-json", runtime_env, "--",
+                     "python", "workloads/pretrain.py", "--preset", "debug", "run.storage=runs", "run.name=job",
+                     "schedule.total_steps=3", "checkpoint.every=0", "data.num_rows=16", "data.seq_len=64",
+                     "schedule.global_batch=2", "schedule.per_worker_batch=1"],
+                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                )
+                if "No available agent" not in out.stderr + out.stdout or time.time() > deadline:
+                    return out
+                time.sleep(2)
+
+        out = submit()
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
         assert "succeeded" in out.stdout + out.stderr
         assert "done: step 3" in out.stdout
+        storage = home / "condensation-runs" / "runs"
+        assert f"run folder: {storage / 'job'}" in out.stdout
+        assert f"mlflow ui --backend-store-uri sqlite:///{storage / 'mlflow.db'}" in out.stdout
         assert os.path.isdir(storage / "job" / "checkpoint_00000003" / "hf")
+        assert os.path.isfile(storage / "mlflow.db")
+        # submitted again: the same run folder, already finished, so it returns at once without training
+        again = submit()
+        assert again.returncode == 0 and "done: step 3" in again.stdout, again.stdout[-4000:] + again.stderr[-4000:]
+        assert "[condensation.train] step 1/3" not in again.stdout
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
         try:

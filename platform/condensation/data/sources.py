@@ -182,7 +182,12 @@ def validate_batch(batch: pa.Table, fields: Sequence[str], out_fields: Sequence[
         reason = next((v[0] for v in values if isinstance(v, tuple)), None)
         if reason is not None:
             skipped[reason] += 1
-            first_bad = first_bad or f"row {index} of its batch: {reason}"
+            if first_bad is None:
+                first_bad = f"row {index} of its batch: {reason}"
+                if reason == MISSING_FIELD and isinstance(row, dict):  # the usual cause: the text is under another name
+                    missing = [f for f, v in zip(fields, values) if v == (MISSING_FIELD,)]
+                    first_bad += (f" {missing} (its fields: {sorted(row)}; name the text field with text_field=..., "
+                                  f"in a training config data.dataset_options.text_field=...)")
             continue
         for column, value in zip(columns, values):
             column.append(value)

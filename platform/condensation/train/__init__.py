@@ -7,7 +7,7 @@ checkpoints through `ray.train.report`, HF export. The model itself holds no dis
     result.hf_path   # CondensationForCausalLM.from_pretrained(result.hf_path)
 """
 
-from .data import local_text_rows, rows_dataset, synthetic_rows, train_datasets
+from .data import check_train_data, local_text_rows, rows_dataset, synthetic_rows, train_datasets
 from .deepspeed_config import deepspeed_config
 from .loop import param_digest, train_loop_per_worker
 from .model import build_model
@@ -18,6 +18,7 @@ __all__ = [
     "RepeatedFailureError",
     "TrainResult",
     "build_model",
+    "check_train_data",
     "deepspeed_config",
     "fit",
     "local_text_rows",

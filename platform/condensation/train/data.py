@@ -8,6 +8,9 @@ The real sources live in `condensation.data` (the data layer); these need no dow
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from ..config import DataConfig
@@ -57,6 +60,79 @@ def rows_dataset(rows: np.ndarray):
     return ray.data.from_items([{"input_ids": r, "labels": r.copy()} for r in rows])
 
 
+def check_data(d: DataConfig, vocab_size: int | None = None) -> None:
+    """What can be known about a data-layer source before Ray starts, as ConfigErrors naming the field: a local
+    path that is not there, a tokenizer larger than the model's vocabulary, a text field the file's rows lack (read
+    from its first row). "local" and "synthetic" need nothing."""
+    from ..config import BUILTIN_SOURCES, ConfigError
+
+    if d.source in BUILTIN_SOURCES:
+        return
+    from ..data.sources import KNOWN_DATASETS, LOCAL_SUFFIXES, looks_local
+
+    local = looks_local(d.source)
+    files: list[str] = []
+    if local:
+        path = Path(d.source).expanduser()
+        if not path.exists():
+            raise ConfigError("data.source", f"{d.source}: no such file or folder (a local .jsonl/.json/.parquet file or "
+                                             f"folder, a hub id owner/name, or one of {['local', 'synthetic', *KNOWN_DATASETS]})")
+        files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*") if p.is_file())
+        files = [f for f in files if f.endswith(LOCAL_SUFFIXES)]
+        if not files:
+            raise ConfigError("data.source", f"{d.source}: no .jsonl/.json/.parquet files there")
+    try:
+        from ..tokenizer import load_tokenizer
+
+        n_tokens = len(load_tokenizer(d.tokenizer))
+    except OSError as e:
+        raise ConfigError("data.tokenizer", str(e)) from None
+    if vocab_size is not None and n_tokens > vocab_size:
+        raise ConfigError("data.tokenizer", f"{d.tokenizer or 'the builtin tokenizer'} has {n_tokens} tokens, more than the "
+                                            f"model's vocab_size {vocab_size}; use a model size with a vocabulary of at "
+                                            f"least {n_tokens} (e.g. model.size=tiny-cpu) or "
+                                            f"model.overrides.vocab_size={n_tokens}")
+    if files:
+        field = d.dataset_options.get("text_field") or "text"
+        row = _first_row(files[0])
+        if row is not None and field not in row:
+            texts = [k for k, v in row.items() if isinstance(v, str)] or ["<field>"]
+            raise ConfigError("data.dataset_options.text_field",
+                              f"the first row of {files[0]} has no field {field!r} (its fields: {list(row)}); "
+                              f"name the text field, e.g. data.dataset_options.text_field={texts[0]}")
+
+
+def check_train_data(cfg) -> None:
+    """`check_data` for a whole TrainConfig (the model's vocabulary from its size or `init_from`)."""
+    from ..config import BUILTIN_SOURCES, ConfigError
+    from .trainer import _vocab_size
+
+    if cfg.data.source in BUILTIN_SOURCES:
+        return
+    try:
+        vocab = _vocab_size(cfg)
+    except OSError as e:
+        raise ConfigError("model.init_from", f"cannot read its config: {e}") from None
+    check_data(cfg.data, vocab)
+
+
+def _first_row(path: str, max_lines: int = 100) -> dict | None:
+    """A local file's first row that parses (for parquet, its schema's fields with no values); None if none does."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return {name: None for name in pq.read_schema(path).names}
+    with open(path, "rb") as f:
+        for _, line in zip(range(max_lines), f):
+            try:
+                row = json.loads(line)
+            except ValueError:  # blank or broken lines are the data layer's to count and skip
+                continue
+            if isinstance(row, dict):
+                return row
+    return None
+
+
 def train_datasets(d: DataConfig, vocab_size: int) -> tuple[dict, dict | None]:
     """({"train": Dataset}, data-pipeline stats or None) for the configured source."""
     if d.source == "local":
@@ -75,12 +151,8 @@ def data_layer_datasets(d: DataConfig, vocab_size: int | None = None) -> tuple[d
     except ImportError as e:
         raise RuntimeError(f"data.source={d.source!r} needs condensation.data ({e}); use data.source=local or synthetic, "
                            "or pass datasets= to fit()") from e
+    check_data(d, vocab_size)
     tok = load_tokenizer(d.tokenizer)
-    if vocab_size is not None and len(tok) > vocab_size:
-        from ..config import ConfigError
-
-        raise ConfigError("data.tokenizer", f"{d.tokenizer or 'builtin'} has {len(tok)} tokens, more than the model's "
-                                            f"vocab_size {vocab_size}")
     ds, report = pretraining_dataset(d.source, tok, d.seq_len, **d.dataset_options)
     if d.num_rows is not None:
         ds = ds.limit(d.num_rows)

@@ -30,6 +30,46 @@ def artifact_location(cfg: TrainConfig) -> str | None:
     return None
 
 
+# MLflow 3's UI files experiments without this tag under GenAI ("Evaluation runs"); the value is the one its UI
+# and docs give for training models (mlflow.server js: CUSTOM_MODEL_DEVELOPMENT)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created the first time, marked as a model-training experiment (an existing
+    experiment's kind is set only when it has none, so a user's choice stays)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def end_run(cfg: TrainConfig, status: str = "KILLED") -> str | None:
+    """End the MLflow run of `cfg`'s run folder with `status` if it is still RUNNING (a run stopped from outside:
+    Ctrl-C, `ray job stop`); its id, or None when there is none. Starting the run again marks it RUNNING."""
+    id_file = os.path.join(cfg.run.run_dir, RUN_ID_FILE)
+    if not cfg.tracking.enabled or not os.path.exists(id_file):
+        return None
+    return end_run_id(tracking_uri(cfg), open(id_file).read().strip(), status)
+
+
+def end_run_id(uri: str, run_id: str, status: str = "KILLED") -> str | None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+    except Exception:  # the store was wiped or is unreachable: nothing to end
+        return None
+    client.set_terminated(run_id, status=status)
+    return run_id
+
+
 def ensure_run(cfg: TrainConfig) -> str:
     """The MLflow run id of this run folder, creating the experiment / run the first time."""
     from mlflow import MlflowClient
@@ -45,8 +85,7 @@ def ensure_run(cfg: TrainConfig) -> str:
             return run_id
         except Exception:  # the store was wiped: start a new MLflow run for this folder
             pass
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
+    exp_id = ensure_experiment(client, cfg.tracking.experiment, artifact_location(cfg))
     tags = {"run_dir": run_dir}
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id  # how MLflow nests runs

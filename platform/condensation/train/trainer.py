@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig, resolve, to_yaml
 from .deepspeed_config import deepspeed_config
-from .loop import DS_TAG, ERROR_FILE, HF_DIR, NONFINITE_FILE, STATE_FILE, train_loop_per_worker
+from .checkpoints import newest_complete_checkpoint
+from .loop import ERROR_FILE, HF_DIR, NONFINITE_FILE, STATE_FILE, train_loop_per_worker
+from .resources import worker_resources
 from .tracking import ensure_run, tracking_uri
 
 
@@ -75,30 +77,6 @@ def _mark_failed(cfg: TrainConfig, run_id: str | None) -> None:
         from .tracking import MlflowLogger
 
         MlflowLogger(tracking_uri(cfg), run_id, mark_running=False).finish("FAILED")
-
-
-def newest_complete_checkpoint(run_dir: str) -> str | None:
-    """The newest `checkpoint_<step>` folder of a run that holds its trainer state and every rank's shard.
-
-    Ray Train registers a reported checkpoint some time after every rank's `report` has written it; a worker lost
-    in between would otherwise resume from the checkpoint before (e.g. 900 with 1000 complete on disk)."""
-    if not os.path.isdir(run_dir):
-        return None
-    for name in sorted((d for d in os.listdir(run_dir) if d.startswith("checkpoint_")), reverse=True):
-        path = os.path.join(run_dir, name)
-        try:
-            with open(os.path.join(path, STATE_FILE)) as f:
-                state = json.load(f)
-            files = set(os.listdir(os.path.join(path, DS_TAG)))
-        except (OSError, ValueError):
-            continue
-        world = state.get("world_size", 1)
-        # DeepSpeed names a rank's ZeRO shard zero_pp_rank_<r>_mp_rank_00_optim_states.pt, with a bf16_ prefix in bf16
-        shards = {f.split("zero_pp_rank_")[1].split("_")[0] for f in files
-                  if "zero_pp_rank_" in f and f.endswith("_optim_states.pt")}
-        if state.get("zero_stage", 0) == 0 or shards >= {str(r) for r in range(world)}:
-            return path
-    return None
 
 
 @dataclass
@@ -173,9 +151,7 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
         raise ValueError("datasets must hold a 'train' Dataset")
 
     s = cfg.schedule
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_resources(cfg, datasets)  # fails here, not in a silent wait, when workers + data cannot fit
 
     def trainer():
         return TorchTrainer(
