@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    # operator-level progress bars of Ray Data flood a job's log; keep the dataset-level bar and the training progress
-    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    from condensation.train.runtime import quiet_driver_logs
+
+    quiet_driver_logs()
     if not ray.is_initialized():
         # inside `ray job submit` (RAY_ADDRESS is set) join that cluster; run by hand, start a private local Ray
         # rather than attach to whatever /tmp/ray last pointed at (a stopped cluster there hangs ray.init)

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from condensation.train.runtime import quiet_driver_logs
+
+    quiet_driver_logs()
     if not ray.is_initialized():
         # inside `ray job submit` (RAY_ADDRESS is set) join that cluster; run by hand, start a private local Ray
         # rather than attach to whatever /tmp/ray last pointed at (a stopped cluster there hangs ray.init)

@@ -128,6 +128,19 @@ def _quiet_worker_logs() -> None:
     import warnings
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Ray 2.60 logs "Reporting training result ..." through a logger named by its file path, which neither
+        # LoggingConfig nor the "ray.train" logger reaches
+        from ray.train.v2._internal.execution import context as ray_train_context
+
+        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars of every HF export
+    except ImportError:
+        pass
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
