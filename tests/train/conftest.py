@@ -17,17 +17,21 @@ def debug_cfg(tmp_path, name: str, *overrides: str):
     return load_config(overrides=base + list(overrides))
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for a test module: 2 CPUs, workers take 0.9 each (STACK.md)."""
+def local_ray(num_cpus: int, num_gpus: int = 0):
+    """A fresh local Ray of the test's own (address="local": never another session's cluster found via /tmp/ray)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # address="local": a fresh Ray of our own, never another session's cluster found through /tmp/ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for a test module: 2 CPUs, workers take 0.9 each (STACK.md)."""
+    yield from local_ray(2)
 
 
 def mlflow_runs(result):

@@ -16,7 +16,7 @@ import torch
 
 from condensation.train import NonFiniteLossError, RepeatedFailureError, fit, param_digest
 
-from .conftest import debug_cfg, mlflow_runs
+from .conftest import debug_cfg, local_ray, mlflow_runs
 
 N_GPUS = torch.cuda.device_count()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(N_GPUS == 0, reason="needs a CUDA GPU")]
@@ -36,13 +36,7 @@ def gpu_cfg(tmp_path, name, workers, *overrides):
 
 @pytest.fixture(scope="module")
 def ray_gpus():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=8, num_gpus=N_GPUS, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    yield from local_ray(8, N_GPUS)
 
 
 def _steps(client, run_id, key="loss"):
