@@ -1,9 +1,13 @@
 """Passkey curriculum report from MLflow: each stage's Fig. 8 heat map and a stage x length summary, one HTML page.
 
-    .venv/bin/python dashboards/passkey_report.py --tracking-uri sqlite:///runs/mlflow.db \\
-        --experiment passkey-curriculum [--parent-run RUN_ID] [--out runs/passkey_report] [--log-to-parent]
+    .venv/bin/python dashboards/passkey_report.py          # the curriculum `python workloads/curriculum.py` just ran
+    .venv/bin/python dashboards/passkey_report.py --tracking-uri sqlite:////abs/runs/mlflow.db \\
+        --experiment condensation [--parent-run RUN_ID] [--out runs/passkey_report] [--log-to-parent]
 
-Then open runs/passkey_report/index.html. Without --parent-run the newest top-level run of the experiment is used.
+Then open runs/passkey_report/index.html. The defaults are the default curriculum's: its store
+(`sqlite:///<absolute path of ./runs>/mlflow.db`) and experiment; a store that does not exist is an error, never
+created. Without --parent-run the newest curriculum run of the experiment is used (top level, tagged `curriculum`;
+else the newest top-level run).
 Stages are the parent's nested runs (tag mlflow.parentRunId), oldest first, named by their `stage` tag or run
 name; a stage's grid is the `passkey_grid.json` it logged with `condensation.evaluate.log_passkey_grid`
 (the parent's own grids, if any, come last). --log-to-parent stores the report in the parent run under `report/`.
@@ -18,6 +22,24 @@ from pathlib import Path
 
 from condensation.evaluate import PasskeyGrid, load_passkey_grids, passkey_table_html, plot_passkey_heatmap, plot_stage_summary
 from condensation.evaluate.passkey import length_label
+from condensation.evaluate.plots import heatmap_title
+
+
+def default_store() -> tuple[str, str]:
+    """(tracking URI, experiment) of the default curriculum run from the current directory, as the workload
+    resolves them."""
+    from condensation.config import resolve
+    from condensation.curriculum import default_preset, stage_train_config
+    from condensation.train.tracking import tracking_uri
+
+    train = resolve(stage_train_config(default_preset(), 0))  # the base config alone need not validate
+    return tracking_uri(train), train.tracking.experiment
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for any other store)."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
 
 
 @dataclass
@@ -28,15 +50,17 @@ class Stage:
 
 
 def find_parent_run(client, experiment: str, parent_run: str | None):
-    """The given run, or the newest run of the experiment that is not nested in another."""
+    """The given run, or the newest top-level run of the experiment, preferring curriculum parents (tagged
+    `curriculum`): the experiment may also hold runs of other workloads."""
     if parent_run:
         return client.get_run(parent_run)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"no MLflow experiment named {experiment!r}")
-    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=200):
-        if "mlflow.parentRunId" not in run.data.tags:
-            return run
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
+    top = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    for run in [*(r for r in top if "curriculum" in r.data.tags), *top]:
+        return run
     raise SystemExit(f"experiment {experiment!r} has no top-level run")
 
 
@@ -77,7 +101,7 @@ def render_report(stages: list[Stage], out_dir: str | Path, title: str = "Passke
             for n in lengths
         )
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{length_label(trained) if trained else '-'}</td>{cells}</tr>")
-        png = plot_passkey_heatmap(stage.grid, out / f"stage_{i:02d}.png", title=f"{name}: passkey retrieval")
+        png = plot_passkey_heatmap(stage.grid, out / f"stage_{i:02d}.png", title=f"{name}: {heatmap_title(stage.grid)}")
         sections.append(f"<h2>{html.escape(name)}</h2><p>run <code>{stage.run_id}</code></p>"
                         f'<img src="{png.name}" alt="heat map {html.escape(name)}"><br>{passkey_table_html(stage.grid)}')
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
@@ -91,8 +115,9 @@ def render_report(stages: list[Stage], out_dir: str | Path, title: str = "Passke
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own default)")
-    ap.add_argument("--experiment", default="passkey-curriculum")
+    uri, experiment = default_store()
+    ap.add_argument("--tracking-uri", default=uri, help=f"MLflow tracking URI (default: the default curriculum's, {uri})")
+    ap.add_argument("--experiment", default=experiment, help=f"MLflow experiment (default: {experiment})")
     ap.add_argument("--parent-run", default=None, help="run id of the curriculum's parent run (default: newest)")
     ap.add_argument("--out", default="runs/passkey_report")
     ap.add_argument("--log-to-parent", action="store_true", help="also log the report to the parent run (report/)")
@@ -100,6 +125,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     from mlflow.tracking import MlflowClient
 
+    db = sqlite_path(args.tracking_uri)
+    if db is not None and not db.is_file():  # MlflowClient would create an empty store there
+        raise SystemExit(f"no MLflow store at {db}: run `python workloads/curriculum.py` first, or pass --tracking-uri")
     client = MlflowClient(args.tracking_uri)
     parent = find_parent_run(client, args.experiment, args.parent_run)
     stages = collect_stages(client, parent, args.tracking_uri)

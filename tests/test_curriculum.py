@@ -51,8 +51,33 @@ def test_stage_override_type_error_names_the_stage():
 
 
 def test_stage_override_reaches_one_stage():
-    cfg = load_curriculum_config("default", overrides=["stages.1.steps=77", "evaluation.n_per_cell=3"])
-    assert cfg.stages[1].steps == 77 and cfg.stages[0].steps != 77 and cfg.evaluation.n_per_cell == 3
+    cfg = load_curriculum_config("default", overrides=["stages.1.steps=177", "evaluation.n_per_cell=3"])
+    assert cfg.stages[1].steps == 177 and cfg.stages[0].steps != 177 and cfg.evaluation.n_per_cell == 3
+
+
+def test_default_preset_is_two_workers_one_micro_batch():
+    cfg = load_curriculum_config("default")
+    s = cfg.train.schedule
+    assert s.num_workers == 2 and s.global_batch == 2 * s.per_worker_batch and s.grad_accum == 1
+    assert [st.total_tokens for st in cfg.stages] == [96, 192] and cfg.train.model.segment_length == 64
+    assert cfg.train.optim.warmup_steps < min(st.steps for st in cfg.stages)
+
+
+def test_answer_loss_stacks_arrays():
+    """Rows come as numpy arrays: a tensor made from a list of them is slow, and torch warns about it."""
+    import warnings
+
+    from condensation.curriculum import answer_loss
+    from condensation.modeling import CondensationForCausalLM
+    from condensation.sizes import build_config
+    from condensation.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = CondensationForCausalLM(build_config("debug", vocab_size=2048))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*list of numpy.ndarrays.*")
+        loss = answer_loss(model, load_tokenizer(), 96, n=2)
+    assert 0 < loss < 20
 
 
 @pytest.fixture(scope="module")

@@ -90,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
               f"answer loss {r.answer_loss:.3f}{' (from an earlier run)' if r.skipped else ''}")
     if cfg.train.tracking.enabled:
         from condensation.config import resolve
+        from condensation.curriculum import stage_train_config
         from condensation.train.tracking import tracking_uri
 
-        uri = tracking_uri(resolve(cfg.train))
+        # a stage's config: the base one alone need not validate (its default step count is below the warmup)
+        uri = tracking_uri(resolve(stage_train_config(cfg, 0)))
         print(f"\nlook at the runs, heat maps and summary:\n    mlflow ui --backend-store-uri {uri}")
+        print(f"or as one HTML page:\n    python dashboards/passkey_report.py --tracking-uri {uri} "
+              f"--experiment {cfg.train.tracking.experiment}")
         print(f"run folders and HF exports: {os.path.abspath(cfg.train.run.storage)}")
     return 0
 

@@ -66,3 +66,35 @@ def test_rouge_bars(tmp_path):
     other = rouge_by_length(["a b c"] * 3, ["a b c"] * 3, [10, 600, 2000])
     img = open_png(plot_rouge_by_length({"condensation": res, "llama": other}, tmp_path / "rouge.png"))
     assert img.shape == (340, 1260, 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+
+
+def test_heatmap_title_is_the_trained_lengths_accuracy():
+    from condensation.evaluate.plots import heatmap_title
+
+    title = heatmap_title(toy_grid(trained_length=4096))
+    # the 4K row's mean (what a curriculum prints for the stage), not the grid's 0.64; the grid mean is labelled
+    assert "at 4K tokens (trained): exact 0.94, per digit 1.00" in title
+    assert f"mean over all 4 lengths: exact {toy_grid().mean_exact:.2f}" in title
+    assert heatmap_title(toy_grid()).endswith("(mean over the grid)")
+    assert heatmap_title(toy_grid(trained_length=300)).endswith("(mean over the grid)")  # not in the grid
+
+
+def test_zero_accuracy_is_drawn(tmp_path):
+    """A cell at 0 shows as a dark-red marker on the axis (a bar of height 0 drew nothing)."""
+    def dark_red(acc: float) -> int:
+        g = PasskeyGrid([96, 192], [0.0, 0.5, 1.0], np.full((2, 3), acc), np.full((2, 3), acc), np.full((2, 3), 10))
+        img = open_png(plot_passkey_heatmap(g, tmp_path / f"h{acc}.png", trained_length=96)).astype(int)
+        return int(((abs(img[..., 0] - 165) < 20) & (img[..., 1] < 30) & (abs(img[..., 2] - 38) < 25)).sum())
+
+    assert dark_red(0.0) > dark_red(1.0) + 100  # 6 markers; the colour bar's red end is in both
+
+
+def test_text_contrast():
+    from matplotlib import colormaps
+
+    from condensation.evaluate.plots import CMAP, text_colour
+
+    cmap = colormaps[CMAP]
+    assert text_colour(cmap(0.0)) == "white" and text_colour(cmap(0.5)) == "black"
+    html = passkey_table_html(PasskeyGrid([96], [0.0, 1.0], [[0.0, 0.5]], [[0.0, 0.5]], [[4, 4]]))
+    assert "color:white;text-align:center\">0.00" in html and "color:black;text-align:center\">0.50" in html

@@ -61,6 +61,31 @@ def test_log_and_report(store, tmp_path):
     assert any(a.path == "report/index.html" for a in client.list_artifacts(parent, "report"))
 
 
+def test_report_defaults_open_the_default_curriculum(tmp_path, monkeypatch):
+    from condensation.curriculum import default_preset
+
+    monkeypatch.chdir(tmp_path)
+    report = load_report_module()
+    uri, experiment = report.default_store()
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}"
+    assert experiment == default_preset().train.tracking.experiment
+    # nothing run yet: one clear line, and no store created anywhere
+    with pytest.raises(SystemExit, match="no MLflow store at .*runs/mlflow.db"):
+        report.main([])
+    assert not list(tmp_path.rglob("mlflow.db")) and not (tmp_path / "mlruns").exists()
+
+    (tmp_path / "runs").mkdir()
+    client = MlflowClient(uri)
+    exp = client.create_experiment(experiment, artifact_location=str(tmp_path / "runs" / "mlartifacts"))
+    parent = client.create_run(exp, run_name="passkey-cpu", tags={"curriculum": "passkey-cpu"}).info.run_id
+    child = client.create_run(exp, run_name="stage0", tags={"mlflow.parentRunId": parent, "stage": "0: 128"}).info.run_id
+    log_passkey_grid(grid(1.0), run_id=child, tracking_uri=uri, trained_length=128)
+    client.create_run(exp, run_name="pretrain-debug")  # a newer top-level run of another workload, same experiment
+    index = report.main([])
+    assert index.resolve() == tmp_path.resolve() / "runs" / "passkey_report" / "index.html"
+    assert "0: 128" in index.read_text()
+
+
 def test_fluent_active_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fluent.db'}"
     mlflow.set_tracking_uri(uri)

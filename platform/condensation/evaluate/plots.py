@@ -35,6 +35,27 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def text_colour(rgba) -> str:
+    """Black or white, whichever reads better on a background of this colour (the colour map's dark red ends and
+    green ends take white; its pale middle takes black)."""
+    r, g, b = (float(c) for c in rgba[:3])
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def heatmap_title(grid: PasskeyGrid, trained_length: int | None = None) -> str:
+    """The accuracy at the trained length (what a curriculum prints after a stage), and the grid mean labelled as
+    such; just the grid mean when the trained length is unknown or not in the grid."""
+    trained_length = trained_length if trained_length is not None else grid.meta.get("trained_length")
+    mean = f"mean over all {len(grid.lengths)} lengths: exact {grid.mean_exact:.2f}"
+    at = grid.summary().get(int(trained_length)) if trained_length is not None else None
+    if at is None or not at["count"]:
+        return f"Passkey retrieval: exact {grid.mean_exact:.2f}, per digit {grid.mean_digit:.2f} (mean over the grid)"
+    if len(grid.lengths) == 1:
+        return f"Passkey retrieval at {length_label(trained_length)} tokens (trained): exact {at['exact']:.2f}, per digit {at['digit']:.2f}"
+    return (f"Passkey retrieval at {length_label(trained_length)} tokens (trained): exact {at['exact']:.2f}, "
+            f"per digit {at['digit']:.2f}; {mean}")
+
+
 def plot_passkey_heatmap(
     grid: PasskeyGrid,
     path: str | Path,
@@ -43,15 +64,18 @@ def plot_passkey_heatmap(
     title: str | None = None,
     ncols: int | None = None,
 ) -> Path:
-    """Fig. 8: one panel per total length; x = needle depth, bar height and colour = exact-match accuracy, black
-    dots = per-digit accuracy. The trained length's panel is framed in red; in longer panels a dashed red line
-    marks the depth whose absolute position equals the trained length (the paper's x is the needle's position).
+    """Fig. 8: one panel per total length; x = needle depth, coloured squares joined by a line = exact-match accuracy
+    (a 0 stays visible on the axis, as a bar would not), black dots = per-digit accuracy. The trained length's
+    panel is framed in red. In longer panels a dashed red line marks the depth at which the needle is the trained
+    length away from the end of the prompt: to its right the needle is as close to the question as in training,
+    to its left farther than any training example put it.
 
-    trained_length defaults to grid.meta["trained_length"]. Returns the PNG path.
+    trained_length defaults to grid.meta["trained_length"]; title defaults to `heatmap_title`. Returns the PNG path.
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
 
     trained_length = trained_length if trained_length is not None else grid.meta.get("trained_length")
     n = len(grid.lengths)
@@ -59,24 +83,33 @@ def plot_passkey_heatmap(
     nrows = math.ceil(n / ncols)
     fig = _figure(3.6 * ncols + 0.9, 2.9 * nrows + 0.6, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
-    annotate = len(grid.depths) <= 6  # numbers on bars only while they fit
+    annotate = len(grid.depths) <= 6  # numbers next to the points only while they fit
     cmap, norm = colormaps[CMAP], Normalize(0.0, 1.0)
     depths = np.asarray(grid.depths)
     gaps = np.diff(np.sort(depths))
-    width = 0.8 * (gaps[gaps > 0].min() if (gaps > 0).any() else 0.1)
+    pad = 0.5 * (gaps[gaps > 0].min() if (gaps > 0).any() else 0.1)
+    order = np.argsort(depths)
+    handles = [Line2D([], [], color="0.4", marker="s", markerfacecolor=cmap(norm(0.5)), markeredgecolor="0.2",
+                      label="exact match"),
+               Line2D([], [], color="black", marker="o", linestyle=":", markersize=3.5, label="per digit")]
     for idx, length in enumerate(grid.lengths):
         ax = axes[idx // ncols][idx % ncols]
         has = grid.counts[idx] > 0
-        exact = np.where(has, grid.exact[idx], 0.0)
-        ax.bar(depths, exact, width=width, color=cmap(norm(exact)), edgecolor="0.3", linewidth=0.5, label="exact")
-        ax.plot(depths[has], grid.digit[idx][has], "o", color="black", markersize=3.5, label="per digit")
+        keep = order[has[order]]
+        exact = grid.exact[idx]
+        ax.axhline(0.0, color="0.85", linewidth=0.8, zorder=0)
+        ax.plot(depths[keep], exact[keep], "-", color="0.4", linewidth=1.0, zorder=2)
+        ax.scatter(depths[keep], exact[keep], s=46, marker="s", c=cmap(norm(exact[keep])), edgecolors="0.2",
+                   linewidths=0.6, zorder=3)
+        ax.plot(depths[keep], grid.digit[idx][keep], "o:", color="black", markersize=3.5, linewidth=0.8, zorder=4)
         for d, v, ok in zip(depths, exact, has):
             if annotate or not ok:
-                ax.text(d, min(v, 0.9) + 0.03, f"{v:.2f}" if ok else "-", ha="center", va="bottom", fontsize=7)
-        ax.set_xlim(depths.min() - width, depths.max() + width)
+                y = v + 0.06 if v < 0.85 else v - 0.07
+                ax.text(d, y if ok else 0.03, f"{v:.2f}" if ok else "-", ha="center", va="center", fontsize=7)
+        ax.set_xlim(depths.min() - pad, depths.max() + pad)
         if annotate:
             ax.set_xticks(depths, [depth_key(d) for d in depths])
-        ax.set_ylim(0, 1.08)
+        ax.set_ylim(-0.08, 1.1)
         label = f"{length_label(length)} tokens"
         if trained_length is not None and length == trained_length:
             ax.set_title(label + " (trained)", color="red", fontweight="bold")
@@ -86,23 +119,20 @@ def plot_passkey_heatmap(
         else:
             ax.set_title(label)
         if trained_length is not None and length > trained_length:
-            ax.axvline(trained_length / length, color="red", linestyle="--", linewidth=1.2)
-            ax.text(trained_length / length, 1.06, f" {length_label(trained_length)}", color="red", fontsize=7,
-                    va="top", ha="left")
+            ax.axvline(1.0 - trained_length / length, color="red", linestyle="--", linewidth=1.2, zorder=1)
         if idx % ncols == 0:
             ax.set_ylabel("accuracy")
         if idx + ncols >= n:  # nothing below this panel
             ax.set_xlabel("needle depth")
     for idx in range(n, nrows * ncols):
         axes[idx // ncols][idx % ncols].set_visible(False)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    if trained_length is not None and any(length > trained_length for length in grid.lengths):
+        handles.append(Line2D([], [], color="red", linestyle="--",
+                              label=f"needle {length_label(trained_length)} tokens before the end (trained length; "
+                                    "farther to its left)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label="exact match")
-    if title is None:
-        title = f"Passkey retrieval: exact {grid.mean_exact:.2f}, per digit {grid.mean_digit:.2f}"
-        if trained_length is not None:
-            title += f" (trained at {length_label(trained_length)})"
-    fig.suptitle(title)
+    fig.suptitle(title if title is not None else heatmap_title(grid, trained_length))
     return _save(fig, path)
 
 
@@ -115,7 +145,7 @@ def plot_passkey_matrix(grid: PasskeyGrid, path: str | Path, metric: str = "exac
     im = ax.imshow(values, cmap=CMAP, vmin=0, vmax=1, aspect="auto")
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
-            ax.text(j, i, "-" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+            _annotate(ax, j, i, values[i, j], im)
     ax.set_xticks(range(len(grid.depths)), [depth_key(d) for d in grid.depths])
     ax.set_yticks(range(len(grid.lengths)), [length_label(n) + (" *" if n == trained_length else "") for n in grid.lengths])
     ax.set_xlabel("needle depth")
@@ -124,6 +154,13 @@ def plot_passkey_matrix(grid: PasskeyGrid, path: str | Path, metric: str = "exac
     fig.suptitle(f"Passkey {metric} accuracy")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _annotate(ax, x: int, y: int, value: float, im) -> None:
+    if np.isnan(value):
+        ax.text(x, y, "-", ha="center", va="center", fontsize=8)
+    else:
+        ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=8, color=text_colour(im.cmap(im.norm(value))))
 
 
 def plot_stage_summary(
@@ -145,7 +182,7 @@ def plot_stage_summary(
     im = ax.imshow(values, cmap=CMAP, vmin=0, vmax=1, aspect="auto")
     for i, s in enumerate(stages):
         for j in range(len(lengths)):
-            ax.text(j, i, "-" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+            _annotate(ax, j, i, values[i, j], im)
         t = (trained_lengths or {}).get(s, grids[s].meta.get("trained_length"))
         if t in lengths:
             j = lengths.index(t)
@@ -170,7 +207,8 @@ def passkey_table_html(grid: PasskeyGrid, metric: str = "exact") -> str:
     def td(v: float) -> str:
         if v is None or np.isnan(v):
             return "<td>-</td>"
-        return f'<td style="background:{to_hex(cmap(float(v)))};text-align:center">{v:.2f}</td>'
+        rgba = cmap(float(v))
+        return f'<td style="background:{to_hex(rgba)};color:{text_colour(rgba)};text-align:center">{v:.2f}</td>'
 
     head = "<tr><th>length</th>" + "".join(f"<th>{html.escape(depth_key(d))}</th>" for d in grid.depths) + "<th>mean</th></tr>"
     rows = [
