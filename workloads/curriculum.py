@@ -24,8 +24,9 @@ import signal
 import sys
 import time
 
-from condensation.config import ConfigError, job_storage_base, rebase_storage, to_yaml
-from condensation.curriculum import PRESETS, end_runs, load_curriculum_config, run_curriculum
+from condensation.config import ConfigError, job_storage_base, rebase_storage, resolve, to_yaml
+from condensation.curriculum import PRESETS, end_runs, load_curriculum_config, run_curriculum, stage_train_config
+from condensation.train.tracking import tracking_uri
 
 
 def _interrupt(signum, frame):
@@ -53,12 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg))
         return 0
 
+    uri = tracking_uri(resolve(stage_train_config(cfg, 0)))  # the base config alone need not validate
     if cfg.train.tracking.enabled:
-        from condensation.config import resolve
-        from condensation.train.tracking import tracking_uri
-
-        print(f"run folders: {os.path.abspath(cfg.train.run.storage)}\n"
-              f"tracking: mlflow ui --backend-store-uri {tracking_uri(resolve(cfg.train))}", flush=True)
+        print(f"run folders: {os.path.abspath(cfg.train.run.storage)}\ntracking: mlflow ui --backend-store-uri {uri}",
+              flush=True)
 
     import ray
 
@@ -89,12 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  stage {r.index} ({r.total_tokens} tokens): exact {r.exact:.2f}, per digit {r.digit:.2f}, "
               f"answer loss {r.answer_loss:.3f}{' (from an earlier run)' if r.skipped else ''}")
     if cfg.train.tracking.enabled:
-        from condensation.config import resolve
-        from condensation.curriculum import stage_train_config
-        from condensation.train.tracking import tracking_uri
-
-        # a stage's config: the base one alone need not validate (its default step count is below the warmup)
-        uri = tracking_uri(resolve(stage_train_config(cfg, 0)))
         print(f"\nlook at the runs, heat maps and summary:\n    mlflow ui --backend-store-uri {uri}")
         print(f"or as one HTML page:\n    python dashboards/passkey_report.py --tracking-uri {uri} "
               f"--experiment {cfg.train.tracking.experiment}")
