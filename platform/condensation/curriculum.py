@@ -185,7 +185,10 @@ def paper_preset() -> CurriculumConfig:
     segment 512, stages 2K/4K/8K/16K for 500/300/1000/1000 steps at lr 6e-5, global batch 64, ZeRO-2, bf16 on GPUs;
     evaluation at 2K-64K and depths 0..1 (Fig. 8)."""
     train = merge(TrainConfig(), {
-        "model": {"init_from": "meta-llama/Llama-3.2-1B", "segment_length": 512, "overrides": {"checkpoint_cells": True}},
+        # the fast path of the 1B shape: compiled cells and one weight-gradient GEMM per layer; group checkpoints keep
+        # the 16K stage's activations flat in length
+        "model": {"init_from": "meta-llama/Llama-3.2-1B", "segment_length": 512,
+                  "overrides": {"compile_cells": True, "weight_grads": "deferred", "checkpoint_group_steps": 8}},
         "data": {"tokenizer": "meta-llama/Llama-3.2-1B"},
         "optim": {"warmup_steps": 20, "weight_decay": 0.0},
         "schedule": {"global_batch": 64, "per_worker_batch": 1, "num_workers": 8, "use_gpu": True,
