@@ -30,7 +30,7 @@ def local_ray(num_cpus: int, num_gpus: int = 0):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for a test module: 2 CPUs, workers take 0.9 each (STACK.md)."""
+    """One local Ray for a test module: 2 CPUs (the CI machine)."""
     yield from local_ray(2)
 
 

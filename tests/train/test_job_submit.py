@@ -1,5 +1,5 @@
 """`ray job submit --working-dir . -- python workloads/pretrain.py` against a local `ray start --head` (auth off,
-as STACK.md says for Ray 2.60): the debug preset trains to its last step and exports a HF folder. A relative
+Ray 2.60 turns token auth on by default; a head on this machine only): the debug preset trains to its last step and exports a HF folder. A relative
 run.storage lands under ~/condensation-runs, not in the job's unpacked copy of the working dir, so a resubmitted
 job finds the run (issue 17)."""
 
