@@ -61,13 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from condensation.train.runtime import quiet_driver_logs
+    from condensation.train.runtime import init_ray
 
-    quiet_driver_logs()
-    if not ray.is_initialized():
-        # inside `ray job submit` (RAY_ADDRESS is set) join that cluster; run by hand, start a private local Ray
-        # rather than attach to whatever /tmp/ray last pointed at (a stopped cluster there hangs ray.init)
-        ray.init(address=args.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"))
+    init_ray(args.ray_address, joining=bool(os.environ.get("RAY_ADDRESS")), use_gpu=cfg.train.schedule.use_gpu)
     # `ray job stop` sends SIGTERM: end the MLflow runs as KILLED as Ctrl-C does (ray.init's handler just exits)
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
