@@ -46,8 +46,9 @@ class ModelConfig:
 
     size: named size of `condensation.sizes.MODEL_SIZES` ("debug", "tiny-cpu", "table1", "llama-3.2-1b",
         "llama-3.2-3b"); the architecture when `init_from` is not set.
-    init_from: a HF folder (a Llama or Condensation checkpoint, e.g. a previous stage's `hf` export) or hub id to
-        load weights and architecture from; `size` is then ignored. None trains from random init.
+    init_from: a HF folder (a Llama or Condensation checkpoint, e.g. a previous stage's `hf` export), hub id, or a
+        `condensation.pretrained` name ("smollm2-135m-instruct") to load weights and architecture from; `size` is
+        then ignored. None trains from random init.
     segment_length: tokens per segment `l`; None keeps the size's (or checkpoint's) value.
     overrides: further `CondensationConfig` fields (e.g. segment_schedule, checkpoint_cells, loss_reduction,
         segment_attention, memory_grad_segments, loss_chunk_tokens).
@@ -67,7 +68,8 @@ class DataConfig:
         repeated patterns), or a source name understood by `condensation.data` (e.g. "fineweb-edu").
     seq_len: tokens per row (the paper's "total" length, e.g. 4096).
     num_rows: rows to build for "local"/"synthetic" (cycled over epochs); for other sources, a cap (None = all).
-    tokenizer: tokenizer name or path for `condensation.data` (None = the project's built-in one).
+    tokenizer: tokenizer name or path for `condensation.data` (None = the project's built-in one; a
+        `condensation.pretrained` name gives that checkpoint's tokenizer).
     dataset_options: extra keyword arguments for the `condensation.data` source (`DATA_LAYER_OPTIONS`: e.g.
         text_field, split, min_tokens); "local", "synthetic" and "passkey" take none.
     seed: data order / generation seed.
@@ -435,6 +437,17 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # Validation: before Ray starts, naming the field
 
 
+def _check_pretrained_installed(key: str, name: str | None) -> None:
+    """A registered pretrained name whose optional extra is missing fails here, before Ray, not in every worker."""
+    from .pretrained import MissingExtraError, check_installed, is_registered
+
+    if is_registered(name):
+        try:
+            check_installed(name)
+        except MissingExtraError as e:
+            raise ConfigError(key, str(e)) from None
+
+
 def validate(cfg: TrainConfig) -> None:
     from .sizes import MODEL_SIZES
 
@@ -445,7 +458,9 @@ def validate(cfg: TrainConfig) -> None:
     if m.init_from is None and m.size not in MODEL_SIZES:
         raise ConfigError("model.size", f"unknown model size {m.size!r}; known sizes: {sorted(MODEL_SIZES)}")
     if m.init_from is not None and (not isinstance(m.init_from, str) or not m.init_from.strip()):
-        raise ConfigError("model.init_from", "must be a folder or hub id")
+        raise ConfigError("model.init_from", "must be a folder, hub id or condensation.pretrained name")
+    _check_pretrained_installed("model.init_from", m.init_from)
+    _check_pretrained_installed("data.tokenizer", d.tokenizer)
     if m.segment_length is not None and m.segment_length <= 0:
         raise ConfigError("model.segment_length", f"must be a positive int, got {m.segment_length}")
     seg = m.segment_length

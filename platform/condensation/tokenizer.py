@@ -31,7 +31,8 @@ SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN]
 
 
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerFast:
-    """Load the shipped offline tokenizer (None or "builtin") or any HF tokenizer id / local folder.
+    """Load the shipped offline tokenizer (None or "builtin"), a `condensation.pretrained` name (its converted
+    folder's tokenizer, e.g. "smollm2-135m-instruct"), or any HF tokenizer id / local folder.
 
     A tokenizer without a pad token gets its eos as pad, because the data layer pads summarization
     examples and needs some id there (padded positions always carry label -100, so the choice is inert).
@@ -44,6 +45,9 @@ def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerFast:
             )
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(BUILTIN_DIR))
     else:
+        from .pretrained import resolve_pretrained
+
+        name_or_path = resolve_pretrained(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError) as error:

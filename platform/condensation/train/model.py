@@ -15,6 +15,8 @@ def build_model(m: ModelConfig, dtype: torch.dtype = torch.float32) -> Condensat
     if m.segment_length is not None:
         kw["segment_length"] = m.segment_length
     if m.init_from:
-        return CondensationForCausalLM.from_pretrained(m.init_from, dtype=dtype, **kw)
+        from ..pretrained import resolve_pretrained  # a registered name (e.g. "smollm2-135m-instruct") -> its folder
+
+        return CondensationForCausalLM.from_pretrained(resolve_pretrained(m.init_from), dtype=dtype, **kw)
     model = CondensationForCausalLM(build_config(m.size, **kw))
     return model.to(dtype)

@@ -107,7 +107,9 @@ def _vocab_size(cfg: TrainConfig) -> int:
     if cfg.model.init_from:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(cfg.model.init_from).vocab_size
+        from ..pretrained import resolve_pretrained
+
+        return AutoConfig.from_pretrained(resolve_pretrained(cfg.model.init_from)).vocab_size
     from ..sizes import MODEL_SIZES
 
     return cfg.model.overrides.get("vocab_size", MODEL_SIZES[cfg.model.size]["vocab_size"])
