@@ -156,10 +156,11 @@ def test_real_tiny_model(tok, tiny_model):
 
 
 def test_with_the_data_layer():
-    """The default prompt builder (condensation.data.passkey) and the shipped tokenizer, once they exist."""
-    passkey = pytest.importorskip("condensation.data.passkey")
-    tokenizer_mod = pytest.importorskip("condensation.tokenizer")
-    tokenizer = tokenizer_mod.load_tokenizer()
+    """The default prompt builder (condensation.data.passkey) and the shipped tokenizer."""
+    from condensation.data import passkey
+    from condensation.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
     lengths = [256, 384]
     grid = passkey_grid(OracleModel(tokenizer, "right"), tokenizer, lengths, [0.0, 0.5, 1.0], n_per_cell=2, progress=False)
     np.testing.assert_array_equal(grid.exact, 1.0)

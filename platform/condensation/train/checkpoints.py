@@ -27,21 +27,27 @@ def _state(path: str) -> dict | None:
         return None
 
 
-def is_complete(path: str) -> bool:
-    """Rank 0's trainer state and, under ZeRO, every rank's optimizer shard (DeepSpeed names it
-    `zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, with a `bf16_` prefix in bf16)."""
+def checkpoint_step(path: str) -> int:
+    """The optimizer step a checkpoint folder holds (its trainer state must exist)."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return int(json.load(f)["step"])
+
+
+def _complete_step(path: str) -> int | None:
+    """The folder's step if it holds rank 0's trainer state and, under ZeRO, every rank's optimizer shard (DeepSpeed
+    names it `zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, with a `bf16_` prefix in bf16); else None."""
     state = _state(path)
     if state is None:
-        return False
+        return None
     if state.get("zero_stage", 0) == 0:
-        return True
+        return int(state["step"])
     try:
         files = os.listdir(os.path.join(path, DS_TAG))
     except OSError:
-        return False
+        return None
     shards = {f.split("zero_pp_rank_")[1].split("_")[0] for f in files
               if "zero_pp_rank_" in f and f.endswith("_optim_states.pt")}
-    return shards >= {str(r) for r in range(state.get("world_size", 1))}
+    return int(state["step"]) if shards >= {str(r) for r in range(state.get("world_size", 1))} else None
 
 
 def on_disk(run_dir: str) -> list[tuple[int, str]]:
@@ -51,8 +57,8 @@ def on_disk(run_dir: str) -> list[tuple[int, str]]:
     found = []
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)
-        if name.startswith("checkpoint_") and is_complete(path):
-            found.append((int(_state(path)["step"]), path))
+        if name.startswith("checkpoint_") and (step := _complete_step(path)) is not None:
+            found.append((step, path))
     return sorted(found)
 
 

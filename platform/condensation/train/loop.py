@@ -34,12 +34,11 @@ import time
 import torch
 
 from ..config import TrainConfig, to_yaml
+from .checkpoints import DS_TAG, STATE_FILE, checkpoint_step
 from .deepspeed_config import deepspeed_config
 from .model import build_model
 from .tracking import make_logger
 
-DS_TAG = "ds"
-STATE_FILE = "trainer_state.json"
 HF_DIR = "hf"
 NONFINITE_FILE = "nonfinite_loss.json"
 ERROR_FILE = "last_error.json"
@@ -72,13 +71,6 @@ def _say(line: str) -> None:
     the root logger, so each printed line reached the driver twice."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def _checkpoint_step(path: str | None) -> int:
-    if not path:
-        return -1
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)["step"]
 
 
 def _batches(shard, batch_size: int, device: torch.device):
@@ -184,10 +176,10 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     resume = config.get("resume_from")  # the newest complete checkpoint on disk, which Ray may not know of yet
     if ckpt is not None or resume:
         with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(resume)) as d:
-            if resume and _checkpoint_step(resume) > _checkpoint_step(d):
+            if resume and checkpoint_step(resume) > checkpoint_step(d):
                 d = resume
             engine.load_checkpoint(d, tag=DS_TAG)
-            step = _checkpoint_step(d)
+            step = checkpoint_step(d)
         if rank == 0:
             _say(f"[condensation.train] resumed from {d} at step {step}")
     progress["step"] = step

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig, resolve, to_yaml
 from .deepspeed_config import deepspeed_config
-from .checkpoints import newest_complete_checkpoint
-from .loop import ERROR_FILE, HF_DIR, NONFINITE_FILE, STATE_FILE, train_loop_per_worker
+from .checkpoints import checkpoint_step, newest_complete_checkpoint
+from .loop import ERROR_FILE, HF_DIR, NONFINITE_FILE, train_loop_per_worker
 from .resources import worker_resources
 from .tracking import ensure_run, tracking_uri
 
@@ -169,8 +169,8 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
                 # retries are decided here (below), so that a repeated bug is not retried like a lost worker
                 failure_config=ray.train.FailureConfig(max_failures=0),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-                # Ray Train's per-rank INFO lines (each report's metrics, echoed from every worker) drown the
-                # one progress line per interval that rank 0 prints
+                # Ray Train's own INFO lines would drown the one progress line per interval that rank 0 prints
+                # (its per-report echo has a logger of its own, silenced in the worker loop)
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
             datasets=datasets,
@@ -218,8 +218,7 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
         raise NonFiniteLossError(f"{info['message']} (last good checkpoint: {last})", info["step"], last)
     if last is None:
         raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
-    with open(os.path.join(last, STATE_FILE)) as f:
-        step = json.load(f)["step"]
+    step = checkpoint_step(last)
     hf = os.path.join(last, HF_DIR)
     return TrainResult(
         checkpoint_path=last,
