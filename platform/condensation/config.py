@@ -439,9 +439,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _check_pretrained_installed(key: str, name: str | None) -> None:
     """A registered pretrained name whose optional extra is missing fails here, before Ray, not in every worker."""
-    from .pretrained import MissingExtraError, check_installed, is_registered
+    from .pretrained import MissingExtraError, check_installed, is_converted, is_registered
 
-    if is_registered(name):
+    if is_registered(name) and not is_converted(name):  # once converted, the folder is all a run reads
         try:
             check_installed(name)
         except MissingExtraError as e:

@@ -34,6 +34,8 @@ class StageConfig:
     lr: peak learning rate (the paper: 6e-5); min_lr: final learning rate of the stage's cosine decay.
     depth_range: needle depths drawn uniformly from [lo, hi] for training rows (1.0 = just before the question),
         so a stage can first teach retrieval from nearby segments.
+    per_worker_batch: sequences per micro-batch in this stage (None: the base config's); shorter stages can take
+        larger micro-batches for the same memory.
     """
 
     total_tokens: int = 128
@@ -41,6 +43,29 @@ class StageConfig:
     lr: float = 6e-5
     min_lr: float = 6e-6
     depth_range: list = field(default_factory=lambda: [0.0, 1.0])
+    per_worker_batch: int | None = None
+
+
+@dataclass
+class PretrainingConfig:
+    """Continual pretraining on long text before the passkey stages: the paper's step that turns a pretrained Llama
+    into a Condensation model (Table III: FineWeb-edu documents over 4K tokens, 6491 steps, lr 6e-5 -> 2e-5).
+
+    steps: optimizer steps; 0 skips it (the curriculum starts from `train.model.init_from` as it is).
+    source: the text (`data.source` of the training config: a hub id, a known name or a local jsonl/parquet path).
+    total_tokens: tokens per training sequence; documents shorter than this are skipped, longer ones cut.
+    lr, min_lr: peak and final learning rate of its cosine decay.
+    dataset_options: options of the data source (`data.dataset_options`, e.g. {"mode": "pack"} to join documents).
+    per_worker_batch: sequences per micro-batch (None: the base config's).
+    """
+
+    steps: int = 0
+    source: str = "fineweb-edu"
+    total_tokens: int = 4096
+    lr: float = 6e-5
+    min_lr: float = 2e-5
+    dataset_options: dict = field(default_factory=dict)
+    per_worker_batch: int | None = None
 
 
 @dataclass
@@ -49,6 +74,9 @@ class EvalConfig:
 
     lengths: total prompt lengths (the paper: 2K ... 64K); depths: needle depths in [0, 1].
     n_per_cell: prompts per (length, depth) cell; batch_size: prompts per generate call; seed: passkeys.
+    final_only: the whole grid after the last stage only; earlier stages are scored at their own length (all
+        depths), which costs a fraction of a 64K grid.
+    device: where the grid runs: "auto" (the first GPU when the stages train on GPUs, else the CPU), "cpu", "cuda".
     """
 
     lengths: list = field(default_factory=lambda: [128, 256])
@@ -56,6 +84,26 @@ class EvalConfig:
     n_per_cell: int = 8
     batch_size: int = 16
     seed: int = 1234
+    final_only: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class LongContextConfig:
+    """Loss by position on held-out long text after the last stage, for the final model and the model the curriculum
+    started from (as a plain Llama with full attention, and as Condensation), as `workloads/evaluate.py` computes it.
+
+    text: a local jsonl of held-out documents (`text` field), never trained on; None skips this evaluation.
+    length: tokens per window; windows: how many windows; bin_tokens: width of a position bin.
+    baseline_max_tokens: the full-attention baseline runs on windows up to this length (its memory grows with it).
+    """
+
+    text: str | None = None
+    length: int = 65536
+    windows: int = 4
+    bin_tokens: int = 1024
+    batch_size: int = 1
+    baseline_max_tokens: int = 65536
 
 
 @dataclass
@@ -70,15 +118,19 @@ class CurriculumConfig:
         pretrained model on the answer.
     cache_rows: generate a stage's rows once and keep them in Ray's object store for every epoch (small stages);
         False streams them again each epoch (stages whose rows would not fit in memory).
-    stages: the stages in order; evaluation: the grid after each stage.
+    pretraining: continual pretraining on long text before the first stage (off unless its steps > 0).
+    stages: the stages in order; evaluation: the grid after each stage; long_context: loss by position on held-out
+        text after the last stage.
     """
 
     name: str = "passkey-curriculum"
     train_rows: int = 2048
     full_lm_loss: bool = True
     cache_rows: bool = True
+    pretraining: PretrainingConfig = field(default_factory=PretrainingConfig)
     stages: list = field(default_factory=lambda: [StageConfig()])
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    long_context: LongContextConfig = field(default_factory=LongContextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "CurriculumConfig":
@@ -98,6 +150,21 @@ class CurriculumConfig:
                 raise ConfigError(f"stages.{i}.depth_range", f"needs 0 <= lo <= hi <= 1, got {st.depth_range}")
             stages.append(st)
         self.stages = stages
+        pre = self.pretraining
+        if pre.steps < 0:
+            raise ConfigError("pretraining.steps", f"must be >= 0, got {pre.steps}")
+        if pre.steps and pre.total_tokens < 2:
+            raise ConfigError("pretraining.total_tokens", f"must be at least 2, got {pre.total_tokens}")
+        if self.evaluation.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("evaluation.device", f"one of auto, cpu, cuda; got {self.evaluation.device!r}")
+        lc = self.long_context
+        if lc.text is not None:
+            if not os.path.exists(os.path.expanduser(lc.text)):
+                raise ConfigError("long_context.text", f"{lc.text}: no such file or folder (held-out jsonl text; "
+                                                       "`python workloads/make_corpus.py` builds one)")
+            for key in ("length", "windows", "bin_tokens", "batch_size"):
+                if getattr(lc, key) <= 0:
+                    raise ConfigError(f"long_context.{key}", f"must be positive, got {getattr(lc, key)}")
         if any(not 0 <= d <= 1 for d in self.evaluation.depths):
             raise ConfigError("evaluation.depths", f"depths must lie in [0, 1], got {self.evaluation.depths}")
         if any(int(n) <= 0 for n in self.evaluation.lengths):
@@ -109,6 +176,17 @@ class CurriculumConfig:
                 validate_train(stage_train_config(self, i))
             except ConfigError as e:
                 raise ConfigError(f"stages.{i} -> train.{e.key}", str(e).split(": ", 1)[-1]) from None
+        if pre.steps:
+            from .train.data import check_train_data
+
+            try:
+                pre_cfg = pretraining_train_config(self)
+                validate_train(pre_cfg)
+                check_train_data(pre_cfg)
+            except ConfigError as e:
+                key = e.key.replace("data.source", "source").replace("data.dataset_options", "dataset_options")
+                where = f"pretraining.{key}" if not key.startswith(("model.", "schedule.", "optim.")) else f"pretraining -> train.{key}"
+                raise ConfigError(where, str(e).split(": ", 1)[-1]) from None
         return self
 
 
@@ -122,6 +200,25 @@ def stage_name(cfg: CurriculumConfig, i: int) -> str:
     return f"{cfg.name}-stage{i}-{cfg.stages[i].total_tokens}"
 
 
+def pretraining_name(cfg: CurriculumConfig) -> str:
+    return f"{cfg.name}-pretrain-{cfg.pretraining.total_tokens}"
+
+
+def pretraining_train_config(cfg: CurriculumConfig) -> TrainConfig:
+    """The training config of the continual pretraining: the base config on the long text, next-token loss
+    everywhere, with its own length, steps, rates and run folder."""
+    pre, t = cfg.pretraining, cfg.train
+    return dataclasses.replace(
+        t,
+        data=dataclasses.replace(t.data, source=pre.source, seq_len=pre.total_tokens, num_rows=None,
+                                 dataset_options=dict(pre.dataset_options)),
+        optim=dataclasses.replace(t.optim, lr=pre.lr, min_lr=pre.min_lr),
+        schedule=dataclasses.replace(t.schedule, total_steps=pre.steps,
+                                     per_worker_batch=pre.per_worker_batch or t.schedule.per_worker_batch),
+        run=dataclasses.replace(t.run, name=pretraining_name(cfg)),
+    )
+
+
 def stage_train_config(cfg: CurriculumConfig, i: int) -> TrainConfig:
     """The training config of stage i: the base config with this stage's length, steps, rates and run folder."""
     st, t = cfg.stages[i], cfg.train
@@ -129,7 +226,8 @@ def stage_train_config(cfg: CurriculumConfig, i: int) -> TrainConfig:
         t,
         data=dataclasses.replace(t.data, source="passkey", seq_len=st.total_tokens, num_rows=cfg.train_rows),
         optim=dataclasses.replace(t.optim, lr=st.lr, min_lr=st.min_lr),
-        schedule=dataclasses.replace(t.schedule, total_steps=st.steps),
+        schedule=dataclasses.replace(t.schedule, total_steps=st.steps,
+                                     per_worker_batch=st.per_worker_batch or t.schedule.per_worker_batch),
         run=dataclasses.replace(t.run, name=stage_name(cfg, i)),
     )
 
@@ -217,8 +315,39 @@ def h200_preset() -> CurriculumConfig:
                                                               depths=[round(0.25 * i, 2) for i in range(5)]))
 
 
+def smollm2_preset() -> CurriculumConfig:
+    """The paper's passkey experiment on a real pretrained Llama that installs offline (SmolLM2-135M-Instruct, trained
+    context 8K), scaled to one H200 and minutes: continual pretraining as Condensation (segment 512) on real long
+    text, then passkey stages at 2K, 4K and 8K, then the grid at 1K-64K (up to 8x the last trained length) and loss by
+    position on held-out text. The text comes from `python workloads/make_corpus.py` (data/corpus). With N GPUs:
+    train.schedule.num_workers=N (the global batch stays the same)."""
+    train = merge(TrainConfig(), {
+        "model": {"init_from": "smollm2-135m-instruct", "segment_length": 512,
+                  "overrides": {"loss_reduction": "token_mean"}},
+        "data": {"tokenizer": "smollm2-135m-instruct"},
+        "optim": {"warmup_steps": 10, "weight_decay": 0.0},
+        "schedule": {"global_batch": 16, "per_worker_batch": 4, "num_workers": 1, "use_gpu": True,
+                     "cpus_per_worker": 4, "precision": "bf16", "torch_threads": None},
+        "checkpoint": {"every": 50, "keep": 1},
+        "tracking": {"log_every": 10},
+        "run": {"storage": "runs"},
+    })
+    return CurriculumConfig(
+        name="passkey-smollm2", train_rows=16 * 100, full_lm_loss=False, cache_rows=True, train=train,
+        pretraining=PretrainingConfig(steps=120, source="data/corpus/train.jsonl", total_tokens=8192, lr=1e-4,
+                                      min_lr=3e-5, per_worker_batch=2),
+        stages=[StageConfig(total_tokens=2048, steps=60, lr=1e-4, min_lr=3e-5, per_worker_batch=16),
+                StageConfig(total_tokens=4096, steps=60, lr=1e-4, min_lr=3e-5, per_worker_batch=8),
+                StageConfig(total_tokens=8192, steps=80, lr=1e-4, min_lr=3e-5, per_worker_batch=4)],
+        evaluation=EvalConfig(lengths=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
+                              depths=[0.0, 0.25, 0.5, 0.75, 1.0], n_per_cell=20, batch_size=20, final_only=True),
+        long_context=LongContextConfig(text="data/corpus/heldout_long.jsonl", length=65536, windows=4, bin_tokens=1024),
+    )
+
+
 PRESETS: dict[str, Callable[[], CurriculumConfig]] = {
     "default": default_preset, "debug": debug_preset, "paper": paper_preset, "h200": h200_preset,
+    "smollm2": smollm2_preset,
 }
 
 
@@ -297,12 +426,18 @@ def answer_loss(model, tokenizer, total_tokens: int, n: int = 16, seed: int = 99
 
     rng = random.Random(seed)
     rows = [passkey_example(tokenizer, total_tokens, rng.random(), rng.randint(1000, 9999), train=True) for _ in range(n)]
-    ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows]))
-    labels = torch.from_numpy(np.stack([r["labels"] for r in rows]))
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows])).to(device)
+    labels = torch.from_numpy(np.stack([r["labels"] for r in rows])).to(device)
     model.eval()
     with torch.no_grad():
-        logits = model(ids).logits[:, :-1].float()
-    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100))
+        out = model(ids, labels=labels, return_logits=False)  # chunked: no [n, L, V] logits at long lengths
+    # the loss is a mean over the answer tokens unless the model sums segment means (eq. 17); recount as a mean
+    seg = out.segment_losses.float()
+    l = model.config.segment_length
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100) != -100
+    counts = torch.nn.functional.pad(targets, (0, (-ids.shape[1]) % l)).view(n, -1, l).sum((0, 2)).float()
+    return float((seg * counts).sum() / counts.sum())
 
 
 def _client(cfg: CurriculumConfig):
@@ -358,6 +493,113 @@ def _finished_stage(cfg: CurriculumConfig, i: int) -> dict | None:
     return rec
 
 
+def eval_device(cfg: CurriculumConfig) -> str:
+    """Where the evaluations run: the first GPU when the stages train on GPUs (the workers have finished and freed it
+    by then), else the CPU."""
+    import torch
+
+    want = cfg.evaluation.device
+    if want == "auto":
+        want = "cuda" if cfg.train.schedule.use_gpu and torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("evaluation.device", "cuda asked for, but this process sees no GPU")
+    return want
+
+
+def load_for_eval(path: str, device: str, segment_length: int | None = None):
+    """A stage's export for evaluation: bf16 on a GPU, float32 on the CPU."""
+    import torch
+
+    from .modeling import CondensationForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kwargs = {"segment_length": segment_length} if segment_length else {}
+    return CondensationForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
+
+
+def _stage_record(folder: str) -> dict | None:
+    path = os.path.join(folder, "stage_done.json")
+    return json.loads(open(path).read()) if os.path.exists(path) else None
+
+
+def run_pretraining(cfg: CurriculumConfig, init_from: str | None, parent: str | None, client,
+                    log: Callable[[str], None] = print) -> str:
+    """Continual pretraining (once: a finished run is found again by its record and its export); returns the HF
+    export the first stage starts from."""
+    from .train import fit
+    from .train.checkpoints import resume_point
+
+    pre = cfg.pretraining
+    tcfg = pretraining_train_config(cfg)
+    folder = os.path.join(tcfg.run.storage, tcfg.run.name)
+    done = _stage_record(folder)
+    if done is not None and os.path.isdir(done["hf_path"]):
+        log(f"continual pretraining ({pre.total_tokens} tokens, {pre.steps} steps): already finished; continuing from it")
+        return done["hf_path"]
+    if parent:
+        tcfg = dataclasses.replace(tcfg, tracking=dataclasses.replace(tcfg.tracking, parent_run_id=parent))
+    ckpt = resume_point(folder)
+    log(f"continual pretraining: {pre.source}, {pre.total_tokens} tokens, {pre.steps} steps, lr {pre.lr:g} -> "
+        f"{pre.min_lr:g}, from {init_from or 'scratch'}" + (f"; resuming from checkpoint {ckpt[0]}" if ckpt else ""))
+    res = fit(tcfg, init_from=init_from)
+    if res.hf_path is None:
+        raise RuntimeError("continual pretraining left no HF export (checkpoint.export_hf is off?)")
+    if res.mlflow_run_id and client is not None:
+        client.set_tag(res.mlflow_run_id, "stage", f"pretrain: {pre.total_tokens}")
+        client.set_tag(res.mlflow_run_id, "hf_path", res.hf_path)
+        client.set_tag(res.mlflow_run_id, STAGE_DONE_TAG, "finished")
+    with open(os.path.join(res.run_dir, "stage_done.json"), "w") as f:
+        json.dump({"hf_path": res.hf_path, "run_id": res.mlflow_run_id, "step": res.step}, f)
+    return res.hf_path
+
+
+def long_context_evaluation(cfg: CurriculumConfig, base: str | None, final: str, device: str, parent: str | None,
+                            client, log: Callable[[str], None] = print) -> dict:
+    """Loss by position on held-out text: the final model as Condensation, and the model the curriculum started from
+    as Condensation (no training) and as a plain Llama with full attention. Logged on the parent run."""
+    import tempfile
+
+    import torch
+
+    from .evaluate.long_context import LossCurve, loss_by_position, plot_loss_by_position, token_windows
+    from .pretrained import resolve_pretrained
+    from .tokenizer import load_tokenizer
+
+    lc, l = cfg.long_context, cfg.train.model.segment_length
+    tokenizer = load_tokenizer(cfg.train.data.tokenizer)
+    windows = token_windows(tokenizer, lc.text, lc.length, lc.windows, seed=cfg.evaluation.seed)
+    curves: dict[str, LossCurve] = {}
+
+    def measure(name: str, model) -> None:
+        curve = loss_by_position(model, windows, bin_tokens=lc.bin_tokens, batch_size=lc.batch_size, name=name)
+        curves[name] = curve
+        log(f"long-context loss, {name}: {curve.summary_line()}")
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    measure(f"after curriculum (l={l})", load_for_eval(final, device))
+    if base is not None:
+        base_path = resolve_pretrained(base)
+        measure(f"start (l={l}, no training)", load_for_eval(base_path, device, segment_length=l))
+        if lc.length <= lc.baseline_max_tokens:
+            from transformers import LlamaForCausalLM
+
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            llama = LlamaForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation="sdpa").to(device)
+            measure("start, full attention", llama.eval())
+    out = {name: c.to_dict() for name, c in curves.items()}
+    folder = os.path.join(cfg.train.run.storage, cfg.name)
+    with open(os.path.join(folder, "long_context.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    png = os.path.join(folder, "loss_by_position.png")
+    plot_loss_by_position(curves, png, trained_length=cfg.stages[-1].total_tokens)
+    if parent and client is not None:
+        client.log_artifact(parent, png)
+        client.log_artifact(parent, os.path.join(folder, "long_context.json"))
+    return out
+
+
 def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Callable[[str], None] = print) -> list[StageResult]:
     """Run (or continue) every stage, evaluating after each. Ray must be initialised by the caller."""
     import torch
@@ -373,7 +615,10 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
     tracking = cfg.train.tracking.enabled
     parent = ensure_parent_run(cfg) if tracking else None
     client = _client(cfg) if tracking else None
-    prev = init_from or cfg.train.model.init_from
+    base = prev = init_from or cfg.train.model.init_from
+    if cfg.pretraining.steps:
+        prev = run_pretraining(cfg, prev, parent, client, log)
+    device = eval_device(cfg)
     results: list[StageResult] = []
     for i, st in enumerate(cfg.stages):
         done = _finished_stage(cfg, i)
@@ -396,11 +641,13 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
         if res.hf_path is None:
             raise RuntimeError(f"stage {i} left no HF export (checkpoint.export_hf is off?)")
 
-        model = CondensationForCausalLM.from_pretrained(res.hf_path, torch_dtype=torch.float32)
+        model = load_for_eval(res.hf_path, device)
         e = cfg.evaluation
-        grid: PasskeyGrid = passkey_grid(model, tokenizer, [int(n) for n in e.lengths], [float(d) for d in e.depths],
+        last = i == len(cfg.stages) - 1
+        lengths = [int(n) for n in e.lengths] if last or not e.final_only else [st.total_tokens]
+        grid: PasskeyGrid = passkey_grid(model, tokenizer, lengths, [float(d) for d in e.depths],
                                          n_per_cell=e.n_per_cell, seed=e.seed, batch_size=e.batch_size,
-                                         meta={"stage": i, "trained_length": st.total_tokens})
+                                         progress=False, meta={"stage": i, "trained_length": st.total_tokens})
         loss = answer_loss(model, tokenizer, st.total_tokens)
         at_len = grid.summary().get(st.total_tokens, {})
         exact = float(at_len.get("exact", grid.mean_exact))
@@ -425,6 +672,8 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
         results.append(StageResult(**rec))
         prev = res.hf_path
 
+    if cfg.long_context.text and results:
+        long_context_evaluation(cfg, base, results[-1].hf_path, device, parent, client, log)
     if parent:
         _log_summary(cfg, parent, results, client)
     if results and all(r.skipped for r in results):

@@ -121,10 +121,19 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def resolve_pretrained(name_or_path: str | None, cache_dir: str | os.PathLike | None = None) -> str | None:
+def is_converted(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """True when registered checkpoint `name` already has a complete converted folder (the extra is then not needed)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return is_registered(name) and _complete(root / name)
+
+
+def resolve_pretrained(name_or_path: str | None, cache_dir: str | os.PathLike | None = None,
+                       gguf_file: str | os.PathLike | None = None) -> str | None:
     """The HF folder for a registered name (converted on first use); any other value (hub id, path, None) unchanged.
 
     cache_dir: the folder holding converted checkpoints, one subfolder per name (default `default_cache_dir()`).
+    gguf_file: convert from this copy of the checkpoint's GGUF file instead of the installed distribution's (a machine
+        that has the file but cannot pip-install the package); the conversion still needs `gguf` and `accelerate`.
     The conversion writes a temporary sibling folder and renames it into place, so a crash never leaves a half
     folder that later runs would trust; a file lock makes concurrent callers (e.g. Ray workers on one node) wait
     for one conversion instead of each doing it.
@@ -135,7 +144,9 @@ def resolve_pretrained(name_or_path: str | None, cache_dir: str | os.PathLike | 
     target = root / name_or_path
     if _complete(target):
         return str(target)
-    source = gguf_path(name_or_path)
+    source = Path(gguf_file) if gguf_file is not None else gguf_path(name_or_path)
+    if not source.is_file():
+        raise FileNotFoundError(f"gguf_file {source}: no such file")
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".{name_or_path}.lock"):
         if _complete(target):  # another process converted it while we waited
