@@ -230,7 +230,9 @@ def test_errors_name_the_source_and_path(bible_deb, stdlib_root, tmp_path):
     (tmp_path / "empty").mkdir()
     assert "bible.data" in (m := error(bible=tmp_path / "empty")) and str(tmp_path / "empty") in m
     other_deb = write_deb(tmp_path / "other.deb", {"usr/share/doc/other/README": b"x"})
-    assert "holds no usr/lib/bible.data" in (m := error(bible=other_deb)) and "other.deb" in m
+    assert "holds no usr/lib/bible.data" in (m := error(bible=other_deb)) and "other.deb" in m and "'bible-kjv'" in m
+    (tmp_path / "broken.deb").write_bytes(b"!<arch>\n" + b"x" * 70)
+    assert "damaged Debian package" in (m := error(bible=tmp_path / "broken.deb")) and "broken.deb" in m
     (tmp_path / "bible.data").write_bytes(b"not a bible")
     assert "EC02" in (m := error(bible=tmp_path / "bible.data")) and "'bible-kjv'" in m
     assert "'gcide'" in error(sources=["gcide"]) and "dict-gcide" in error(sources=["gcide"])
@@ -271,3 +273,20 @@ def test_make_corpus_script(tmp_path, capsys):
     missing = ["--out", str(tmp_path / "d"), "--sources", "bible-kjv", "--bible", str(tmp_path / "x.deb")]
     assert script.main(missing) == 2
     assert capsys.readouterr().err.startswith(f"corpus error: source 'bible-kjv': no such file or folder: {tmp_path}")
+
+
+def test_real_bible_deb_when_downloaded():
+    """The real package, when `data/debs/` of the checkout has it (`apt-get download bible-kjv-text`)."""
+    from pathlib import Path
+
+    found = sorted((Path(__file__).resolve().parents[2] / "data" / "debs").glob("bible-kjv-text_*.deb"))
+    if not found:
+        pytest.skip("no data/debs/bible-kjv-text_*.deb (apt-get download bible-kjv-text)")
+    docs = corpora.bible_documents(found[-1])
+    verses = [line for d in docs for line in d.text.splitlines()[1:] if line[:1].isdigit()]  # not "1 Samuel"
+    assert len(docs) == 66 and len(verses) == 31102  # every verse of the King James Bible
+    assert docs[0].text.startswith("Genesis\n\nChapter 1\n1 In the beginning God created the heaven and the earth.\n")
+    john = next(d for d in docs if d.name == "John").text
+    assert "\n16 For God so loved the world, that he gave his only begotten Son," in john
+    assert docs[-1].text.endswith("\n21 The grace of our Lord Jesus Christ be with you all. Amen.\n")
+    assert sum(len(d.text) for d in docs if d.heldout) > 1_300_000  # ~337K SmolLM2 tokens held out

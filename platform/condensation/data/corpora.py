@@ -82,7 +82,10 @@ def deb_members(deb: Path, members: Sequence[str]) -> dict[str, bytes]:
     pos = 8
     while pos + 60 <= len(raw):
         name = raw[pos:pos + 16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(raw[pos + 48:pos + 58].decode("ascii").strip())
+        try:
+            size = int(raw[pos + 48:pos + 58].decode("ascii").strip())
+        except ValueError:
+            raise CorpusError(f"{deb}: damaged Debian package (bad ar header at byte {pos})") from None
         body = raw[pos + 60:pos + 60 + size]
         pos += 60 + size + (size & 1)
         if not name.startswith("data.tar"):
@@ -115,7 +118,10 @@ def package_files(source: str, path: str | os.PathLike | None, members: Sequence
     if not p.exists():
         raise CorpusError(f"source {source!r}: no such file or folder: {p}")
     if p.is_file() and p.suffix == ".deb":
-        return deb_members(p, members)
+        try:
+            return deb_members(p, members)
+        except CorpusError as error:
+            raise CorpusError(f"source {source!r}: {error}") from error
     if p.is_file() and len(members) == 1:
         return {members[0]: p.read_bytes()}
     found = {}
