@@ -5,6 +5,8 @@
 - `summarization`: CNN/DailyMail and BookSum in the Appendix D format, loss on the summary only.
 - `pipeline`: the shared stages, `DataSource` (dataset + skip-count report), sharding for Ray Train.
 - `sources`: hub and local readers, row validation; `report`: counts aggregated out of Ray tasks.
+- `corpora`: a real-text corpus with a held-out split built offline (King James Bible from a Debian .deb,
+  CPython's library and language reference); `workloads/make_corpus.py` builds it.
 """
 
 from .passkey import passkey_dataset, passkey_example
