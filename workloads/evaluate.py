@@ -1,0 +1,509 @@
+"""Long-context evaluation of any checkpoint: next-token loss by token position over held-out text, for the base model
+with full attention and for Condensation at each segment length, with an optional passkey grid; tracked in MLflow.
+
+    python workloads/evaluate.py model=smollm2-135m-instruct text=data/corpus/heldout.jsonl segment_lengths=[512,1024]
+    python workloads/evaluate.py model=runs/<stage run>/checkpoint_.../hf text=heldout.jsonl lengths=[4096,16384] n=4
+    python workloads/evaluate.py --config my_eval.yaml passkey.lengths=[2048,8192] passkey.n_per_cell=10
+    python workloads/evaluate.py model=smollm2-135m-instruct text=heldout.jsonl lengths=[2048] n=2 device=cpu
+
+model: a HF folder (a Llama or a Condensation checkpoint), a hub id, or a `condensation.pretrained` name. Each
+window of `lengths` tokens of the held-out text (a .jsonl file or folder, one document a row in `text`) goes through
+the base model as a plain `LlamaForCausalLM` (sdpa, full attention; `baseline=false` skips it, and it is skipped for
+windows over `baseline_max_tokens`) and through `CondensationForCausalLM` at each of `segment_lengths` (none given:
+the checkpoint's own). Printed: one line per model and length, the perplexity table by position, the passkey tables.
+Written to `<out>/long-context/<run name>/`: evaluation.json (config, windows, curves, grids), one picture per length
+(loss_by_position_len_<L>.png) and the passkey heat maps. MLflow (`sqlite:///<out>/mlflow.db` by default): a parent
+run with every curve and the pictures, one nested run per model with its curves and passkey grid; then
+    mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+
+Config: defaults <- `--config file.yaml` <- `key.sub=value` overrides (values are YAML: `lengths=[4096,65536]`). A
+bad field is one line `config error: <field>: <why>` (exit 2) before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from condensation.config import ConfigError, job_storage_base, load_yaml, merge, parse_overrides, to_yaml
+
+
+@dataclass
+class PasskeyEvalConfig:
+    """A passkey accuracy grid per model (greedy `generate`, exact match of the digits); skipped when `lengths` is
+    empty.
+
+    lengths: total prompt lengths in tokens (e.g. [2048, 8192, 32768]); depths: needle depths in [0, 1].
+    n_per_cell: prompts per (length, depth) cell; batch_size: prompts per generate call; seed: the passkeys.
+    """
+
+    lengths: list = field(default_factory=list)
+    depths: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    n_per_cell: int = 5
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class EvalTrackingConfig:
+    """MLflow: a parent run per evaluation, one nested run per model.
+
+    enabled: log to MLflow (the JSON and pictures are written to `out` either way).
+    tracking_uri: MLflow tracking URI; None = `sqlite:///<out>/mlflow.db` (the training workloads' default store).
+    experiment: MLflow experiment name.
+    run_name: the parent run's name and the results folder's name; None = `lc-<label>`.
+    """
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "long-context"
+    run_name: str | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    """One long-context evaluation of one checkpoint.
+
+    model: a HF folder (Llama or Condensation checkpoint), a hub id, or a `condensation.pretrained` name.
+    label: the model's name in tables and pictures; None = the folder's or name's last part.
+    tokenizer: a tokenizer for `condensation.tokenizer.load_tokenizer` ("builtin", a folder, a hub id, a
+        pretrained name); None = the model's own.
+    text: held-out text: a .jsonl file or folder, one document a row (required).
+    text_field: the field holding a row's text.
+    lengths: window lengths in tokens; each gives one loss curve per model.
+    n: windows per length (`token_windows`: whole documents preferred, else documents concatenated with eos).
+    seed: which documents / windows are taken.
+    bin_tokens: positions per bin of the curve.
+    batch_size: windows per forward pass.
+    segment_lengths: evaluate Condensation at each of these segment lengths; [] = the checkpoint's own (512 for a
+        Llama checkpoint).
+    baseline: also evaluate the model as a plain `LlamaForCausalLM` with full attention (sdpa).
+    baseline_max_tokens: skip the full-attention baseline for windows and passkey prompts longer than this
+        (its attention and time grow with the square of the length; on CPU keep it to a few thousand).
+    trained_length: where the pictures draw the dashed "trained context" line; None = the checkpoint config's
+        max_position_embeddings; 0 = no line.
+    passkey: the passkey grid (off unless passkey.lengths is set).
+    device: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:<i>".
+    dtype: "auto" (bf16 on cuda, fp32 on cpu), "bf16", "fp16" or "fp32".
+    out: results go to `<out>/long-context/<run name>/`; also the default MLflow store's folder.
+    tracking: MLflow.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    label: str | None = None
+    tokenizer: str | None = None
+    text: str | None = None
+    text_field: str = "text"
+    lengths: list = field(default_factory=lambda: [65536])
+    n: int = 8
+    seed: int = 0
+    bin_tokens: int = 512
+    batch_size: int = 1
+    segment_lengths: list = field(default_factory=list)
+    baseline: bool = True
+    baseline_max_tokens: int = 65536
+    trained_length: int | None = None
+    passkey: PasskeyEvalConfig = field(default_factory=PasskeyEvalConfig)
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = "runs"
+    tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: merged, then checked field by field before anything heavy happens
+
+
+def _positive_ints(values: list, key: str, minimum: int = 1) -> list[int]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < minimum:
+            raise ConfigError(key, f"must be a list of ints >= {minimum}, got {values!r}")
+        out.append(int(v))
+    return out
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def check_config(cfg: EvaluateConfig) -> EvaluateConfig:
+    """The config with lists of ints normalised; raises ConfigError naming the first bad field."""
+    import torch
+
+    from condensation.pretrained import MissingExtraError, check_installed, is_registered
+
+    if not cfg.model or not cfg.model.strip():
+        raise ConfigError("model", "must be a folder, hub id or condensation.pretrained name")
+    if is_registered(cfg.model):
+        try:
+            check_installed(cfg.model)
+        except MissingExtraError as e:
+            raise ConfigError("model", str(e)) from None
+    elif _looks_like_path(cfg.model) and not os.path.isdir(os.path.expanduser(cfg.model)):
+        raise ConfigError("model", f"{cfg.model}: no such folder")
+    if cfg.text is None:
+        raise ConfigError("text", "required: a held-out .jsonl file or folder (one document a row), e.g. "
+                                  "text=data/heldout.jsonl")
+    if not os.path.exists(os.path.expanduser(cfg.text)):
+        raise ConfigError("text", f"{cfg.text}: no such file or folder")
+    if not cfg.lengths:
+        raise ConfigError("lengths", "at least one window length is needed")
+    lengths = _positive_ints(cfg.lengths, "lengths", minimum=2)
+    segment_lengths = _positive_ints(cfg.segment_lengths, "segment_lengths")
+    for key in ("n", "bin_tokens", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(key, f"must be positive, got {getattr(cfg, key)}")
+    if cfg.baseline_max_tokens < 2:
+        raise ConfigError("baseline_max_tokens", f"must be at least 2, got {cfg.baseline_max_tokens}")
+    if cfg.trained_length is not None and cfg.trained_length < 0:
+        raise ConfigError("trained_length", f"must be >= 0 (0: no line), got {cfg.trained_length}")
+    pk = cfg.passkey
+    pk_lengths = _positive_ints(pk.lengths, "passkey.lengths")
+    if any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1 for d in pk.depths) or not pk.depths:
+        raise ConfigError("passkey.depths", f"must be numbers in [0, 1], got {pk.depths!r}")
+    for key in ("n_per_cell", "batch_size"):
+        if getattr(pk, key) < 1:
+            raise ConfigError(f"passkey.{key}", f"must be positive, got {getattr(pk, key)}")
+    if cfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError("dtype", f"must be 'auto', 'bf16', 'fp16' or 'fp32', got {cfg.dtype!r}")
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {cfg.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", f"{cfg.device!r}: torch sees no CUDA device here")
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {cfg.device!r}")
+    if not cfg.out:
+        raise ConfigError("out", "must not be empty")
+    if not cfg.tracking.experiment:
+        raise ConfigError("tracking.experiment", "must not be empty")
+    name = cfg.tracking.run_name
+    if name is not None and (not name or "/" in name or name in (".", "..")):
+        raise ConfigError("tracking.run_name", f"must be a plain folder name, got {name!r}")
+    return dataclasses.replace(cfg, lengths=lengths, segment_lengths=segment_lengths,
+                               passkey=dataclasses.replace(pk, lengths=pk_lengths, depths=[float(d) for d in pk.depths]))
+
+
+def load_eval_config(yaml_path: str | None, overrides: list[str]) -> EvaluateConfig:
+    cfg = EvaluateConfig()
+    if yaml_path is not None:
+        cfg = merge(cfg, load_yaml(yaml_path))
+    return check_config(merge(cfg, parse_overrides(overrides)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_device_dtype(cfg: EvaluateConfig):
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_model(folder: str, kind: str, segment_length: int | None, dtype, device):
+    """`kind` "baseline": the checkpoint as a plain LlamaForCausalLM with sdpa full attention (a Condensation
+    checkpoint's weights keep Llama's names, so it loads as is); "condensation": CondensationForCausalLM at
+    `segment_length` (None: the checkpoint's own)."""
+    from transformers import LlamaForCausalLM
+
+    from condensation import CondensationForCausalLM
+
+    if kind == "baseline":
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    else:
+        kw = {} if segment_length is None else {"segment_length": segment_length}
+        model = CondensationForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
+    return model.to(device).eval()
+
+
+def free(model) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLflow
+
+
+def start_runs(cfg: EvaluateConfig, uri: str, run_name: str, results_dir: Path):
+    """(client, parent run id), creating the experiment the first time (artifacts beside the store)."""
+    from mlflow import MlflowClient
+
+    from condensation.config import flatten
+    from condensation.train.tracking import ensure_experiment
+
+    client = MlflowClient(uri)
+    local = cfg.tracking.tracking_uri is None
+    exp = ensure_experiment(client, cfg.tracking.experiment, os.path.join(os.path.abspath(cfg.out), "mlartifacts") if local else None)
+    run = client.create_run(exp, run_name=run_name, tags={"model": cfg.model, "text": cfg.text,
+                                                          "results_dir": str(results_dir), "kind": "long-context"})
+    params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+              for k, v in flatten(dataclasses.asdict(cfg)).items()}
+    _log_params(client, run.info.run_id, params)
+    return client, run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit for params
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="a YAML file of overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_eval_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    # under `ray job submit` the cwd is a throw-away copy: a relative out goes under ~/condensation-runs
+    base = job_storage_base(os.getcwd(), dict(os.environ), os.path.expanduser("~"))
+    if base is not None and not os.path.isabs(os.path.expanduser(cfg.out)):
+        cfg = dataclasses.replace(cfg, out=os.path.join(base, cfg.out))
+    cfg = dataclasses.replace(cfg, out=os.path.abspath(os.path.expanduser(cfg.out)))
+
+    import torch
+    import transformers
+
+    from condensation.evaluate import format_curves_table, log_loss_curves, log_passkey_grid, loss_by_position
+    from condensation.evaluate import passkey_grid, plot_loss_by_position, plot_passkey_heatmap, token_windows
+    from condensation.evaluate.passkey import length_label
+    from condensation.pretrained import resolve_pretrained
+    from condensation.tokenizer import load_tokenizer
+
+    transformers.logging.set_verbosity_error()  # "a model of type llama to instantiate condensation" is expected
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+
+    # everything that can be wrong with the inputs is found before the first model loads
+    try:
+        folder = resolve_pretrained(cfg.model)
+        try:
+            mcfg = transformers.AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise ConfigError("model", f"cannot read the config of {cfg.model!r}: {e}") from None
+        try:
+            tokenizer = load_tokenizer(cfg.tokenizer if cfg.tokenizer is not None else folder)
+        except OSError as e:
+            raise ConfigError("tokenizer", f"{e}; set tokenizer=<folder, hub id or builtin>") from None
+        if len(tokenizer) > mcfg.vocab_size:
+            raise ConfigError("tokenizer", f"has {len(tokenizer)} tokens, more than the model's vocab_size "
+                                           f"{mcfg.vocab_size}: is it the model's tokenizer?")
+        windows, window_info = {}, {}
+        for length in cfg.lengths:
+            with warnings.catch_warnings():  # the concatenation is reported below, from the info
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    windows[length], window_info[length] = token_windows(
+                        tokenizer, cfg.text, length, cfg.n, cfg.seed, text_field=cfg.text_field, return_info=True)
+                except (ValueError, FileNotFoundError) as e:
+                    raise ConfigError("text", str(e)) from None
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    device, dtype = resolve_device_dtype(cfg)
+    label = cfg.label or Path(cfg.model.rstrip("/")).name
+    run_name = cfg.tracking.run_name or f"lc-{label}"
+    results_dir = Path(cfg.out) / "long-context" / run_name
+    results_dir.mkdir(parents=True, exist_ok=True)
+    trained = cfg.trained_length if cfg.trained_length is not None else getattr(mcfg, "max_position_embeddings", None)
+    trained = trained or None
+    # (curve name, loader kind, segment length); no segment length given: the checkpoint's own (a Llama folder
+    # loads with CondensationConfig's default)
+    models = [(f"{label} full attention", "baseline", None)] if cfg.baseline else []
+    if cfg.segment_lengths:
+        models += [(f"Condensation l={l}", "condensation", l) for l in cfg.segment_lengths]
+    else:
+        from condensation import CondensationConfig
+
+        own = mcfg.segment_length if mcfg.model_type == "condensation" else CondensationConfig().segment_length
+        models.append((f"Condensation l={own}", "condensation", None))
+
+    print(f"long-context evaluation of {cfg.model} on {cfg.text} ({device}, {str(dtype).removeprefix('torch.')})")
+    for length in cfg.lengths:
+        info = window_info[length]
+        how = (f"{info['documents']} documents concatenated with eos" if info["concatenated"]
+               else f"{info['long_documents']} documents of >= {length_label(length)} tokens")
+        print(f"  {cfg.n} windows of {length_label(length)} tokens from {how}")
+    print(f"results: {results_dir}")
+
+    client = parent = None
+    uri = cfg.tracking.tracking_uri or f"sqlite:///{os.path.join(cfg.out, 'mlflow.db')}"
+    if cfg.tracking.enabled:
+        client, parent = start_runs(cfg, uri, run_name, results_dir)
+        print(f"tracking: mlflow ui --backend-store-uri {uri}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    curves, grids, skipped, child = [], {}, [], None
+    try:
+        for name, kind, seg in models:
+            limit = cfg.baseline_max_tokens if kind == "baseline" else None
+            todo = [n for n in cfg.lengths if limit is None or n <= limit]
+            pk_lengths = [n for n in cfg.passkey.lengths if limit is None or n <= limit]
+            for n in sorted(set(cfg.lengths + cfg.passkey.lengths) - set(todo + pk_lengths)):
+                why = f"{name}: skipped at {length_label(n)} tokens: more than baseline_max_tokens={limit}"
+                print(why)
+                skipped.append(why)
+            if not todo and not pk_lengths:
+                continue
+            t0 = time.time()
+            model = load_model(folder, kind, seg, dtype, device)
+            if client is not None:
+                child = client.create_run(client.get_run(parent).info.experiment_id, run_name=name,
+                                          tags={"mlflow.parentRunId": parent, "model": cfg.model}).info.run_id
+                _log_params(client, child, {"model": cfg.model, "kind": kind, "dtype": str(dtype), "device": str(device),
+                                            "segment_length": str(getattr(model.config, "segment_length", "full"))})
+            print(f"{name}: loaded in {time.time() - t0:.0f} s")
+            mine = []
+            for length in todo:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.time()
+                curve = loss_by_position(model, windows[length], cfg.bin_tokens, cfg.batch_size, device, name=name,
+                                         progress=sys.stderr.isatty(),
+                                         meta={**{k: v for k, v in window_info[length].items() if k != "windows"},
+                                               "model": cfg.model, "kind": kind})
+                seconds = time.time() - t0
+                curve.meta["seconds"] = round(seconds, 2)
+                curve.meta["tokens_per_s"] = round(cfg.n * length / seconds, 1)
+                if device.type == "cuda":
+                    curve.meta["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                mine.append(curve)
+                last = curve.ranges()[-1]
+                print(f"{name:<36} {length_label(length):>5}: loss {curve.loss:.3f}, ppl {curve.ppl:.2f} "
+                      f"(positions {length_label(last['lo'])}-{length_label(last['hi'])}: {last['ppl']:.2f}"
+                      + (f", first 2K: {curve.perplexity(0, 2048):.2f}"
+                         if length > 2048 and 2048 % cfg.bin_tokens == 0 else "")
+                      + f"); {curve.meta['tokens_per_s']:.0f} tokens/s"
+                      + (f", peak {curve.meta['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in curve.meta else ""),
+                      flush=True)
+            curves += mine
+            if client is not None and mine:
+                log_loss_curves(mine, run_id=child, tracking_uri=uri, trained_length=trained)
+                client.log_batch(child, metrics=_speed_metrics(mine))
+            if pk_lengths:
+                grid = passkey_grid(model, tokenizer, pk_lengths, cfg.passkey.depths, cfg.passkey.n_per_cell,
+                                    cfg.passkey.seed, cfg.passkey.batch_size, progress=sys.stderr.isatty(),
+                                    meta={"model": name})
+                grids[name] = grid
+                print(f"{name}: passkey exact match\n{grid.format_table()}", flush=True)
+                plot_passkey_heatmap(grid, results_dir / f"passkey_{_file_slug(name)}.png",
+                                     title=f"Passkey: {name}")
+                if client is not None:
+                    log_passkey_grid(grid, run_id=child, tracking_uri=uri)
+            if client is not None:
+                client.set_terminated(child, "FINISHED")
+                child = None
+            free(model)
+            model = None
+    except KeyboardInterrupt:
+        _end(client, [child, parent], "KILLED")
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BaseException:
+        _end(client, [child, parent], "FAILED")
+        raise
+
+    # the comparison: one picture per window length, the table, the JSON record
+    pictures = [plot_loss_by_position([c for c in curves if c.length == n], results_dir / f"loss_by_position_len_{n}.png",
+                                      trained_length=trained)
+                for n in cfg.lengths if any(c.length == n for c in curves)]
+    tables = [format_curves_table([c for c in curves if c.length == n]) for n in cfg.lengths
+              if any(c.length == n for c in curves)]
+    record = {"config": dataclasses.asdict(cfg), "windows": {str(n): window_info[n] for n in cfg.lengths},
+              "curves": [c.to_dict() for c in curves], "passkey": {k: g.to_dict() for k, g in grids.items()},
+              "skipped": skipped, "trained_length": trained,
+              "mlflow": {"tracking_uri": uri, "run_id": parent} if parent else None}
+    (results_dir / "evaluation.json").write_text(json.dumps(record, indent=1))
+    summary = "\n\n".join(tables)
+    (results_dir / "summary.md").write_text(summary + "\n")
+    if client is not None:
+        log_loss_curves(curves, run_id=parent, tracking_uri=uri, trained_length=trained)
+        client.log_text(parent, summary + "\n", "long_context/summary.md")
+        client.log_artifact(parent, str(results_dir / "evaluation.json"), "long_context")
+        for name, grid in grids.items():
+            client.log_artifact(parent, str(results_dir / f"passkey_{_file_slug(name)}.png"), "passkey")
+        if skipped:
+            client.set_tag(parent, "skipped", "; ".join(skipped)[:5000])
+        client.set_terminated(parent, "FINISHED")
+
+    print()
+    for n, table in zip([n for n in cfg.lengths if any(c.length == n for c in curves)], tables):
+        print(f"{length_label(n)} tokens, {cfg.n} windows:\n{table}\n")
+    print(f"results: {results_dir} ({', '.join(p.name for p in pictures)}, evaluation.json)")
+    if parent:
+        print(f"mlflow: run {run_name!r} ({parent}) in experiment {cfg.tracking.experiment!r}; "
+              f"mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _file_slug(name: str) -> str:
+    from condensation.evaluate.long_context import slug
+
+    return slug(name)
+
+
+def _speed_metrics(curves) -> list:
+    from mlflow.entities import Metric
+
+    from condensation.evaluate.tracking import loss_curve_prefix
+
+    now = int(time.time() * 1000)
+    out = []
+    for c in curves:
+        for key in ("tokens_per_s", "seconds", "peak_memory_gib"):
+            if key in c.meta:
+                out.append(Metric(f"{loss_curve_prefix(c)}/{key}", float(c.meta[key]), now, 0))
+    return out
+
+
+def _end(client, run_ids, status: str) -> None:
+    if client is None:
+        return
+    for run_id in run_ids:
+        if run_id is not None:
+            try:
+                client.set_terminated(run_id, status)
+            except Exception:  # the store itself failing must not hide the error that got us here
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
