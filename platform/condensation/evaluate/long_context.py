@@ -368,7 +368,9 @@ def loss_by_position(
                 # position p's hidden state predicts token p + 1: chunks over p in [0, L - 1)
                 for c0 in range(0, length - 1, chunk_tokens):
                     c1 = min(c0 + chunk_tokens, length - 1)
-                    logits = model.lm_head(hidden[r, c0:c1]).float()  # [c, V]
+                    logits = model.lm_head(hidden[r, c0:c1])  # [c, V]
+                    if logits.dtype in (torch.bfloat16, torch.float16):  # cross-entropy in at least float32
+                        logits = logits.float()
                     ce = F.cross_entropy(logits, ids[r, c0 + 1 : c1 + 1], reduction="none").double()  # [c]
                     pos_sum[c0 + 1 : c1 + 1] += ce
                     total += ce.sum()
