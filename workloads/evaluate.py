@@ -250,6 +250,8 @@ def start_runs(cfg: EvaluateConfig, uri: str, run_name: str, results_dir: Path):
     from mlflow import MlflowClient
 
     from condensation.config import flatten
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # after mlflow's import, which sets it to INFO
     from condensation.train.tracking import ensure_experiment
 
     client = MlflowClient(uri)
@@ -309,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()  # "a model of type llama to instantiate condensation" is expected
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
 
     # everything that can be wrong with the inputs is found before the first model loads
     try:
@@ -359,9 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"long-context evaluation of {cfg.model} on {cfg.text} ({device}, {str(dtype).removeprefix('torch.')})")
     for length in cfg.lengths:
         info = window_info[length]
-        how = (f"{info['documents']} documents concatenated with eos" if info["concatenated"]
-               else f"{info['long_documents']} documents of >= {length_label(length)} tokens")
-        print(f"  {cfg.n} windows of {length_label(length)} tokens from {how}")
+        long_docs = f"{info['long_documents']} documents at least that long"
+        how = (f"from its {info['documents']} documents concatenated with eos ({long_docs})" if info["concatenated"]
+               else f"from {long_docs}")
+        print(f"  {cfg.n} windows of {length_label(length)} tokens {how}")
     print(f"results: {results_dir}")
 
     client = parent = None

@@ -310,7 +310,7 @@ def plot_loss_by_position(
     ticks = [2 ** k for k in range(int(math.floor(math.log2(lo))), int(math.ceil(math.log2(longest))) + 1)]
     ax.set_xticks(ticks, [length_label(t) for t in ticks], fontsize=8)
     ax.set_xlim(lo / 1.3, longest * 1.1)
-    if trained_length:
+    if trained_length and trained_length <= longest:  # beyond the windows there is nothing to mark
         ax.axvline(trained_length, color="red", linestyle="--", linewidth=1.3,
                    label=f"trained context ({length_label(int(trained_length))} tokens)")
     ax.set_xlabel("token position (context before the predicted token)")
@@ -318,6 +318,13 @@ def plot_loss_by_position(
     ax.grid(True, which="major", alpha=0.3)
     # perplexity on the right: the same line read through exp, so one set of curves serves both
     right = ax.secondary_yaxis("right", functions=(_exp, _log))
+    # the default locator spaces perplexity ticks linearly, which leaves the low (interesting) end bare: 1-2-5 steps
+    lo, hi = ax.get_ylim()
+    nice = [m * 10**k for k in range(0, 10) for m in (1, 2, 5)]
+    ticks = [v for v in nice if lo <= math.log(v) <= hi]
+    if len(ticks) > 12:
+        ticks = [v for v in ticks if str(int(v))[0] == "1"]
+    right.set_yticks(ticks, [f"{v:g}" for v in ticks])
     right.set_ylabel("perplexity")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title if title is not None else loss_curves_title([c for _, c in items]), fontsize=10)
