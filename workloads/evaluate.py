@@ -34,6 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from condensation.config import ConfigError, job_storage_base, load_yaml, merge, parse_overrides, to_yaml
 
@@ -87,6 +88,8 @@ class EvaluateConfig:
     batch_size: windows per forward pass.
     segment_lengths: evaluate Condensation at each of these segment lengths; [] = the checkpoint's own (512 for a
         Llama checkpoint).
+    condensation_overrides: further `CondensationConfig` fields for the Condensation models (e.g.
+        `segment_attention: flash`, `compile_cells: true` on a GPU); a checkpoint's saved values otherwise.
     baseline: also evaluate the model as a plain `LlamaForCausalLM` with full attention (sdpa).
     baseline_max_tokens: skip the full-attention baseline for windows and passkey prompts longer than this
         (its attention and time grow with the square of the length; on CPU keep it to a few thousand).
@@ -110,6 +113,7 @@ class EvaluateConfig:
     bin_tokens: int = 512
     batch_size: int = 1
     segment_lengths: list = field(default_factory=list)
+    condensation_overrides: dict = field(default_factory=dict)
     baseline: bool = True
     baseline_max_tokens: int = 65536
     trained_length: int | None = None
@@ -175,6 +179,19 @@ def check_config(cfg: EvaluateConfig) -> EvaluateConfig:
     for key in ("n_per_cell", "batch_size"):
         if getattr(pk, key) < 1:
             raise ConfigError(f"passkey.{key}", f"must be positive, got {getattr(pk, key)}")
+    if cfg.condensation_overrides:
+        from condensation import CondensationConfig
+
+        known = {f.name for f in dataclasses.fields(CondensationConfig)}
+        for k in cfg.condensation_overrides:
+            if k == "segment_length":
+                raise ConfigError("condensation_overrides.segment_length", "set segment_lengths=[...] instead")
+            if k not in known:
+                raise ConfigError(f"condensation_overrides.{k}", "not a CondensationConfig field")
+        try:
+            CondensationConfig(**cfg.condensation_overrides)  # its own checks (attention kernel, schedule, ...)
+        except Exception as e:  # transformers' strict dataclass wraps the ValueError of validate_architecture
+            raise ConfigError("condensation_overrides", str(e.__cause__ or e)) from None
     if cfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError("dtype", f"must be 'auto', 'bf16', 'fp16' or 'fp32', got {cfg.dtype!r}")
     if cfg.device != "auto":
@@ -205,7 +222,64 @@ def load_eval_config(yaml_path: str | None, overrides: list[str]) -> EvaluateCon
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading
+# Inputs (before any model loads) and the models to evaluate
+
+
+@dataclass
+class Inputs:
+    """What every model is evaluated on: the resolved checkpoint folder and its config, the tokenizer, and per window
+    length the token windows [n, length] with their `token_windows` info."""
+
+    folder: str
+    model_config: Any
+    tokenizer: Any
+    windows: dict
+    window_info: dict
+
+
+def prepare_inputs(cfg: EvaluateConfig) -> Inputs:
+    """Checkpoint config, tokenizer and text windows; every mistake in them is a ConfigError naming the field, and
+    no weights are read."""
+    import transformers
+
+    from condensation.evaluate import token_windows
+    from condensation.pretrained import resolve_pretrained
+    from condensation.tokenizer import load_tokenizer
+
+    folder = resolve_pretrained(cfg.model)
+    try:
+        mcfg = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError("model", f"cannot read the config of {cfg.model!r}: {e}") from None
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer if cfg.tokenizer is not None else folder)
+    except OSError as e:
+        raise ConfigError("tokenizer", f"{e}; set tokenizer=<folder, hub id or builtin>") from None
+    if len(tokenizer) > mcfg.vocab_size:
+        raise ConfigError("tokenizer", f"has {len(tokenizer)} tokens, more than the model's vocab_size "
+                                       f"{mcfg.vocab_size}: is it the model's tokenizer?")
+    windows, info = {}, {}
+    for length in cfg.lengths:
+        with warnings.catch_warnings():  # a concatenation is reported from the info, in one line
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                windows[length], info[length] = token_windows(tokenizer, cfg.text, length, cfg.n, cfg.seed,
+                                                              text_field=cfg.text_field, return_info=True)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError("text", str(e)) from None
+    return Inputs(folder, mcfg, tokenizer, windows, info)
+
+
+def model_plan(cfg: EvaluateConfig, mcfg, label: str) -> list[tuple[str, str, int | None]]:
+    """(curve name, "baseline" or "condensation", segment length) per model. No segment lengths given: the
+    checkpoint's own (a Llama folder loads with CondensationConfig's default)."""
+    plan = [(f"{label} full attention", "baseline", None)] if cfg.baseline else []
+    if cfg.segment_lengths:
+        return plan + [(f"Condensation l={seg}", "condensation", seg) for seg in cfg.segment_lengths]
+    from condensation import CondensationConfig
+
+    own = mcfg.segment_length if mcfg.model_type == "condensation" else CondensationConfig().segment_length
+    return plan + [(f"Condensation l={own}", "condensation", None)]
 
 
 def resolve_device_dtype(cfg: EvaluateConfig):
@@ -216,10 +290,10 @@ def resolve_device_dtype(cfg: EvaluateConfig):
     return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_model(folder: str, kind: str, segment_length: int | None, dtype, device):
+def load_model(folder: str, kind: str, segment_length: int | None, dtype, device, overrides: dict | None = None):
     """`kind` "baseline": the checkpoint as a plain LlamaForCausalLM with sdpa full attention (a Condensation
     checkpoint's weights keep Llama's names, so it loads as is); "condensation": CondensationForCausalLM at
-    `segment_length` (None: the checkpoint's own)."""
+    `segment_length` (None: the checkpoint's own) with `overrides` of its config."""
     from transformers import LlamaForCausalLM
 
     from condensation import CondensationForCausalLM
@@ -227,7 +301,7 @@ def load_model(folder: str, kind: str, segment_length: int | None, dtype, device
     if kind == "baseline":
         model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     else:
-        kw = {} if segment_length is None else {"segment_length": segment_length}
+        kw = dict(overrides or {}, **({} if segment_length is None else {"segment_length": segment_length}))
         model = CondensationForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
     return model.to(device).eval()
 
@@ -242,35 +316,96 @@ def free(model) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# One model: its curves (one line each) and its passkey grid
+
+
+def evaluate_model(model, name: str, kind: str, lengths: list[int], passkey_lengths: list[int], cfg: EvaluateConfig,
+                   inputs: Inputs, device):
+    """(curves, passkey grid or None) of one loaded model."""
+    import torch
+
+    from condensation.evaluate import loss_by_position, passkey_grid
+    from condensation.evaluate.passkey import length_label
+
+    curves = []
+    for length in lengths:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.time()
+        meta = {**{k: v for k, v in inputs.window_info[length].items() if k != "windows"}, "model": cfg.model,
+                "kind": kind}
+        curve = loss_by_position(model, inputs.windows[length], cfg.bin_tokens, cfg.batch_size, device, name=name,
+                                 progress=sys.stderr.isatty(), meta=meta)
+        seconds = time.time() - t0
+        curve.meta.update(seconds=round(seconds, 2), tokens_per_s=round(cfg.n * length / seconds, 1))
+        if device.type == "cuda":
+            curve.meta["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        curves.append(curve)
+        last = curve.ranges()[-1]
+        first_2k = (f", first 2K: {curve.perplexity(0, 2048):.2f}"
+                    if length > 2048 and 2048 % cfg.bin_tokens == 0 else "")
+        peak = f", peak {curve.meta['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in curve.meta else ""
+        print(f"{name:<36} {length_label(length):>5}: loss {curve.loss:.3f}, ppl {curve.ppl:.2f} (positions "
+              f"{length_label(last['lo'])}-{length_label(last['hi'])}: {last['ppl']:.2f}{first_2k}); "
+              f"{curve.meta['tokens_per_s']:.0f} tokens/s{peak}", flush=True)
+    grid = None
+    if passkey_lengths:
+        pk = cfg.passkey
+        grid = passkey_grid(model, inputs.tokenizer, passkey_lengths, pk.depths, pk.n_per_cell, pk.seed,
+                            pk.batch_size, progress=sys.stderr.isatty(), meta={"model": name})
+        print(f"{name}: passkey exact match\n{grid.format_table()}", flush=True)
+    return curves, grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # MLflow
 
 
-def start_runs(cfg: EvaluateConfig, uri: str, run_name: str, results_dir: Path):
-    """(client, parent run id), creating the experiment the first time (artifacts beside the store)."""
+def start_parent_run(cfg: EvaluateConfig, uri: str, run_name: str, results_dir: Path):
+    """(client, parent run id), creating the experiment the first time (artifacts beside a local store)."""
     from mlflow import MlflowClient
 
     from condensation.config import flatten
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # after mlflow's import, which sets it to INFO
     from condensation.train.tracking import ensure_experiment
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # after mlflow's import, which sets it to INFO
     client = MlflowClient(uri)
-    local = cfg.tracking.tracking_uri is None
-    exp = ensure_experiment(client, cfg.tracking.experiment, os.path.join(os.path.abspath(cfg.out), "mlartifacts") if local else None)
+    artifacts = os.path.join(cfg.out, "mlartifacts") if cfg.tracking.tracking_uri is None else None
+    exp = ensure_experiment(client, cfg.tracking.experiment, artifacts)
     run = client.create_run(exp, run_name=run_name, tags={"model": cfg.model, "text": cfg.text,
                                                           "results_dir": str(results_dir), "kind": "long-context"})
     params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
               for k, v in flatten(dataclasses.asdict(cfg)).items()}
-    _log_params(client, run.info.run_id, params)
+    log_params(client, run.info.run_id, params)
     return client, run.info.run_id
 
 
-def _log_params(client, run_id: str, params: dict) -> None:
+def log_params(client, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 
     items = [Param(k, v[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow's batch limit for params
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def speed_metrics(curves) -> list:
+    """tokens/s, seconds and peak GPU memory of each curve, beside its loss metrics."""
+    from mlflow.entities import Metric
+
+    from condensation.evaluate.tracking import loss_curve_prefix
+
+    now = int(time.time() * 1000)
+    return [Metric(f"{loss_curve_prefix(c)}/{key}", float(c.meta[key]), now, 0)
+            for c in curves for key in ("tokens_per_s", "seconds", "peak_memory_gib") if key in c.meta]
+
+
+def end_runs(client, run_ids, status: str) -> None:
+    for run_id in run_ids:
+        if client is not None and run_id is not None:
+            try:
+                client.set_terminated(run_id, status)
+            except Exception:  # the store itself failing must not hide the error that got us here
+                pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,211 +435,117 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, out=os.path.join(base, cfg.out))
     cfg = dataclasses.replace(cfg, out=os.path.abspath(os.path.expanduser(cfg.out)))
 
-    import torch
     import transformers
-
-    from condensation.evaluate import format_curves_table, log_loss_curves, log_passkey_grid, loss_by_position
-    from condensation.evaluate import passkey_grid, plot_loss_by_position, plot_passkey_heatmap, token_windows
-    from condensation.evaluate.passkey import length_label
-    from condensation.pretrained import resolve_pretrained
-    from condensation.tokenizer import load_tokenizer
 
     transformers.logging.set_verbosity_error()  # "a model of type llama to instantiate condensation" is expected
     transformers.utils.logging.disable_progress_bar()
-
-    # everything that can be wrong with the inputs is found before the first model loads
     try:
-        folder = resolve_pretrained(cfg.model)
-        try:
-            mcfg = transformers.AutoConfig.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise ConfigError("model", f"cannot read the config of {cfg.model!r}: {e}") from None
-        try:
-            tokenizer = load_tokenizer(cfg.tokenizer if cfg.tokenizer is not None else folder)
-        except OSError as e:
-            raise ConfigError("tokenizer", f"{e}; set tokenizer=<folder, hub id or builtin>") from None
-        if len(tokenizer) > mcfg.vocab_size:
-            raise ConfigError("tokenizer", f"has {len(tokenizer)} tokens, more than the model's vocab_size "
-                                           f"{mcfg.vocab_size}: is it the model's tokenizer?")
-        windows, window_info = {}, {}
-        for length in cfg.lengths:
-            with warnings.catch_warnings():  # the concatenation is reported below, from the info
-                warnings.simplefilter("ignore", UserWarning)
-                try:
-                    windows[length], window_info[length] = token_windows(
-                        tokenizer, cfg.text, length, cfg.n, cfg.seed, text_field=cfg.text_field, return_info=True)
-                except (ValueError, FileNotFoundError) as e:
-                    raise ConfigError("text", str(e)) from None
+        inputs = prepare_inputs(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+
+    from condensation.evaluate import format_curves_table, log_loss_curves, log_passkey_grid
+    from condensation.evaluate import plot_loss_by_position, plot_passkey_heatmap
+    from condensation.evaluate.long_context import slug
+    from condensation.evaluate.passkey import length_label
 
     device, dtype = resolve_device_dtype(cfg)
     label = cfg.label or Path(cfg.model.rstrip("/")).name
     run_name = cfg.tracking.run_name or f"lc-{label}"
     results_dir = Path(cfg.out) / "long-context" / run_name
     results_dir.mkdir(parents=True, exist_ok=True)
-    trained = cfg.trained_length if cfg.trained_length is not None else getattr(mcfg, "max_position_embeddings", None)
-    trained = trained or None
-    # (curve name, loader kind, segment length); no segment length given: the checkpoint's own (a Llama folder
-    # loads with CondensationConfig's default)
-    models = [(f"{label} full attention", "baseline", None)] if cfg.baseline else []
-    if cfg.segment_lengths:
-        models += [(f"Condensation l={l}", "condensation", l) for l in cfg.segment_lengths]
-    else:
-        from condensation import CondensationConfig
-
-        own = mcfg.segment_length if mcfg.model_type == "condensation" else CondensationConfig().segment_length
-        models.append((f"Condensation l={own}", "condensation", None))
+    trained = cfg.trained_length if cfg.trained_length is not None else getattr(inputs.model_config,
+                                                                                "max_position_embeddings", None)
+    trained = trained or None  # 0: no line
 
     print(f"long-context evaluation of {cfg.model} on {cfg.text} ({device}, {str(dtype).removeprefix('torch.')})")
-    for length in cfg.lengths:
-        info = window_info[length]
+    for length, info in inputs.window_info.items():
         long_docs = f"{info['long_documents']} documents at least that long"
         how = (f"from its {info['documents']} documents concatenated with eos ({long_docs})" if info["concatenated"]
                else f"from {long_docs}")
         print(f"  {cfg.n} windows of {length_label(length)} tokens {how}")
     print(f"results: {results_dir}")
-
-    client = parent = None
+    client = parent = child = None
     uri = cfg.tracking.tracking_uri or f"sqlite:///{os.path.join(cfg.out, 'mlflow.db')}"
     if cfg.tracking.enabled:
-        client, parent = start_runs(cfg, uri, run_name, results_dir)
+        client, parent = start_parent_run(cfg, uri, run_name, results_dir)
         print(f"tracking: mlflow ui --backend-store-uri {uri}", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends the MLflow runs as KILLED, as Ctrl-C does
 
-    curves, grids, skipped, child = [], {}, [], None
+    curves, grids, skipped = [], {}, []
     try:
-        for name, kind, seg in models:
+        for name, kind, seg in model_plan(cfg, inputs.model_config, label):
+            # full attention's cost grows with the square of the length: the baseline stops at baseline_max_tokens
             limit = cfg.baseline_max_tokens if kind == "baseline" else None
-            todo = [n for n in cfg.lengths if limit is None or n <= limit]
+            lengths = [n for n in cfg.lengths if limit is None or n <= limit]
             pk_lengths = [n for n in cfg.passkey.lengths if limit is None or n <= limit]
-            for n in sorted(set(cfg.lengths + cfg.passkey.lengths) - set(todo + pk_lengths)):
-                why = f"{name}: skipped at {length_label(n)} tokens: more than baseline_max_tokens={limit}"
-                print(why)
-                skipped.append(why)
-            if not todo and not pk_lengths:
+            for n in sorted(set(cfg.lengths + cfg.passkey.lengths) - set(lengths + pk_lengths)):
+                skipped.append(f"{name}: skipped at {length_label(n)} tokens: more than baseline_max_tokens={limit}")
+                print(skipped[-1])
+            if not lengths and not pk_lengths:
                 continue
             t0 = time.time()
-            model = load_model(folder, kind, seg, dtype, device)
+            model = load_model(inputs.folder, kind, seg, dtype, device,
+                               cfg.condensation_overrides if kind == "condensation" else None)
+            print(f"{name}: loaded in {time.time() - t0:.0f} s", flush=True)
             if client is not None:
                 child = client.create_run(client.get_run(parent).info.experiment_id, run_name=name,
                                           tags={"mlflow.parentRunId": parent, "model": cfg.model}).info.run_id
-                _log_params(client, child, {"model": cfg.model, "kind": kind, "dtype": str(dtype), "device": str(device),
-                                            "segment_length": str(getattr(model.config, "segment_length", "full"))})
-            print(f"{name}: loaded in {time.time() - t0:.0f} s")
-            mine = []
-            for length in todo:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.time()
-                curve = loss_by_position(model, windows[length], cfg.bin_tokens, cfg.batch_size, device, name=name,
-                                         progress=sys.stderr.isatty(),
-                                         meta={**{k: v for k, v in window_info[length].items() if k != "windows"},
-                                               "model": cfg.model, "kind": kind})
-                seconds = time.time() - t0
-                curve.meta["seconds"] = round(seconds, 2)
-                curve.meta["tokens_per_s"] = round(cfg.n * length / seconds, 1)
-                if device.type == "cuda":
-                    curve.meta["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-                mine.append(curve)
-                last = curve.ranges()[-1]
-                print(f"{name:<36} {length_label(length):>5}: loss {curve.loss:.3f}, ppl {curve.ppl:.2f} "
-                      f"(positions {length_label(last['lo'])}-{length_label(last['hi'])}: {last['ppl']:.2f}"
-                      + (f", first 2K: {curve.perplexity(0, 2048):.2f}"
-                         if length > 2048 and 2048 % cfg.bin_tokens == 0 else "")
-                      + f"); {curve.meta['tokens_per_s']:.0f} tokens/s"
-                      + (f", peak {curve.meta['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in curve.meta else ""),
-                      flush=True)
+                log_params(client, child, {"model": cfg.model, "kind": kind, "dtype": str(dtype), "device": str(device),
+                                           "segment_length": str(getattr(model.config, "segment_length", "full"))})
+            mine, grid = evaluate_model(model, name, kind, lengths, pk_lengths, cfg, inputs, device)
             curves += mine
-            if client is not None and mine:
-                log_loss_curves(mine, run_id=child, tracking_uri=uri, trained_length=trained)
-                client.log_batch(child, metrics=_speed_metrics(mine))
-            if pk_lengths:
-                grid = passkey_grid(model, tokenizer, pk_lengths, cfg.passkey.depths, cfg.passkey.n_per_cell,
-                                    cfg.passkey.seed, cfg.passkey.batch_size, progress=sys.stderr.isatty(),
-                                    meta={"model": name})
+            if grid is not None:
                 grids[name] = grid
-                print(f"{name}: passkey exact match\n{grid.format_table()}", flush=True)
-                plot_passkey_heatmap(grid, results_dir / f"passkey_{_file_slug(name)}.png",
-                                     title=f"Passkey: {name}")
-                if client is not None:
-                    log_passkey_grid(grid, run_id=child, tracking_uri=uri)
+                plot_passkey_heatmap(grid, results_dir / f"passkey_{slug(name)}.png", title=f"Passkey: {name}")
             if client is not None:
+                if mine:
+                    log_loss_curves(mine, run_id=child, tracking_uri=uri, trained_length=trained)
+                    client.log_batch(child, metrics=speed_metrics(mine))
+                if grid is not None:
+                    log_passkey_grid(grid, run_id=child, tracking_uri=uri)
                 client.set_terminated(child, "FINISHED")
                 child = None
             free(model)
             model = None
     except KeyboardInterrupt:
-        _end(client, [child, parent], "KILLED")
+        end_runs(client, [child, parent], "KILLED")
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BaseException:
-        _end(client, [child, parent], "FAILED")
+        end_runs(client, [child, parent], "FAILED")
         raise
 
-    # the comparison: one picture per window length, the table, the JSON record
-    pictures = [plot_loss_by_position([c for c in curves if c.length == n], results_dir / f"loss_by_position_len_{n}.png",
-                                      trained_length=trained)
-                for n in cfg.lengths if any(c.length == n for c in curves)]
-    tables = [format_curves_table([c for c in curves if c.length == n]) for n in cfg.lengths
-              if any(c.length == n for c in curves)]
-    record = {"config": dataclasses.asdict(cfg), "windows": {str(n): window_info[n] for n in cfg.lengths},
+    # the comparison: per window length a picture and a table; one JSON record of everything
+    by_length = {n: [c for c in curves if c.length == n] for n in cfg.lengths}
+    by_length = {n: cs for n, cs in by_length.items() if cs}
+    pictures = [plot_loss_by_position(cs, results_dir / f"loss_by_position_len_{n}.png", trained_length=trained)
+                for n, cs in by_length.items()]
+    summary = "\n\n".join(f"{length_label(n)} tokens, {cfg.n} windows: {format_curves_table(cs)}"
+                           for n, cs in by_length.items())
+    record = {"config": dataclasses.asdict(cfg), "windows": {str(n): i for n, i in inputs.window_info.items()},
               "curves": [c.to_dict() for c in curves], "passkey": {k: g.to_dict() for k, g in grids.items()},
               "skipped": skipped, "trained_length": trained,
               "mlflow": {"tracking_uri": uri, "run_id": parent} if parent else None}
     (results_dir / "evaluation.json").write_text(json.dumps(record, indent=1))
-    summary = "\n\n".join(tables)
     (results_dir / "summary.md").write_text(summary + "\n")
     if client is not None:
         log_loss_curves(curves, run_id=parent, tracking_uri=uri, trained_length=trained)
         client.log_text(parent, summary + "\n", "long_context/summary.md")
         client.log_artifact(parent, str(results_dir / "evaluation.json"), "long_context")
-        for name, grid in grids.items():
-            client.log_artifact(parent, str(results_dir / f"passkey_{_file_slug(name)}.png"), "passkey")
+        for name in grids:
+            client.log_artifact(parent, str(results_dir / f"passkey_{slug(name)}.png"), "passkey")
         if skipped:
             client.set_tag(parent, "skipped", "; ".join(skipped)[:5000])
         client.set_terminated(parent, "FINISHED")
 
-    print()
-    for n, table in zip([n for n in cfg.lengths if any(c.length == n for c in curves)], tables):
-        print(f"{length_label(n)} tokens, {cfg.n} windows:\n{table}\n")
-    print(f"results: {results_dir} ({', '.join(p.name for p in pictures)}, evaluation.json)")
+    print(f"\n{summary}\n")
+    print(f"results: {results_dir} ({', '.join(p.name for p in pictures)}, evaluation.json, summary.md)")
     if parent:
-        print(f"mlflow: run {run_name!r} ({parent}) in experiment {cfg.tracking.experiment!r}; "
+        print(f"mlflow: run {run_name!r} ({parent}) in experiment {cfg.tracking.experiment!r}: "
               f"mlflow ui --backend-store-uri {uri}")
     return 0
-
-
-def _file_slug(name: str) -> str:
-    from condensation.evaluate.long_context import slug
-
-    return slug(name)
-
-
-def _speed_metrics(curves) -> list:
-    from mlflow.entities import Metric
-
-    from condensation.evaluate.tracking import loss_curve_prefix
-
-    now = int(time.time() * 1000)
-    out = []
-    for c in curves:
-        for key in ("tokens_per_s", "seconds", "peak_memory_gib"):
-            if key in c.meta:
-                out.append(Metric(f"{loss_curve_prefix(c)}/{key}", float(c.meta[key]), now, 0))
-    return out
-
-
-def _end(client, run_ids, status: str) -> None:
-    if client is None:
-        return
-    for run_id in run_ids:
-        if run_id is not None:
-            try:
-                client.set_terminated(run_id, status)
-            except Exception:  # the store itself failing must not hide the error that got us here
-                pass
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ def test_workload_end_to_end(saved, capsys):
     from mlflow.tracking import MlflowClient
 
     argv = [f"model={saved / 'llama'}", f"text={saved / 'heldout.jsonl'}", "lengths=[256]", "n=2", "bin_tokens=64",
-            "segment_lengths=[32,256]", "passkey.lengths=[96]", "passkey.depths=[0.5]", "passkey.n_per_cell=1",
+            "segment_lengths=[32,256]", "condensation_overrides.segment_schedule=sequential", "passkey.lengths=[96]", "passkey.depths=[0.5]", "passkey.n_per_cell=1",
             f"out={saved / 'runs'}", "tracking.run_name=tiny"]
     assert _workload().main(argv) == 0
     out = capsys.readouterr().out
@@ -370,6 +370,8 @@ def test_workload_condensation_checkpoint_as_baseline(saved, capsys):
     (["segment_lengths=[512,-1]"], "segment_lengths", "list of ints"),
     (["passkey.depths=[0.5,2]"], "passkey.depths", "in [0, 1]"),
     (["dtype=bf32"], "dtype", "'auto', 'bf16'"),
+    (["condensation_overrides.segment_schedule=diagonal"], "condensation_overrides", "segment_schedule must be"),
+    (["condensation_overrides.segment_lenght=64"], "condensation_overrides.segment_lenght", "not a CondensationConfig"),
     (["text=None"], "text", "required"),
     (["text={tmp}/nope.jsonl"], "text", "no such file"),
     (["model={tmp}/nope"], "model", "no such folder"),
