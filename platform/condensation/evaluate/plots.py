@@ -1,5 +1,5 @@
 """Pictures of evaluation results: the passkey heat map (paper Fig. 8), a lengths x depths matrix, a stage x length
-summary, and ROUGE bars by input length (Table II / Fig. 9).
+summary, ROUGE bars by input length (Table II / Fig. 9), and the long-context loss by token position.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, never through pyplot: no global
 backend switch, no figure registry to leak from in a long training process, works without a display.
@@ -11,10 +11,14 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .passkey import PasskeyGrid, depth_key, length_label
+
+if TYPE_CHECKING:
+    from .long_context import LossCurve
 
 CMAP = "RdYlGn"  # red = fails, green = retrieves
 
@@ -250,4 +254,78 @@ def plot_rouge_by_length(
     axes[0].set_ylabel("F1")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def loss_curves_title(curves: Sequence["LossCurve"]) -> str:
+    """'Loss by position: heldout.jsonl, 8 windows of 64K tokens' (+ 'documents concatenated' when they were)."""
+    sources = sorted({Path(str(c.meta["source"])).name for c in curves if c.meta.get("source")})
+    lengths = sorted({c.length for c in curves})
+    windows = sorted({c.windows for c in curves})
+    what = (f"{'/'.join(str(w) for w in windows)} windows of "
+            f"{'/'.join(length_label(n) for n in lengths)} tokens")
+    joined = " (documents concatenated)" if any(c.meta.get("concatenated") for c in curves) else ""
+    text = f"{', '.join(sources)}{joined}, " if sources else ""
+    return f"Next-token loss by position: {text}{what}"
+
+
+def _exp(y):
+    return np.exp(np.clip(y, -50.0, 50.0))
+
+
+def _log(p):  # matplotlib probes the inverse at 0 and below while laying out the axis
+    return np.log(np.maximum(p, 1e-300))
+
+
+def plot_loss_by_position(
+    curves: Mapping[str, "LossCurve"] | Sequence["LossCurve"],
+    path: str | Path,
+    trained_length: int | None = None,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Loss (left axis, nats) and perplexity (right axis) against token position on a log2 axis, one line per
+    model; each point is a bin's mean, drawn at the bin's middle position. A dashed red line marks the trained
+    context when given: to its right a full-attention model runs past the positions it was trained on.
+
+    curves: a mapping display name -> curve (the name labels the line) or a sequence (each curve's own name).
+    title defaults to `loss_curves_title` (the text source and the windows). Returns the PNG path.
+    """
+    items = list(curves.items()) if isinstance(curves, Mapping) else [(c.name, c) for c in curves]
+    if not items:
+        raise ValueError("plot_loss_by_position: no curves")
+    fig = _figure(8.0, 4.6, layout="constrained")
+    ax = fig.subplots()
+    longest = max(c.length for _, c in items)
+    markers = "os^vDP*X"
+    for k, (label, c) in enumerate(items):
+        starts = np.asarray(c.bin_starts, dtype=float)
+        ends = np.minimum(starts + c.bin_tokens, c.length)
+        x = np.where(starts == 0, ends / 2, (starts + ends) / 2)  # bin 0's middle: the first bin on a log axis
+        y = np.asarray(c.bin_loss, dtype=float)
+        ax.plot(x, y, marker=markers[k % len(markers)], markersize=3.5 if len(x) <= 64 else 0, linewidth=1.4,
+                label=f"{label} (ppl {c.ppl:.2f})")
+    ax.set_xscale("log", base=2)
+    lo = min(c.bin_tokens for _, c in items) / 2
+    ticks = [2 ** k for k in range(int(math.floor(math.log2(lo))), int(math.ceil(math.log2(longest))) + 1)]
+    ax.set_xticks(ticks, [length_label(t) for t in ticks], fontsize=8)
+    ax.set_xlim(lo / 1.3, longest * 1.1)
+    if trained_length and trained_length <= longest:  # beyond the windows there is nothing to mark
+        ax.axvline(trained_length, color="red", linestyle="--", linewidth=1.3,
+                   label=f"trained context ({length_label(int(trained_length))} tokens)")
+    ax.set_xlabel("token position (context before the predicted token)")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.grid(True, which="major", alpha=0.3)
+    # perplexity on the right: the same line read through exp, so one set of curves serves both
+    right = ax.secondary_yaxis("right", functions=(_exp, _log))
+    # the default locator spaces perplexity ticks linearly, which leaves the low (interesting) end bare: 1-2-5 steps
+    lo, hi = ax.get_ylim()
+    nice = [m * 10**k for k in range(0, 10) for m in (1, 2, 5)]
+    ticks = [v for v in nice if lo <= math.log(v) <= hi]
+    if len(ticks) > 12:
+        ticks = [v for v in ticks if str(int(v))[0] == "1"]
+    right.set_yticks(ticks, [f"{v:g}" for v in ticks])
+    right.set_ylabel("perplexity")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title if title is not None else loss_curves_title([c for _, c in items]), fontsize=10)
     return _save(fig, path)

@@ -1,21 +1,28 @@
 """MLflow conventions for evaluation results, shared by the training loop (which logs) and `dashboards/` (which
 reads), so both agree on names: a passkey grid is logged as metrics (`PasskeyGrid.to_metrics`), as JSON at
-`<artifact_dir>/passkey_grid.json` and as the Fig. 8 picture at `<artifact_dir>/passkey_heatmap.png`.
+`<artifact_dir>/passkey_grid.json` and as the Fig. 8 picture at `<artifact_dir>/passkey_heatmap.png`. Long-context
+loss curves are logged as metrics under `lc/<model>/len_<L>/` (`loss_curve_metrics`), as JSON at
+`long_context/loss_curves.json` and as one picture per window length, `long_context/loss_by_position_len_<L>.png`.
 
 mlflow is imported inside the functions: importing `condensation.evaluate` must not need a tracking setup.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from .long_context import LossCurve, slug
 from .passkey import PasskeyGrid
 
 GRID_ARTIFACT = "passkey_grid.json"
 HEATMAP_ARTIFACT = "passkey_heatmap.png"
 DEFAULT_ARTIFACT_DIR = "passkey"
+CURVES_ARTIFACT = "loss_curves.json"
+LONG_CONTEXT_DIR = "long_context"
 
 
 def log_passkey_grid(
@@ -78,3 +85,69 @@ def load_passkey_grids(run_id: str, tracking_uri: str | None = None) -> dict[str
 
     walk(None)
     return found
+
+
+def loss_curve_prefix(curve: LossCurve) -> str:
+    """`lc/<slug of the curve's name>/len_<length>`: e.g. `lc/condensation-l512/len_65536`."""
+    return f"lc/{slug(curve.name)}/len_{curve.length}"
+
+
+def loss_curve_metrics(curve: LossCurve) -> list[tuple[str, float, int]]:
+    """(name, value, step) of one curve's metrics, under `loss_curve_prefix(curve)`:
+    `/loss` at step = each bin's first position (MLflow charts it against the step: the curve itself);
+    `/ppl_range` at step = the end of each octave of positions (`LossCurve.ranges`): perplexity over [end/2, end);
+    `/loss_mean`, `/ppl`: the whole window; `/ppl_2k`: positions [0, 2048), in windows of at least 2048 tokens
+    whose bins fit 2048 (the context every model sees in full: a sanity check that they agree)."""
+    p = loss_curve_prefix(curve)
+    out = [(f"{p}/loss", v, s) for v, s, c in zip(curve.bin_loss, curve.bin_starts, curve.bin_count) if c]
+    out += [(f"{p}/ppl_range", r["ppl"], r["hi"]) for r in curve.ranges() if r["ppl"] == r["ppl"]]
+    out += [(f"{p}/loss_mean", curve.loss, 0), (f"{p}/ppl", curve.ppl, 0)]
+    if curve.length >= 2048 and (2048 % curve.bin_tokens == 0 or curve.length == 2048):
+        out.append((f"{p}/ppl_2k", curve.perplexity(0, 2048), 0))
+    return out
+
+
+def log_loss_curves(
+    curves: Sequence[LossCurve],
+    *,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    artifact_dir: str = LONG_CONTEXT_DIR,
+    metrics: bool = True,
+    plot: bool = True,
+    trained_length: int | None = None,
+    title: str | None = None,
+) -> None:
+    """Log loss curves into an MLflow run (`run_id`, else the active fluent run): each curve's metrics
+    (`loss_curve_metrics`), all curves as one JSON list at `<artifact_dir>/loss_curves.json`, and with plot=True
+    one comparison picture per window length, `<artifact_dir>/loss_by_position_len_<L>.png` (the dashed line at
+    `trained_length`). metrics=False logs only the artifacts (e.g. a parent run over per-model runs)."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    curves = list(curves)
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("log_loss_curves: no run_id given and no active MLflow run")
+        run_id = active.info.run_id
+    prefixes = [loss_curve_prefix(c) for c in curves]
+    if len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"two curves would log under the same metric names: {prefixes}; give them distinct names")
+    client = MlflowClient(tracking_uri)
+    if metrics:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(s)) for c in curves for k, v, s in loss_curve_metrics(c)]
+        for i in range(0, len(batch), 1000):  # MLflow's batch limit
+            client.log_batch(run_id, metrics=batch[i : i + 1000])
+    client.log_text(run_id, json.dumps([c.to_dict() for c in curves], indent=1), f"{artifact_dir}/{CURVES_ARTIFACT}")
+    if plot:
+        from .plots import plot_loss_by_position
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for length in sorted({c.length for c in curves}):
+                png = plot_loss_by_position([c for c in curves if c.length == length],
+                                            Path(tmp) / f"loss_by_position_len_{length}.png",
+                                            trained_length=trained_length, title=title)
+                client.log_artifact(run_id, str(png), artifact_dir)
