@@ -285,7 +285,9 @@ def test_chain_pretrains_then_runs_stages_then_evaluates_long_context(ray_sessio
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted([pretraining_name(cfg), stage_name(cfg, 0),
                                                                 stage_name(cfg, 1)])
-    assert {"loss_by_position.png", "long_context.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "long_context")}
+    assert {"long_context/loss_curves.json", "long_context/loss_by_position_len_256.png"} <= arts, arts
+    assert any(k.startswith("lc/") for k in client.get_run(parent.info.run_id).data.metrics)
 
     # again: the pretraining and both stages are found finished
     said = []

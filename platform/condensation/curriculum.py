@@ -561,7 +561,9 @@ def long_context_evaluation(cfg: CurriculumConfig, base: str | None, final: str,
 
     import torch
 
-    from .evaluate.long_context import LossCurve, loss_by_position, plot_loss_by_position, token_windows
+    from .evaluate.long_context import LossCurve, loss_by_position, token_windows
+    from .evaluate.plots import plot_loss_by_position
+    from .evaluate.tracking import log_loss_curves
     from .pretrained import resolve_pretrained
     from .tokenizer import load_tokenizer
 
@@ -573,7 +575,8 @@ def long_context_evaluation(cfg: CurriculumConfig, base: str | None, final: str,
     def measure(name: str, model) -> None:
         curve = loss_by_position(model, windows, bin_tokens=lc.bin_tokens, batch_size=lc.batch_size, name=name)
         curves[name] = curve
-        log(f"long-context loss, {name}: {curve.summary_line()}")
+        by_range = ", ".join(f"{r['lo'] // 1024}-{r['hi'] // 1024}K {r['ppl']:.1f}" for r in curve.ranges())
+        log(f"long-context perplexity by position, {name}: {by_range}")
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -592,11 +595,14 @@ def long_context_evaluation(cfg: CurriculumConfig, base: str | None, final: str,
     folder = os.path.join(cfg.train.run.storage, cfg.name)
     with open(os.path.join(folder, "long_context.json"), "w") as f:
         json.dump(out, f, indent=1)
-    png = os.path.join(folder, "loss_by_position.png")
-    plot_loss_by_position(curves, png, trained_length=cfg.stages[-1].total_tokens)
+    trained = cfg.stages[-1].total_tokens
+    plot_loss_by_position(curves, os.path.join(folder, "loss_by_position.png"), trained_length=trained,
+                          title=f"{cfg.name}: loss by position on held-out text ({os.path.basename(lc.text)})")
     if parent and client is not None:
-        client.log_artifact(parent, png)
-        client.log_artifact(parent, os.path.join(folder, "long_context.json"))
+        from .train.tracking import tracking_uri
+
+        log_loss_curves(list(curves.values()), run_id=parent, tracking_uri=tracking_uri(cfg.train),
+                        trained_length=trained)
     return out
 
 
