@@ -320,25 +320,30 @@ def smollm2_preset() -> CurriculumConfig:
     context 8K), scaled to one H200 and minutes: continual pretraining as Condensation (segment 512) on real long
     text, then passkey stages at 2K, 4K and 8K, then the grid at 1K-64K (up to 8x the last trained length) and loss by
     position on held-out text. The text comes from `python workloads/make_corpus.py` (data/corpus). With N GPUs:
-    train.schedule.num_workers=N (the global batch stays the same)."""
+    train.schedule.num_workers=N (the global batch stays the same; per_worker_batch may then be lowered).
+
+    Micro-batches hold 64K tokens (about 70 GiB on an H200 with full backpropagation through the memory): SmolLM2's
+    30 layers of width 576 make every cell small, so the step is bound by launches unless many rows share them."""
     train = merge(TrainConfig(), {
         "model": {"init_from": "smollm2-135m-instruct", "segment_length": 512,
                   "overrides": {"loss_reduction": "token_mean"}},
         "data": {"tokenizer": "smollm2-135m-instruct"},
         "optim": {"warmup_steps": 10, "weight_decay": 0.0},
-        "schedule": {"global_batch": 16, "per_worker_batch": 4, "num_workers": 1, "use_gpu": True,
+        "schedule": {"global_batch": 16, "per_worker_batch": 8, "num_workers": 1, "use_gpu": True,
                      "cpus_per_worker": 4, "precision": "bf16", "torch_threads": None},
-        "checkpoint": {"every": 50, "keep": 1},
+        "checkpoint": {"every": 20, "keep": 1},
         "tracking": {"log_every": 10},
         "run": {"storage": "runs"},
     })
     return CurriculumConfig(
-        name="passkey-smollm2", train_rows=16 * 100, full_lm_loss=False, cache_rows=True, train=train,
-        pretraining=PretrainingConfig(steps=120, source="data/corpus/train.jsonl", total_tokens=8192, lr=1e-4,
-                                      min_lr=3e-5, per_worker_batch=2),
+        name="passkey-smollm2", train_rows=16 * 80, full_lm_loss=False, cache_rows=True, train=train,
+        # 3.3M tokens of text: 60 steps of 16 x 8K are about 2.4 epochs; documents are packed (eos between them),
+        # so the library's short files count too
+        pretraining=PretrainingConfig(steps=60, source="data/corpus/train.jsonl", total_tokens=8192, lr=1e-4,
+                                      min_lr=3e-5, dataset_options={"mode": "pack", "min_tokens": 256}),
         stages=[StageConfig(total_tokens=2048, steps=60, lr=1e-4, min_lr=3e-5, per_worker_batch=16),
-                StageConfig(total_tokens=4096, steps=60, lr=1e-4, min_lr=3e-5, per_worker_batch=8),
-                StageConfig(total_tokens=8192, steps=80, lr=1e-4, min_lr=3e-5, per_worker_batch=4)],
+                StageConfig(total_tokens=4096, steps=60, lr=1e-4, min_lr=3e-5, per_worker_batch=16),
+                StageConfig(total_tokens=8192, steps=70, lr=1e-4, min_lr=3e-5, per_worker_batch=8)],
         evaluation=EvalConfig(lengths=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
                               depths=[0.0, 0.25, 0.5, 0.75, 1.0], n_per_cell=20, batch_size=20, final_only=True),
         long_context=LongContextConfig(text="data/corpus/heldout_long.jsonl", length=65536, windows=4, bin_tokens=1024),
