@@ -66,6 +66,23 @@ def test_paper_preset_is_table_ii_and_iii(installed):
     assert booksum.data.train_sources == ["cnn_dailymail", "booksum"] and booksum.label("condensation") == "Condensation (5.5K)"
 
 
+def test_default_leaves_out_a_missing_instruction_model_and_says_why(monkeypatch):
+    """Without the smollm2 extra the CPU default still runs (the model is left out with the install command); a
+    preset that needs the model fails before Ray, naming the field."""
+    from condensation import pretrained
+    from condensation.summarize import instruct_available
+
+    def missing(name):
+        raise pretrained.MissingExtraError("pretrained checkpoint 'smollm2-135m-instruct' needs gguf: pip install ...")
+
+    monkeypatch.setattr(pretrained, "check_installed", missing)
+    monkeypatch.setattr(pretrained, "is_converted", lambda name, cache_dir=None: False)
+    cfg = load_summarize_config("default")
+    assert "pip install" in instruct_available(cfg)
+    with pytest.raises(ConfigError, match=r"^instruct\.model: .*pip install"):
+        load_summarize_config("default", overrides=["instruct.optional=false"])
+
+
 def test_full_finetuned_is_the_same_run_in_one_segment(tmp_path):
     """The baseline differs from Condensation only in its segment (the whole row: exactly Llama, rule 10), and its
     export loads as a plain LlamaForCausalLM that computes the same logits."""
@@ -108,7 +125,7 @@ def test_bad_config_is_one_line_before_ray(argv, field, tmp_path, monkeypatch, c
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray was started")))
-    argv = [a.format(tmp=tmp_path) for a in argv] + [f"train.run.storage={tmp_path}/runs"]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + [f"train.run.storage={tmp_path}/runs"]
     assert _workload().main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"config error: {field}: ") and "\n" not in err, err
@@ -122,6 +139,23 @@ def test_local_file_without_the_fields_names_them(tmp_path, capsys):
     assert _workload().main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("config error: data.train_sources.0: ") and "no field 'article'" in err and "fields:" in err
+
+
+def test_synthetic_data_is_reproducible_and_its_facts_are_in_the_article(tmp_path):
+    from condensation.data.synthetic_summaries import synthetic_records, write_synthetic_summaries
+
+    a, b = synthetic_records(20, seed=3, max_filler=6), synthetic_records(20, seed=3, max_filler=6)
+    assert a == b and a != synthetic_records(20, seed=4, max_filler=6)
+    for r in a:
+        first, second = r["highlights"].split(". ", 1)
+        assert first in r["article"]  # the people and what they did: copied from the article
+        assert second.split(" cost ")[1].split(" ")[0] in r["article"]  # the number too
+        assert r["synthetic"] is True and not r["article"].endswith(second)  # a closing sentence without facts
+    paths = write_synthetic_summaries(tmp_path, 5, 3, seed=1)
+    train = [json.loads(line) for line in open(paths["train"])]
+    test = [json.loads(line) for line in open(paths["test"])]
+    assert len(train) == 5 and len(test) == 3 and not {r["article"] for r in train} & {r["article"] for r in test}
+    assert "SYNTHETIC" in (tmp_path / "README.txt").read_text()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -257,6 +291,7 @@ def test_workload_end_to_end(ray_session, tiny_instruct, tok, tmp_path, capsys):
     from mlflow import MlflowClient
 
     from condensation.data.pipeline import IGNORE_INDEX
+    from condensation.data.summarization import _template_ids
     from condensation.evaluate import rouge_by_length, rouge_from_metrics
     from condensation.summarize import training_data
 
@@ -281,8 +316,9 @@ def test_workload_end_to_end(ray_session, tiny_instruct, tok, tmp_path, capsys):
     # every prediction beside its reference; buckets by the prompt's token count; the table recomputes
     eval_set = [json.loads(line) for line in open(folder / "eval_set.jsonl")]
     assert len(eval_set) == cfg.data.eval_examples
-    for ex in eval_set:
-        assert len(tok.encode(format_summary_prompt(ex["article"]))) == ex["input_length"]
+    head, tail = _template_ids(tok)
+    for ex in eval_set:  # the prompt as the data layer builds it: bos + template and article, each encoded alone
+        assert len(head) + len(tok.encode(ex["article"], add_special_tokens=False)) + len(tail) == ex["input_length"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("summarization")
     runs = client.search_runs([exp.experiment_id])

@@ -83,16 +83,19 @@ def _filler(rng: random.Random) -> str:
 def synthetic_record(rng: random.Random, index: int, max_filler: int, min_filler: int = 0) -> dict:
     """One article and its reference summary; `min_filler`..`max_filler` filler sentences set the length."""
     name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-    role, town, event, n = rng.choice(ROLES), rng.choice(TOWNS), rng.choice(EVENTS), rng.randint(2, 99)
+    role, town, event, cost_n = rng.choice(ROLES), rng.choice(TOWNS), rng.choice(EVENTS), rng.randint(2, 99)
     role = ("an " if role[0] in "aeiou" else "a ") + role
     facts = f"{name}, {role} from {town}, {event} on {rng.choice(DAYS)}."
-    cost = rng.choice(COSTS).format(n=n)
-    sentences = [_filler(rng) for _ in range(rng.randint(min_filler, max_filler))]
+    cost = rng.choice(COSTS).format(n=cost_n)
+    # filler count ~ min + (max - min + 1) * U^1.5: short articles a little more often than uniform, so that with the
+    # lengths growing by a sentence at a time the shortest bucket is not the emptiest
+    n = min_filler + min(max_filler - min_filler, int((max_filler - min_filler + 1) * rng.random() ** 1.5))
+    sentences = [_filler(rng) for _ in range(n)]
     i = rng.randint(0, len(sentences))
     sentences.insert(i, facts)
     sentences.insert(rng.randint(i + 1, len(sentences)), cost)  # the number after the facts, anywhere later
     sentences.append(rng.choice(CLOSING))
-    summary = f"{name}, {role} from {town}, {event}. The work cost {n} million dollars."
+    summary = f"{name}, {role} from {town}, {event}. The work cost {cost_n} million dollars."
     return {"article": " ".join(sentences), "highlights": summary, "id": f"synthetic-{index:06d}", "synthetic": True}
 
 
