@@ -387,7 +387,8 @@ def model_train_config(cfg: SummarizeConfig, model: str) -> TrainConfig:
     `full_finetuned` one segment per row (segment_length = data.seq_len: exactly Llama, rule 10)."""
     t, ft = cfg.train, getattr(cfg, model)
     seg = t.data.seq_len if model == "full_finetuned" else t.model.segment_length
-    sources = "+".join(_source_name(s) for s in cfg.data.train_sources) or "summarization"
+    # a label for the resolved config and MLflow only: the rows come from `training_data`, passed to `fit` directly
+    sources = "summarization:" + "+".join(_source_name(s) for s in cfg.data.train_sources)
     return dataclasses.replace(
         t,
         model=dataclasses.replace(t.model, segment_length=seg, init_from=ft.init_from or t.model.init_from),
@@ -637,10 +638,17 @@ def evaluation_set(cfg: SummarizeConfig, tokenizer) -> list[EvalExample]:
     from .data import summarization_dataset
     from .data.summarization import _template_ids
 
+    import ray.data
+
     d = cfg.data
-    ds, _ = summarization_dataset(_resolve_spec(cfg, cfg.eval_spec, d.eval_split), tokenizer, cfg.max_input_tokens,
-                                  train=False, mode=d.eval_length_mode, split=d.eval_split)
-    rows = ds.limit(d.eval_examples).take_all()
+    options = ray.data.DataContext.get_current().execution_options
+    was, options.preserve_order = options.preserve_order, True  # the first N in file order, the same every run
+    try:
+        ds, _ = summarization_dataset(_resolve_spec(cfg, cfg.eval_spec, d.eval_split), tokenizer,
+                                      cfg.max_input_tokens, train=False, mode=d.eval_length_mode, split=d.eval_split)
+        rows = ds.limit(d.eval_examples).take_all()
+    finally:
+        options.preserve_order = was
     head, tail = _template_ids(tokenizer)
     out = []
     for i, row in enumerate(rows):
@@ -828,9 +836,10 @@ def load_model(model: str, cfg: SummarizeConfig, hf_path: str | None, device, dt
     return net.to(device).eval(), load_tokenizer(cfg.instruct.tokenizer or folder), True
 
 
-def eval_signature(cfg: SummarizeConfig, model: str, checkpoint: str | None) -> str:
-    """A hash of everything an evaluation's numbers depend on: a result with the same one is reused."""
-    keep = {"data": dataclasses.asdict(cfg.data), "generation": dataclasses.asdict(cfg.generation),
+def eval_signature(cfg: SummarizeConfig, model: str, checkpoint: str | None, examples: list[EvalExample]) -> str:
+    """A hash of everything an evaluation's numbers depend on (settings, checkpoint, the examples themselves): a
+    result with the same one is reused."""
+    keep = {"examples": hashlib.sha256(json.dumps([(e.prompt_ids, e.reference) for e in examples]).encode()).hexdigest(),"data": dataclasses.asdict(cfg.data), "generation": dataclasses.asdict(cfg.generation),
             "buckets": cfg.buckets, "max_input_tokens": cfg.max_input_tokens, "checkpoint": checkpoint,
             "tokenizer": cfg.train.data.tokenizer, "model": model,
             "instruct": dataclasses.asdict(cfg.instruct) if model == "instruct_zero_shot" else None}
@@ -852,7 +861,7 @@ def evaluate_model(cfg: SummarizeConfig, model: str, examples: list[EvalExample]
     out_dir = Path(cfg.folder) / "eval" / model
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path, rouge_path = out_dir / "predictions.jsonl", out_dir / "rouge.json"
-    sig = eval_signature(cfg, model, hf_path or cfg.instruct.model)
+    sig = eval_signature(cfg, model, hf_path or cfg.instruct.model, examples)
     old = _read_json(rouge_path)
     if old is not None and old.get("signature") == sig and pred_path.is_file():
         log(f"{model}: already evaluated with these settings ({rouge_path}); not generating again")
