@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,7 +137,9 @@ def plot_passkey_heatmap(
                                     "farther to its left)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label="exact match")
-    fig.suptitle(title if title is not None else heatmap_title(grid, trained_length))
+    # wrapped to the figure's width: a one-length grid is one narrow panel, and its title would be cut at both sides
+    text = title if title is not None else heatmap_title(grid, trained_length)
+    fig.suptitle(textwrap.fill(text, width=int(11 * (3.6 * ncols + 0.9))))
     return _save(fig, path)
 
 
