@@ -178,17 +178,6 @@ def test_answer_loss_stacks_arrays():
     assert 0 < loss < 20
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def _tensors(path):
     from safetensors.torch import load_file
 

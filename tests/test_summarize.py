@@ -259,17 +259,6 @@ def test_full_finetuned_evaluation_generates_with_full_attention(tok, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_instruct(tmp_path_factory):
     """A small random Llama with the builtin tokenizer and a chat template: a stand-in for an instruction model."""
     from transformers import LlamaConfig, LlamaForCausalLM
