@@ -32,8 +32,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from ..config import TrainConfig
-from .checkpoints import DS_TAG, TORCH_DIR, TORCH_STATE, checkpoint_engine
+from ..config import ConfigError, TrainConfig
+from .checkpoints import DS_TAG, TORCH_DIR, TORCH_STATE, checkpoint_engine, newest_complete_checkpoint
 
 # one all-reduce inside graph B (NCCL collectives are capturable once the communicator exists, which the eager
 # warm-up steps ensure); False would run it eagerly between A and B
@@ -82,6 +82,17 @@ def resolved(cfg: TrainConfig) -> dict:
         "cuda_graph": ("A: forward + backward; B: all-reduce + clipping + AdamW; finite-loss check between"
                        if s.cuda_graph else "off"),
     }}
+
+
+def check_resume_engine(cfg: TrainConfig) -> None:
+    """A run continues with the engine that wrote its checkpoints: their states differ (DeepSpeed's per-rank ZeRO
+    shards, the torch engine's one file), so switching fails in `trainer.prepare`, before any worker starts."""
+    newest = newest_complete_checkpoint(cfg.run.run_dir)
+    engine = newest and checkpoint_engine(newest)
+    if engine and engine != cfg.schedule.engine:
+        raise ConfigError("schedule.engine", f"run {cfg.run.name!r} has checkpoints of the {engine!r} engine "
+                                             f"({newest}); continue it with schedule.engine={engine}, or start a new "
+                                             f"run.name")
 
 
 def make_engine(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, world: int) -> Engine:

@@ -16,9 +16,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..config import ConfigError, TrainConfig, resolve, to_yaml
-from .checkpoints import checkpoint_engine, checkpoint_step, newest_complete_checkpoint
-from .engines import resolved as engine_resolved
+from ..config import TrainConfig, resolve, to_yaml
+from .engines import check_resume_engine, resolved as engine_resolved
+from .checkpoints import checkpoint_step, newest_complete_checkpoint
 from .loop import ERROR_FILE, HF_DIR, NONFINITE_FILE, train_loop_per_worker
 from .resources import worker_resources
 from .tracking import ensure_run, tracking_uri
@@ -106,17 +106,6 @@ def resolved_config_dict(cfg: TrainConfig) -> dict:
     return {**cfg.to_dict(), **engine_resolved(cfg)}
 
 
-def check_resume_engine(cfg: TrainConfig) -> None:
-    """A run continues with the engine that wrote its checkpoints: their states differ (DeepSpeed's per-rank ZeRO
-    shards, the torch engine's one file), so switching fails in `prepare`, before any worker starts."""
-    newest = newest_complete_checkpoint(cfg.run.run_dir)
-    engine = newest and checkpoint_engine(newest)
-    if engine and engine != cfg.schedule.engine:
-        raise ConfigError("schedule.engine", f"run {cfg.run.name!r} has checkpoints of the {engine!r} engine "
-                                             f"({newest}); continue it with schedule.engine={engine}, or start a new "
-                                             f"run.name")
-
-
 def _vocab_size(cfg: TrainConfig) -> int:
     if cfg.model.init_from:
         from transformers import AutoConfig
@@ -131,7 +120,7 @@ def _vocab_size(cfg: TrainConfig) -> int:
 
 def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None = None,
         data_stats=None) -> TrainResult:
-    """Train with Ray Train and the engine of `cfg.schedule.engine` (DeepSpeed ZeRO or torch) as `cfg` says. `datasets`: {"train": ray.data.Dataset} of rows
+    """Train with Ray Train + DeepSpeed as `cfg` says. `datasets`: {"train": ray.data.Dataset} of rows
     {"input_ids": int64[L], "labels": int64[L]} (None builds them from `cfg.data`). `init_from`: a HF folder
     (e.g. the previous stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data
     pipeline's counts: a dict (logged by rank 0 at the start) or a `condensation.data.DataReport` (its counts are
