@@ -3,15 +3,21 @@
 On a GPU (the paper's Table I model, bf16, AdamW), every case:
     python workloads/benchmark.py --out benchmarks/results/h200.json
     ray job submit --working-dir . -- python workloads/benchmark.py --out benchmarks/results/h200.json
-Issue 16 on one H200 (liger-kernel from the GPU bundle: PYTHONPATH=/tmp/site:$PWD/platform), two commands of under
-5 minutes each; the summary of ratios against Llama + Liger + gradient checkpointing (and, for generation, against
-Llama with its KV cache) is printed at the end and kept in the JSON under "summary":
-    python workloads/benchmark.py --out /tmp/issue16_train.json --budget-s 270 --steps 3 --warmup 1 \
-        --sizes table1,smollm2-135m --lengths 16384,32768,65536,131072 \
-        --cases llama-liger-ckpt,cond-sdpa-l512-group8-compile-graph
-    python workloads/benchmark.py --out /tmp/issue16_1b_generation.json --budget-s 270 \
-        --sizes llama-3.2-1b --lengths 16384 --cases llama-liger,llama-liger-ckpt,cond-sdpa-l512-deferred-compile-graph \
-        --target cond-sdpa-l512-deferred-compile-graph --generation 32768,131072 --generation-sizes table1
+Issue 16 on one H200 (liger-kernel from the GPU bundle), three runs in two commands of under 5 minutes each; each
+prints the summary of ratios against the baseline of the same run (kept in the JSON under "summary"):
+    export PYTHONPATH=/tmp/site:$PWD/platform
+    # 1: Llama-3.2-1B shape at 16K (MFU, against Llama + Liger), then generation at 32K and 128K (Table I shape)
+    timeout 130 python workloads/benchmark.py --out $OUT/issue16_1b_generation.json --budget-s 90 \
+        --sizes llama-3.2-1b --lengths 16384 --cases llama-liger,llama-sdpa,cond-sdpa-l512-deferred-compile-graph \
+        --target cond-sdpa-l512-deferred-compile-graph --baseline llama-liger --generation 32768,131072
+    timeout 160 python workloads/benchmark.py --out $OUT/issue16_table1.json --budget-s 120 --steps 3 --warmup 1 \
+        --sizes table1 --lengths 16384,32768,65536,131072 --cases llama-liger-ckpt,cond-sdpa-l512-group8-compile-graph
+    # 2: SmolLM2-135M shape (30 layers: compiled cells take longest to compile here; the uncompiled case first)
+    timeout 290 python workloads/benchmark.py --out $OUT/issue16_smollm2.json --budget-s 230 --steps 3 --warmup 1 \
+        --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
+        --cases llama-liger-ckpt,cond-sdpa-l512-group8-graph,cond-sdpa-l512-group8-compile-graph
+A JSON cut short by `timeout` holds every finished measurement; `--replot FILE` adds its summary and pictures
+(`--replot FILE --target cond-sdpa-l512-group8-graph` summarises another case of it).
 The fastest configurations against the baseline, with kernel-time profiles:
     python workloads/benchmark.py --out /tmp/fast.json --profile \
         --cases llama-sdpa,cond-sdpa-l512-compile-graph,cond-sdpa-l512-group8-compile-graph --lengths 4096,32768
@@ -545,7 +551,7 @@ def summarize(results: dict, target: str, baseline: str) -> dict:
                     row["memory_ratio"] = r["peak_gib"] / b["peak_gib"]  # at most 1.0 meets the target
             row["met"] = _training_target_met(size, int(L), row)
             rows[L] = row
-        summary["training"][f"{size} (batch {batch})" if batch != 1 else size] = rows
+        summary["training"][f"{size}:b{batch}" if batch != 1 else size] = rows
     # (older JSONs hold Condensation-only generation rows without a "model")
     by_key = {(g["model"], g["size"], g["prompt_tokens"]): g for g in results.get("generation", []) if "model" in g}
     for (model, size, P), g in by_key.items():
@@ -719,6 +725,9 @@ def machine_info(device, dtype, argv: list[str]) -> dict:
 def log_to_mlflow(uri: str, results: dict, out: Path, pictures: list[Path]) -> None:
     import mlflow
 
+    def metric(*parts):  # MLflow names take no "@": case@size is logged as case:size
+        return "/".join(parts).replace("@", ":")
+
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("benchmark")
     with mlflow.start_run(run_name=out.stem):
@@ -726,19 +735,19 @@ def log_to_mlflow(uri: str, results: dict, out: Path, pictures: list[Path]) -> N
         for name, rows in results["cases"].items():
             for L, r in rows.items():
                 if _ok(r):
-                    mlflow.log_metric(f"{name}/tokens_per_s", r["tokens_per_s"], step=int(L))
+                    mlflow.log_metric(metric(name, "tokens_per_s"), r["tokens_per_s"], step=int(L))
                     if "peak_gib" in r:
-                        mlflow.log_metric(f"{name}/peak_gib", r["peak_gib"], step=int(L))
+                        mlflow.log_metric(metric(name, "peak_gib"), r["peak_gib"], step=int(L))
         for size, rows in results["summary"]["training"].items():
             for L, r in rows.items():
                 for key in ("speed_ratio", "memory_ratio"):
                     if key in r:
-                        mlflow.log_metric(f"issue16/{size}/{key}", r[key], step=int(L))
+                        mlflow.log_metric(metric("issue16", size, key), r[key], step=int(L))
         for g in results["generation"]:
             if _ok(g):
                 for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_gib"):
                     if g.get(key) is not None:
-                        mlflow.log_metric(f"generation/{g['model']}@{g['size']}/{key}", g[key],
+                        mlflow.log_metric(metric("generation", f"{g['model']}@{g['size']}", key), g[key],
                                           step=g["prompt_tokens"])
         mlflow.log_artifact(str(out))
         for p in pictures:

@@ -66,7 +66,7 @@ def test_smoke_run_writes_json_ratios_and_pictures(benchmark, tmp_path, capsys):
     history = client.get_metric_history(run.info.run_id, "cond-sdpa-l32/tokens_per_s")
     assert sorted(m.step for m in history) == [64, 128, 256]
     assert len(client.get_metric_history(run.info.run_id, "issue16/table1/speed_ratio")) == 3
-    assert client.get_metric_history(run.info.run_id, "generation/condensation@debug/decode_tokens_per_s")
+    assert client.get_metric_history(run.info.run_id, "generation/condensation:debug/decode_tokens_per_s")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bench.json", "bench_speed.png", "bench_generation.png"} <= artifacts
 
@@ -125,19 +125,30 @@ def test_sizes_run_every_chosen_case_on_each_shape_in_the_order_asked(benchmark,
     assert "unknown model sizes ['smollm3']" in capsys.readouterr().err
 
 
-def test_liger_baselines_are_skipped_without_cuda(benchmark, tmp_path, capsys):
+def test_liger_baselines_are_skipped_without_cuda_beside_cases_run_on_each_size(benchmark, tmp_path, capsys):
     cpu = torch.device("cpu")
     assert "needs a CUDA GPU" in benchmark.liger_unavailable_reason(cpu)
     if importlib.util.find_spec("liger_kernel") is None:  # a GPU machine without the extra says how to get it
         assert "pip install -e '.[liger]'" in benchmark.liger_unavailable_reason(torch.device("cuda"))
-    out = tmp_path / "liger.json"
-    results = benchmark.main(["--out", str(out), "--cases", "llama-liger,llama-liger-ckpt", "--sizes",
-                              "table1,smollm2-135m", "--lengths", "16384"])
-    assert set(results["cases"]) == {f"{c}@{s}" for c in ("llama-liger", "llama-liger-ckpt")
-                                     for s in ("table1", "smollm2-135m")}
-    assert all("needs a CUDA GPU" in rows["skipped"] for rows in results["cases"].values())
-    assert results["summary"]["training"] == {} and json.loads(out.read_text())["cases"] == results["cases"]
-    assert capsys.readouterr().out.count('"skipped"') == 4
+    out, uri = tmp_path / "sizes.json", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    results = benchmark.main(["--out", str(out), "--cases", "llama-liger-ckpt,llama-sdpa-ckpt,cond-sdpa-l256",
+                              "--sizes", "debug,tiny-cpu", "--lengths", "64", "--steps", "1", "--warmup", "1",
+                              "--target", "cond-sdpa-l256", "--baseline", "llama-sdpa-ckpt", "--mlflow-uri", uri])
+    assert list(results["cases"]) == [f"{c}@{s}" for s in ("debug", "tiny-cpu")
+                                      for c in ("llama-liger-ckpt", "llama-sdpa-ckpt", "cond-sdpa-l256")]
+    for size in ("debug", "tiny-cpu"):
+        assert "needs a CUDA GPU" in results["cases"][f"llama-liger-ckpt@{size}"]["skipped"]
+        assert results["case_configs"][f"cond-sdpa-l256@{size}"]["size"] == size
+        assert results["summary"]["training"][size]["64"]["speed_ratio"] > 0
+    assert json.loads(out.read_text())["cases"] == results["cases"]
+    assert capsys.readouterr().out.count('"skipped"') == 2
+
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmark").experiment_id])
+    assert client.get_metric_history(run.info.run_id, "cond-sdpa-l256:tiny-cpu/tokens_per_s")
+    assert client.get_metric_history(run.info.run_id, "issue16/tiny-cpu/speed_ratio")
 
 
 def _greedy_by_full_forward(model, ids, n):
