@@ -167,3 +167,67 @@ def plot_attention_maps(
     l_text = f", segment length {segment_length}" if segment_length else ""
     fig.suptitle(title or f"Attention scores between consecutive segments (mean over heads{l_text})", fontsize=10)
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLflow: the maps of one run, as `attention/attention_maps.npz` (head-mean, min-max scaled, float16: [r, m + r]
+# each, 1 MiB per map at l = 512), `attention/attention_maps.json` (what input, which layers and segments) and the
+# picture `attention/attention_maps.png`. dashboards/ reads them back with `load_attention_maps`.
+
+ATTENTION_DIR = "attention"
+MAPS_ARTIFACT = "attention_maps.npz"
+MAPS_META = "attention_maps.json"
+MAPS_PICTURE = "attention_maps.png"
+
+
+def _key(layer: int, segment: int) -> str:
+    return f"layer{layer}_segment{segment}"
+
+
+def log_attention_maps(
+    maps: Mapping[tuple[int, int], np.ndarray],
+    *,
+    run_id: str,
+    tracking_uri: str | None = None,
+    meta: Mapping | None = None,
+    segment_length: int | None = None,
+) -> None:
+    """Log head-mean maps (`head_mean_maps`) into an MLflow run under `attention/`."""
+    import json
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / MAPS_ARTIFACT
+        np.savez_compressed(npz, **{_key(n, s): np.asarray(a, dtype=np.float16) for (n, s), a in maps.items()})
+        plot_attention_maps(maps, Path(tmp) / MAPS_PICTURE, segment_length=segment_length)
+        info = {"segment_length": segment_length, "maps": [[n, s] for n, s in sorted(maps)], **(meta or {})}
+        (Path(tmp) / MAPS_META).write_text(json.dumps(info, indent=1))
+        client.log_artifacts(run_id, tmp, ATTENTION_DIR)
+
+
+def load_attention_maps(run_id: str, tracking_uri: str | None = None) -> tuple[dict[tuple[int, int], np.ndarray], dict] | None:
+    """(maps, meta) logged by `log_attention_maps` in this run, or None when it has none."""
+    import json
+    import re
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    names = {a.path for a in MlflowClient(tracking_uri).list_artifacts(run_id, ATTENTION_DIR)}
+    if f"{ATTENTION_DIR}/{MAPS_ARTIFACT}" not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ATTENTION_DIR, dst_path=tmp,
+                                                         tracking_uri=tracking_uri))
+        with np.load(local / MAPS_ARTIFACT) as z:
+            maps = {}
+            for name in z.files:
+                n, s = map(int, re.fullmatch(r"layer(\d+)_segment(\d+)", name).groups())
+                maps[(n, s)] = z[name].astype(np.float32)
+        meta_path = local / MAPS_META
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return maps, meta
