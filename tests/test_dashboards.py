@@ -220,3 +220,13 @@ def test_report_renders_in_chromium(store, tmp_path):
         b.close()
     shot = pixels(full)
     assert shot.shape[0] > 2000 and shot.std() > 0.1  # the whole page: tables and pictures, top to bottom
+
+
+def test_command_refuses_a_missing_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = load_command()
+    uri, experiment = command.default_store()
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}"
+    with pytest.raises(SystemExit, match="no MLflow store at .*runs/mlflow.db"):
+        command.main([])
+    assert not list(tmp_path.rglob("mlflow.db")) and not (tmp_path / "mlruns").exists()  # nothing created
