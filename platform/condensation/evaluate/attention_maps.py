@@ -17,6 +17,7 @@ checks the result against the scores the model's eager attention computes during
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,8 @@ def layer_outputs(model: CondensationForCausalLM, input_ids: torch.Tensor, n_seg
     its end, as the model pads it), for the first n_segments segments (default: all). Later segments cannot change
     earlier ones (rule 1), so stopping early is exact. Layer n runs over all segments given its inputs y[:, n-1]
     (rule 2's recurrence along s), with the model's own cell function."""
-    cfg, l = model.config, model.config.segment_length
+    cfg, l = copy.copy(model.config), model.config.segment_length
+    cfg.compile_cells = False  # one pass, no grad: compiling the cells (a GPU training setting) would only cost time
     base = model.model
     if n_segments is not None:
         input_ids = input_ids[:, : n_segments * l]
