@@ -5,6 +5,7 @@
     python dashboards/report.py --tracking-uri sqlite:////abs/runs/mlflow.db --experiment summarization --all
     python dashboards/report.py --experiment condensation --runs passkey-cpu,passkey-cpu-2 --out runs/compare.html
     python dashboards/report.py --experiment benchmark --all --no-log
+    python dashboards/report.py --attention --screenshot docs/img/report_example.png    # the README's picture
 
 Which runs: --runs (ids, or run names in --experiment) with their nested runs; --all: every run of the experiment;
 neither: the experiment's newest top-level run (a curriculum parent if there is one) with its nested runs. The
@@ -13,11 +14,14 @@ that does not exist is an error, never created. The page goes to --out (default 
 --no-log, into MLflow: under `report/` of the runs' one top-level run, else of a new run named `report`.
 --attention first computes attention maps for runs with an exported checkpoint (tag `hf_path`) and logs them into
 those runs (condensation.report.add_attention_maps), so the report, like every section, reads them from MLflow.
+--screenshot also saves the page as the system's headless Chromium draws it (condensation.report.browser; needs
+`chromium` and the `playwright` package of the test extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -52,8 +56,10 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--attention", action="store_true", help="compute attention maps of runs with a checkpoint first")
     ap.add_argument("--attention-layers", default=None, help="e.g. 0,7,15 (default: first, middle, last)")
     ap.add_argument("--attention-segments", default=None, help="segments s, each shown against s-1 (default: 3 spread)")
+    ap.add_argument("--screenshot", default=None, help="also save the page as a PNG, drawn by headless Chromium")
     args = ap.parse_args(argv)
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read otherwise
     from mlflow.tracking import MlflowClient
 
     if args.tracking_uri.startswith("sqlite:///"):  # MlflowClient would create an empty store there
@@ -76,6 +82,10 @@ def main(argv: list[str] | None = None) -> Path:
     if not args.no_log:
         run_id = log_report(client, path, runs)
         print(f"logged to MLflow run {run_id} under report/{path.name}")
+    if args.screenshot:
+        from condensation.report.browser import screenshot
+
+        print(f"screenshot -> {screenshot(path, args.screenshot)}")
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from condensation.evaluate import LossCurve, PasskeyGrid, log_loss_curves, log_passkey_grid, rouge_by_length
 from condensation.evaluate.tracking import MODEL_TAG, log_rouge
-from condensation.report import build_report, comparison_table, log_report, select_runs
+from condensation.report import add_attention_maps, build_report, comparison_table, log_report, select_runs
+from condensation.report.browser import find_chromium, open_page, screenshot
 from condensation.report.runs import REPORT_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,30 +151,17 @@ def test_report_command_logs_to_parent_and_comparison_run(store, tmp_path):
     assert "instruct_zero_shot" in report.html and "cond-sdpa-l512" in report.html
 
 
-def find_chromium() -> str | None:
-    path = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
-    return path if os.path.isfile(path) else None
-
-
-def browser():
-    """(playwright context manager, chromium path); skip, or fail in CI, when either is missing."""
-    required = os.environ.get("CONDENSATION_REQUIRE_BROWSER") == "1"
-    chromium = find_chromium()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    why = ("no chromium (apt-get install chromium, or set CHROMIUM_PATH)" if chromium is None else
-           "the playwright package is missing (pip install -e '.[test]')" if sync_playwright is None else None)
+def browser() -> str:
+    """The chromium to use; skip, or fail in CI (CONDENSATION_REQUIRE_BROWSER=1), when it or playwright is missing."""
+    chromium = find_chromium(os.environ.get("CHROMIUM_PATH"))
+    why = "no chromium (apt-get install chromium, or set CHROMIUM_PATH)" if chromium is None else None
+    if importlib.util.find_spec("playwright") is None:
+        why = "the playwright package is missing (pip install -e '.[test]')"
     if why:
-        if required:
+        if os.environ.get("CONDENSATION_REQUIRE_BROWSER") == "1":
             pytest.fail(f"CONDENSATION_REQUIRE_BROWSER=1 but {why}")
         pytest.skip(why)
-    return sync_playwright, chromium
-
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+    return chromium
 
 
 def rendered_images(page) -> list[dict]:
@@ -190,24 +177,16 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def test_report_renders_in_chromium(store, tmp_path):
-    sync_playwright, chromium = browser()
+    chromium = browser()
     uri, client, ids = store
     runs = select_runs(client, None, [ids["parent"], ids["summarize"], ids["bench"]])
-    from condensation.report import add_attention_maps
-
     add_attention_maps(client, client.get_run(ids["stage1"]))  # a no-op when the command test already logged them
     report = build_report(client, runs)
     path = report.write(tmp_path / "report.html")
     broken = tmp_path / "broken.html"  # negative control: a picture that does not decode must be caught
     broken.write_text('<html><body><img alt="bad" src="data:image/png;base64,iVBORw0KGgoAAAA="></body></html>')
 
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = b.new_page(viewport={"width": 1300, "height": 900})
-        page.goto(broken.as_uri())
-        assert [(im["w"], im["h"]) for im in rendered_images(page)] == [(0, 0)]
-
-        page.goto(path.as_uri(), wait_until="load")
+    with open_page(path, chromium, width=1300) as page:
         images = rendered_images(page)
         assert len(images) == report.images >= 9
         for im in images:
@@ -216,10 +195,12 @@ def test_report_renders_in_chromium(store, tmp_path):
         for k, handle in enumerate(page.query_selector_all("img")):
             shot = pixels(handle.screenshot())
             assert shot.std() > 0.05 and (shot.min(-1) < 0.9).mean() > 0.01, images[k]["alt"]
-        full = page.screenshot(full_page=True)
-        b.close()
-    shot = pixels(full)
-    assert shot.shape[0] > 2000 and shot.std() > 0.1  # the whole page: tables and pictures, top to bottom
+        page.goto(broken.as_uri())
+        assert [(im["w"], im["h"]) for im in rendered_images(page)] == [(0, 0)]
+
+    # the whole page as the README's picture is made: tables and pictures, top to bottom
+    shot = pixels(screenshot(path, tmp_path / "page.png", chromium).read_bytes())
+    assert shot.shape[0] > 2000 and shot.std() > 0.1
 
 
 def test_command_refuses_a_missing_store(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -142,7 +143,8 @@ def plot_attention_maps(
         raise ValueError("plot_attention_maps: no maps")
     layers = sorted({n for n, _ in maps})
     segments = sorted({s for _, s in maps})
-    fig = _figure(0.6 + 3.4 * len(segments), 0.9 + 2.0 * len(layers), layout="constrained")
+    width = 1.6 + 3.4 * max(len(segments), 2)  # room for the title and the colour bar beside a single column
+    fig = _figure(width, 0.9 + 2.0 * len(layers), layout="constrained")
     axes = fig.subplots(len(layers), len(segments), squeeze=False)
     im = None
     for i, n in enumerate(layers):
@@ -167,7 +169,8 @@ def plot_attention_maps(
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="pre-softmax score, min-max scaled")
     l_text = f", segment length {segment_length}" if segment_length else ""
-    fig.suptitle(title or f"Attention scores between consecutive segments (mean over heads{l_text})", fontsize=10)
+    text = title or f"Attention scores between consecutive segments (mean over heads{l_text})"
+    fig.suptitle(textwrap.fill(text, width=int(12 * width)), fontsize=10)
     return _save(fig, path)
 
 

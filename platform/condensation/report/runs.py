@@ -96,10 +96,10 @@ def select_runs(client, experiment: str | None = None, run_ids: Sequence[str] = 
 
 
 def run_label(run, runs: Sequence) -> str:
-    """A short unique name: the stage tag or run name (with the parent's name when two runs share it)."""
-    base = run.info.run_name or run.info.run_id[:8]
-    name = f"{base} [{run.data.tags['stage']}]" if run.data.tags.get("stage") else base
-    twins = [r for r in runs if (r.info.run_name or r.info.run_id[:8]) == base]
+    """The run name (a curriculum's stage runs are named after their stage), with the start of the run id when two
+    runs share it."""
+    name = run.info.run_name or run.info.run_id[:8]
+    twins = [r for r in runs if (r.info.run_name or r.info.run_id[:8]) == name]
     return name if len(twins) <= 1 else f"{name} ({run.info.run_id[:6]})"
 
 
@@ -114,17 +114,19 @@ HIDDEN_METRICS = (r"system/.*", r"segment_loss_\d+", r".*/depth_[^/]+", r"lc/.*/
 
 def comparison_table(runs: Sequence, max_params: int = 40, max_metrics: int = 24) -> tuple[list[str], list[list], list[str]]:
     """(header, rows, notes) of the runs table: name, status, parent, start, minutes, then the params whose values
-    differ between the runs (all params when there is one run), then the last value of the key metrics. Notes say
-    what was left out (params equal in every run, the number of hidden metrics)."""
+    differ between the runs that have them (all params when there is one run: a parent run and its stages log
+    different params, and a param only one of them has is no difference), then the last value of the key metrics.
+    Notes say what was left out (the other params with their one value, the number of hidden metrics)."""
     labels = {r.info.run_id: run_label(r, runs) for r in runs}
     keys = sorted({k for r in runs for k in r.data.params})
-    values = {k: [r.data.params.get(k) for r in runs] for k in keys}
+    values = {k: [r.data.params[k] for r in runs if k in r.data.params] for k in keys}
     differ = [k for k in keys if len(runs) == 1 or len(set(values[k])) > 1]
     same = [k for k in keys if k not in differ]
     notes = []
     if same:
-        shown = ", ".join(f"{k}={values[k][0]}" for k in same[:30])
-        notes.append(f"{len(same)} params equal in every run: {shown}{' ...' if len(same) > 30 else ''}")
+        shown = ", ".join(f"{k}={values[k][0]}" for k in same[:40])
+        notes.append(f"{len(same)} params with one value in the runs that have them: {shown}"
+                     f"{' ...' if len(same) > 40 else ''}")
     if len(differ) > max_params:
         notes.append(f"{len(differ) - max_params} more differing params not shown: {', '.join(differ[max_params:])}")
         differ = differ[:max_params]

@@ -51,7 +51,10 @@ def read_artifact_text(run_id: str, path: str, tracking_uri: str | None) -> str:
 
 def runs_section(runs: Sequence) -> Section:
     header, rows, notes = comparison_table(runs)
-    return Section("Runs", [table_html(header, rows), *(f"<p class='note'>{esc(n)}</p>" for n in notes)])
+    # a long note (the list of params with one value) folds away behind its first clause
+    folded = [f"<details class='note'><summary>{esc(n.split(': ', 1)[0])}</summary>{esc(n.split(': ', 1)[1])}</details>"
+              if len(n) > 200 and ": " in n else f"<p class='note'>{esc(n)}</p>" for n in notes]
+    return Section("Runs", [table_html(header, rows), *folded])
 
 
 def training_section(client, runs: Sequence, labels: dict, tmp: Path) -> Section | None:
