@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--attention", action="store_true", help="compute attention maps of runs with a checkpoint first")
     ap.add_argument("--attention-layers", default=None, help="e.g. 0,7,15 (default: first, middle, last)")
     ap.add_argument("--attention-segments", default=None, help="segments s, each shown against s-1 (default: 3 spread)")
+    ap.add_argument("--attention-device", default="auto", help="where the checkpoints run: auto (a GPU if any), cpu, cuda")
     ap.add_argument("--screenshot", default=None, help="also save the page as a PNG, drawn by headless Chromium")
     args = ap.parse_args(argv)
 
@@ -72,8 +73,12 @@ def main(argv: list[str] | None = None) -> Path:
     except ValueError as e:
         raise SystemExit(f"report: {e}") from None
     if args.attention:
+        import torch
+
+        device = args.attention_device if args.attention_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         for run in runs:
-            if add_attention_maps(client, run, ints(args.attention_layers), ints(args.attention_segments), force=True):
+            if add_attention_maps(client, run, ints(args.attention_layers), ints(args.attention_segments),
+                                  device=device, force=True):
                 print(f"attention maps logged into {run.info.run_name} ({run.info.run_id})")
     report = build_report(client, runs, title=args.title)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", runs[0].info.run_name or runs[0].info.run_id) + ("-all" if args.all else "")

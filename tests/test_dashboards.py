@@ -104,6 +104,16 @@ def store(tmp_path_factory):
     return uri, client, ids
 
 
+@pytest.fixture(scope="module")
+def everything(store, tmp_path_factory):
+    """One report over all three experiments (the curriculum with its attention maps): (runs, report, html path)."""
+    uri, client, ids = store
+    add_attention_maps(client, client.get_run(ids["stage1"]))
+    runs = select_runs(client, None, [ids["parent"], ids["summarize"], ids["bench"]])
+    report = build_report(client, runs, title="everything")
+    return runs, report, report.write(tmp_path_factory.mktemp("report") / "all.html")
+
+
 def test_select_runs_and_comparison_table(store):
     uri, client, ids = store
     runs = select_runs(client, "condensation")  # the newest curriculum, with its stages
@@ -122,7 +132,7 @@ def test_select_runs_and_comparison_table(store):
     assert not any("depth_" in h for h in header)  # per-cell metrics stay in the pictures
 
 
-def test_report_command_logs_to_parent_and_comparison_run(store, tmp_path):
+def test_report_command_logs_to_parent_and_comparison_run(store, everything, tmp_path, capsys):
     uri, client, ids = store
     command = load_command()
     out = command.main(["--tracking-uri", uri, "--experiment", "condensation", "--attention",
@@ -133,18 +143,17 @@ def test_report_command_logs_to_parent_and_comparison_run(store, tmp_path):
         assert f">{title}</h2>" in page
     assert "Summarization" not in page and "Memory and speed" not in page  # nothing of theirs in this curriculum
     assert 'src="data:image/png;base64,' in page and 'src="http' not in page and "<script" not in page
-    # the attention maps were computed from the stage's checkpoint and logged into that run first
+    # the attention maps were computed from the stage's checkpoint (the only run with one) and logged into that run
+    assert capsys.readouterr().out.count("attention maps logged into") == 1
     arts = {a.path for a in client.list_artifacts(ids["stage1"], "attention")}
     assert {"attention/attention_maps.npz", "attention/attention_maps.png"} <= arts
     assert [a.path for a in client.list_artifacts(ids["parent"], "report")] == ["report/curriculum.html"]
 
     # a comparison across experiments: a new run `report` holds it, and later reports leave it out
-    runs = select_runs(client, None, [ids["parent"], ids["summarize"], ids["bench"]])
-    report = build_report(client, runs, title="everything")
+    runs, report, path = everything
     assert [s.title for s in report.sections] == [
         "Runs", "Training loss", "Passkey retrieval", "Summarization: ROUGE by input length", "Memory and speed",
         "Loss by token position", "Attention between consecutive segments"]
-    path = report.write(tmp_path / "all.html")
     run_id = log_report(client, path, runs)
     assert run_id not in {r.info.run_id for r in runs} and client.get_run(run_id).data.tags[REPORT_TAG] == "true"
     assert run_id not in {r.info.run_id for r in select_runs(client, "condensation", all_runs=True)}
@@ -176,13 +185,9 @@ def pixels(png: bytes) -> np.ndarray:
     return imread(io.BytesIO(png), format="png")[..., :3]
 
 
-def test_report_renders_in_chromium(store, tmp_path):
+def test_report_renders_in_chromium(everything, tmp_path):
     chromium = browser()
-    uri, client, ids = store
-    runs = select_runs(client, None, [ids["parent"], ids["summarize"], ids["bench"]])
-    add_attention_maps(client, client.get_run(ids["stage1"]))  # a no-op when the command test already logged them
-    report = build_report(client, runs)
-    path = report.write(tmp_path / "report.html")
+    runs, report, path = everything
     broken = tmp_path / "broken.html"  # negative control: a picture that does not decode must be caught
     broken.write_text('<html><body><img alt="bad" src="data:image/png;base64,iVBORw0KGgoAAAA="></body></html>')
 

@@ -133,7 +133,7 @@ def add_attention_maps(client, run, layers: Sequence[int] | None = None, segment
     n = cfg.num_hidden_layers
     layers = list(layers) if layers is not None else sorted({0, n // 2, n - 1})
     if segments is None:  # up to three pairs, the first and the last among them
-        segments = sorted({1, (n_seg - 1 + 1) // 2, n_seg - 1}) if n_seg > 2 else [1]
+        segments = sorted({1, n_seg // 2, n_seg - 1})
     maps = head_mean_maps(attention_scores(model, ids, layers, list(segments)))
     log_attention_maps(maps, run_id=run.info.run_id, tracking_uri=uri, segment_length=l,
                        meta={"input": f"passkey prompt of {ids.shape[1]} tokens (needle at depth 0.5), "
