@@ -535,7 +535,7 @@ def h200_manpages_preset() -> SummarizeConfig:
 
     - rows of 3K tokens, segment 512 (the paper's; ~88% of the training pages fit, the longer are skipped), global
       batch 16 (49K padded tokens a step, ~0.5 s at SmolLM2-135M's ~100K tokens/s), 80 steps per finetuned model
-      (~1.3 epochs of the pages that fit; ~1.5 min each with worker start and export), lr 1e-4 -> 1e-5 after 8
+      (~1.5 epochs of the 857 pages that fit; ~1.5 min each with worker start and export), lr 1e-4 -> 1e-5 after 8
       warmup steps (what the SmolLM2 passkey run used: `h200`'s 3e-5 is for 500 steps);
     - every test page whose prompt fits (3072 - 64 = 3008 tokens; ~114: about 57 / 36 / 21 in the 0-512 /
       512-1024 / 1024+ buckets, the paper's), generated at temperature 0.3 like the paper but with 64 new tokens,

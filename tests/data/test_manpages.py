@@ -151,6 +151,7 @@ def test_render_macros_fonts_escapes_strings_conditionals_tables():
     (".de XX\n.B \\\\$2 \\\\$1\n..\n.XX b a", "a b"),                # a macro with arguments
     (".de1 YY\n\\\\$*\n..\n.YY p q", "p q"),
     (".SH\nHEADING ON NEXT LINE\ntext", "text"),
+    (".ig\nhidden\n..\nshown", "shown"),                             # .ig skips to ..
 ])
 def test_render_one_construct(roff, text):
     page = render(roff)

@@ -57,9 +57,9 @@ _IGNORED = {"in", "ti", "ta", "ad", "na", "hy", "nh", "PD", "ft", "ne", "ll", "p
             "lf", "UC", "DT", "hw", "mso", "pc", "tr", "ev", "rm", "rr", "rn", "cu", "ul", "fp", "lg", "kern", "pl",
             "po", "mk", "rt", "ns", "rs", "ch", "wh", "it", "itc", "em", "tm", "ab", "ex", "cc", "c2", "ec", "eo",
             "hc", "hlm", "hym", "hys", "shc", "ls", "lt", "nm", "nn", "pm", "sv", "os", "fl", "vpt", "warn", "nroff",
-            "troff", "ftr", "fchar", "schar", "char", "do", "ig", "AT", "PU", "LINKSTYLE", "mso", "\\}", "\\{", "}",
-            "T&", "hcode", "nop", "Dd", "ta", "IX", "TQ_", "padj", "blm", "lsm", "class", "fzoom", "stringup",
-            "stringdown", "chop", "substring", "length", "while", "break", "continue", "return", "als", "aln"}
+            "troff", "ftr", "fchar", "schar", "char", "do", "AT", "PU", "LINKSTYLE", "\\}", "\\{", "}", "T&",
+            "hcode", "nop", "IX", "padj", "blm", "lsm", "class", "fzoom", "stringup", "stringdown",
+            "chop", "substring", "length", "while", "break", "continue", "return", "als", "aln"}
 _MDOC = {"Dd", "Dt", "Os", "Sh", "Nm", "Nd"}
 
 
@@ -574,6 +574,16 @@ class _Renderer:
 
     def r_ce(self, args, _):
         self.flush()
+
+    def r_ig(self, args, _):
+        """Ignore input up to `..` (or `.<end>`)."""
+        end = "." + (args[0] if args else ".")
+        while self.queue and self.queue.popleft().strip() != end:
+            pass
+
+    def r_nop(self, args, argstr):
+        if argstr.strip():
+            self.line(argstr.lstrip())
 
     def r_so(self, args, _):
         self.so = args[0] if args else ""
