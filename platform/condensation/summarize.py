@@ -531,7 +531,8 @@ def h200_manpages_preset() -> SummarizeConfig:
     """The `h200` preset on real data that needs no hub: Linux man pages summarized by their NAME line
     (`condensation.data.manpages`; `python workloads/make_summaries.py` builds `data/summaries/manpages/` from the
     manpages and manpages-dev .debs: ~970 training and ~125 test pages, a prompt of 75 to 49K SmolLM2 tokens, median
-    ~690; references of 2-23 words, median 6 tokens). Sized for about 5 minutes on one H200 for the whole comparison:
+    ~690; references of 2-23 words, median 6 tokens). Sized for about 5 minutes on one H200 for the whole comparison
+    (an estimate from the SmolLM2 passkey run's throughput, not yet measured):
 
     - rows of 3K tokens, segment 512 (the paper's; ~88% of the training pages fit, the longer are skipped), global
       batch 16 (49K padded tokens a step, ~0.5 s at SmolLM2-135M's ~100K tokens/s), 80 steps per finetuned model
