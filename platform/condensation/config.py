@@ -44,8 +44,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which model to train.
 
-    size: named size of `condensation.sizes.MODEL_SIZES` ("debug", "tiny-cpu", "table1", "llama-3.2-1b",
-        "llama-3.2-3b"); the architecture when `init_from` is not set.
+    size: named size of `condensation.sizes.MODEL_SIZES` ("debug", "tiny-cpu", "table1", "smollm2-135m",
+        "llama-3.2-1b", "llama-3.2-3b"); the architecture when `init_from` is not set.
     init_from: a HF folder (a Llama or Condensation checkpoint, e.g. a previous stage's `hf` export), hub id, or a
         `condensation.pretrained` name ("smollm2-135m-instruct") to load weights and architecture from; `size` is
         then ignored. None trains from random init.

@@ -483,11 +483,8 @@ def ensure_parent_run(cfg: CurriculumConfig) -> str:
 
 def _finished_stage(cfg: CurriculumConfig, i: int) -> dict | None:
     """The record of stage i if it finished: its MLflow run carries the done tag and its HF export exists."""
-    path = os.path.join(cfg.train.run.storage, stage_name(cfg, i), "stage_done.json")
-    if not os.path.exists(path):
-        return None
-    rec = json.loads(open(path).read())
-    if not os.path.isdir(rec["hf_path"]):
+    rec = _stage_record(os.path.join(cfg.train.run.storage, stage_name(cfg, i)))
+    if rec is None or not os.path.isdir(rec["hf_path"]):
         return None
     if rec.get("run_id"):
         try:
