@@ -1,4 +1,4 @@
-"""Ray Train (what `workloads/pretrain.py` runs), with each engine, against the model's own benchmark, in one run, on GPUs.
+"""Ray Train (what `workloads/pretrain.py` runs), each engine, against the model's own benchmark, in one run, on GPUs.
 
     python benchmarks/train_throughput.py --out benchmarks/results/h200_train.json        # Table I, 1 GPU, < 5 min
     python benchmarks/train_throughput.py --engines torch-graph --workers 1,2 --lengths 4096 --batches 4 \
@@ -61,7 +61,8 @@ def load_benchmark():
 
 
 def bench_cases(bench, size: str, batch: int, segment: int, overrides: dict) -> dict:
-    kw = dict(compile_cells=overrides.get("compile_cells", False), weight_grads=overrides.get("weight_grads", "autograd"),
+    kw = dict(compile_cells=overrides.get("compile_cells", False),
+              weight_grads=overrides.get("weight_grads", "autograd"),
               checkpoint_group_steps=overrides.get("checkpoint_group_steps", 0), size=size, batch=batch)
     return {"eager": bench.Case(f"bench-eager-b{batch}", "condensation", "sdpa", segment, **kw),
             "graph": bench.Case(f"bench-graph-b{batch}", "condensation", "sdpa", segment, graph=True, **kw)}
@@ -77,7 +78,8 @@ def train_config(config: str, size: str, L: int, batch: int, workers: int, steps
         f"model.size={size}", f"data.seq_len={L}",
         f"data.num_rows={steps * batch * workers + 8}",  # one epoch covers the run: no pipeline restart in the window
         f"schedule.per_worker_batch={batch}", f"schedule.num_workers={workers}",
-        f"schedule.global_batch={batch * workers}", f"schedule.total_steps={steps}", f"optim.warmup_steps={min(5, steps)}",
+        f"schedule.global_batch={batch * workers}", f"schedule.total_steps={steps}",
+        f"optim.warmup_steps={min(5, steps)}",
         f"tracking.log_every={steps // 2}", "checkpoint.every=0", "checkpoint.export_hf=false",
         f"tracking.enabled={str(mlflow).lower()}", *([f"tracking.peak_tflops={peak_tflops}"] if peak_tflops else []),
         f"run.storage={storage}", f"run.name={name}", *VARIANTS[variant], *extra])
@@ -108,7 +110,8 @@ def summarize(results: dict) -> list[str]:
     lines = ["length batch | bench eager | bench graph | " + " | ".join(f"{v} (x best, x same kind)" for v in variants)]
     for row in results["rows"]:
         b = row["bench"]
-        cells = [f"{_k(b.get(c, {}).get('tokens_per_s'))} {b.get(c, {}).get('peak_gib') or 0:.1f}G" for c in ("eager", "graph")]
+        cells = [f"{_k(b.get(c, {}).get('tokens_per_s'))} {b.get(c, {}).get('peak_gib') or 0:.1f}G"
+                 for c in ("eager", "graph")]
         for v in variants:
             r = row["train"].get(v, {}).get("1", {})
             if "tokens_per_s" in r:
@@ -147,7 +150,8 @@ def main(argv=None):
     ap.add_argument("--size", default="table1")
     ap.add_argument("--lengths", default="4096,16384")
     ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--engines", default="torch-graph,torch,deepspeed", help=f"variants, in this order: {list(VARIANTS)}")
+    ap.add_argument("--engines", default="torch-graph,torch,deepspeed",
+                    help=f"variants, measured in this order: {list(VARIANTS)}")
     ap.add_argument("--workers", default="1", help="GPU counts to train on (the first must be 1)")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps a run; the second half is measured")
     ap.add_argument("--budget-s", type=float, default=285.0, help="no training run starts that would end after this")
