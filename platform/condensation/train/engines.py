@@ -182,6 +182,7 @@ class TorchEngine:
             # (set after the schedule is built, so that its base lrs stay host floats and never sync)
             for g in self.optimizer.param_groups:
                 g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+            self._lr_tensor = self.optimizer.param_groups[0]["lr"]
         # a test's NaN (debug.nan_at_step) rides on a device multiplier, so that a captured step can take it too
         self._poison = torch.ones((), device=device) if cfg.debug.nan_at_step is not None else None
         self._poisoned = False
@@ -279,6 +280,10 @@ class TorchEngine:
         else:
             self._update(allreduce=True)
         self.scheduler.step()
+        if self.graph and self.optimizer.param_groups[0]["lr"] is not self._lr_tensor:
+            # a schedule that assigns a float instead of filling the tensor would freeze the captured lr silently
+            raise RuntimeError("the lr schedule replaced the optimizer's lr tensor; a captured AdamW reads that tensor "
+                               "(recent torch LRSchedulers fill a tensor lr in place)")
 
     def save(self, path: str, rank: int) -> dict:
         """Rank 0 writes weights (the optimizer's: fp32 masters when there are), AdamW's state and the schedule's
