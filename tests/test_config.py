@@ -49,6 +49,14 @@ def test_override_parsing():
     (["debug.nan_at_step=999"], "debug.nan_at_step"),
     (["deepspeed.train_batch_size=3"], "deepspeed.train_batch_size"),
     (["tracking.enabled=maybe"], "tracking.enabled"),
+    (["schedule.engine=jax"], "schedule.engine"),
+    (["schedule.cuda_graph=true"], "schedule.cuda_graph"),  # DeepSpeed's step is not capturable
+    (["schedule.engine=torch", "schedule.cuda_graph=true"], "schedule.cuda_graph"),  # no GPU
+    (["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.use_gpu=true"], "schedule.cuda_graph"),  # accum 2
+    (["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.use_gpu=true", "schedule.global_batch=4",
+      "model.overrides.compile_cells=reduce-overhead"], "model.overrides.compile_cells"),
+    (["schedule.master_weights=false"], "schedule.master_weights"),
+    (["schedule.engine=torch", "deepspeed.zero_optimization.stage=3"], "deepspeed"),
 ])
 def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:

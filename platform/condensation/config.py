@@ -93,7 +93,7 @@ class OptimConfig:
     weight_decay: AdamW weight decay.
     betas: AdamW betas.
     eps: AdamW epsilon.
-    grad_clip: max global gradient norm (DeepSpeed's gradient_clipping); 0 disables.
+    grad_clip: max global gradient norm (DeepSpeed's gradient_clipping; the torch engine clips alike); 0 disables.
     """
 
     lr: float = 1e-3
@@ -118,7 +118,18 @@ class ScheduleConfig:
         room for the data tasks (`condensation.train.resources`). An explicit value that leaves no CPU for the
         data tasks is an error at fit time.
     precision: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32".
-    zero_stage: DeepSpeed ZeRO stage (the paper: 2).
+    engine: what runs the optimizer step (`condensation.train.engines`). "deepspeed": DeepSpeed ZeRO (`zero_stage`,
+        the `deepspeed` keys; optimizer state sharded over workers). "torch": plain torch, the model in `precision`
+        on each worker, every worker holding the whole optimizer state, gradients all-reduced as one flat bucket;
+        the only engine whose step can be a CUDA graph (`cuda_graph`).
+    cuda_graph: torch engine on GPU with one micro-batch per optimizer step (global_batch = per_worker_batch x
+        num_workers): each step replays two CUDA graphs (forward + backward, then all-reduce + clipping + AdamW),
+        and the host checks the finite-loss flag between them. Rows must have one length (they do: data.seq_len).
+    master_weights: torch engine in bf16: AdamW steps fp32 master weights from fp32 gradients (bf16 only in the
+        model), as DeepSpeed's bf16 mode does. False steps the bf16 weights themselves, as workloads/benchmark.py does:
+        less memory and traffic, but an update smaller than bf16's resolution of a weight (2^-8 of it, e.g. lr 6e-5 on
+        weights of 0.02) is lost, so it is for throughput comparisons, not for training.
+    zero_stage: DeepSpeed ZeRO stage (the paper: 2); deepspeed engine only.
     torch_threads: torch intra-op threads per worker; None leaves torch's default.
     seed: model init / dropout seed.
     """
@@ -130,6 +141,9 @@ class ScheduleConfig:
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     precision: str = "auto"
+    engine: str = "deepspeed"
+    cuda_graph: bool = False
+    master_weights: bool = True
     zero_stage: int = 2
     torch_threads: int | None = 1
     seed: int = 0
@@ -144,7 +158,8 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints (DeepSpeed state of every rank, through `ray.train.report`) and the HF export.
+    """Checkpoints (the engine's state: DeepSpeed's of every rank, or the torch engine's from rank 0, through
+    `ray.train.report`) and the HF export.
 
     every: save every this many optimizer steps (the last step is always saved); 0 saves only the last.
     keep: checkpoints kept by Ray (the newest); None keeps all.
@@ -229,7 +244,8 @@ class DebugConfig:
 @dataclass
 class TrainConfig:
     """A whole training run. `deepspeed` holds extra keys deep-merged into the generated DeepSpeed config (its own
-    JSON schema, https://www.deepspeed.ai/docs/config-json/); the resolved dict is saved with the run."""
+    JSON schema, https://www.deepspeed.ai/docs/config-json/; schedule.engine=deepspeed only); the resolved dict is
+    saved with the run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -537,6 +553,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("schedule.precision", f"must be 'auto', 'bf16' or 'fp32', got {s.precision!r}")
     if s.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("schedule.zero_stage", f"must be 0, 1, 2 or 3, got {s.zero_stage}")
+    _validate_engine(cfg)
     if s.torch_threads is not None and s.torch_threads <= 0:
         raise ConfigError("schedule.torch_threads", f"must be positive or None, got {s.torch_threads}")
 
@@ -571,6 +588,37 @@ def validate(cfg: TrainConfig) -> None:
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if k in cfg.deepspeed:
             raise ConfigError(f"deepspeed.{k}", "is derived from schedule.*; set the batch there")
+
+
+ENGINES = ("deepspeed", "torch")
+
+
+def _validate_engine(cfg: TrainConfig) -> None:
+    s, m = cfg.schedule, cfg.model
+    if s.engine not in ENGINES:
+        raise ConfigError("schedule.engine", f"must be one of {list(ENGINES)}, got {s.engine!r}")
+    if s.engine != "torch":
+        if s.cuda_graph:
+            raise ConfigError("schedule.cuda_graph", "needs schedule.engine=torch: DeepSpeed's ZeRO step reads the "
+                                                     "gradient norm on the host, which a CUDA graph cannot capture")
+        if not s.master_weights:
+            raise ConfigError("schedule.master_weights", "only the torch engine can drop them (DeepSpeed's bf16 mode "
+                                                         "always keeps fp32 master weights)")
+    elif cfg.deepspeed:
+        raise ConfigError("deepspeed", "DeepSpeed's own keys apply to schedule.engine=deepspeed only "
+                                       f"(got {sorted(cfg.deepspeed)} with schedule.engine=torch)")
+    if s.cuda_graph:
+        if not s.use_gpu:
+            raise ConfigError("schedule.cuda_graph", "needs schedule.use_gpu=true (CUDA graphs)")
+        if s.grad_accum != 1:
+            raise ConfigError("schedule.cuda_graph", f"needs one micro-batch per optimizer step (global_batch = "
+                                                     f"per_worker_batch x num_workers); global_batch {s.global_batch} "
+                                                     f"over {s.per_worker_batch} x {s.num_workers} is grad_accum "
+                                                     f"{s.grad_accum}")
+        if m.overrides.get("compile_cells") == "reduce-overhead":
+            raise ConfigError("model.overrides.compile_cells", "'reduce-overhead' replays CUDA graphs of its own, "
+                                                               "which cannot be captured inside schedule.cuda_graph's; "
+                                                               "use true")
 
 
 # Keyword arguments of `condensation.data.pretraining_dataset` beyond (source, tokenizer, seq_len); a test keeps the

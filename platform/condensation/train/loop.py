@@ -1,8 +1,10 @@
-"""The Ray Train worker function: reads only its config, builds the model, wraps it in DeepSpeed, trains.
+"""The Ray Train worker function: reads only its config, builds the model, hands it to its engine, trains.
 
+The engine (`engines.py`, `schedule.engine`) is DeepSpeed ZeRO or plain torch; the torch engine's step can be two
+CUDA graphs split at the finite-loss flag below, so that the host's wait for it costs one graph launch.
 Per optimizer step: `grad_accum` micro-batches from `get_dataset_shard("train")` (prefetched onto the device by
-Ray Data), each `engine(...)` with `return_logits=False` (the fused chunked loss), `engine.backward`, `engine.step`
-(DeepSpeed clips, steps AdamW and the cosine schedule at the accumulation boundary).
+Ray Data), each `engine.forward_backward` (the fused chunked loss, `return_logits=False`), then `engine.step`
+(at the accumulation boundary: clipping, AdamW and the cosine schedule).
 
 The host waits on the GPU once per optimizer step, not per micro-step: the loss and segment losses are summed on
 the device and all-reduced there (NCCL needs device tensors), and before the boundary `engine.step` one flag says
@@ -14,9 +16,10 @@ Metrics (loss, tokens/s, MFU, peak memory) are read by the host once per `tracki
 Failures: an exception raised here is recorded in `<run_dir>/last_error.json` (step, rank, message) before it
 propagates, so the driver (`trainer.fit`) can tell a bug that repeats at the same step from a lost worker.
 
-Checkpoints: every rank calls `engine.save_checkpoint` into its own local folder and reports it with the same
-`checkpoint_dir_name`; Ray Train merges them into one checkpoint (model states + every rank's ZeRO shard), plus
-`trainer_state.json` and (last step, or every checkpoint if asked) an `hf/` export from rank 0.
+Checkpoints: every rank calls `engine.save` into its own local folder and reports it with the same
+`checkpoint_dir_name` (a rank that wrote nothing, as under the torch engine all but rank 0, reports no folder); Ray
+Train merges them into one checkpoint (DeepSpeed: model states + every rank's ZeRO shard; torch: rank 0's state
+file), plus `trainer_state.json` and (last step, or every checkpoint if asked) an `hf/` export from rank 0.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ import time
 import torch
 
 from ..config import TrainConfig, to_yaml
-from .checkpoints import DS_TAG, STATE_FILE, checkpoint_step
-from .deepspeed_config import deepspeed_config
+from .checkpoints import STATE_FILE, checkpoint_step
+from .engines import make_engine
 from .model import build_model
 from .tracking import make_logger
 
@@ -140,17 +143,15 @@ def _quiet_worker_logs() -> None:
 
 def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     _quiet_worker_logs()
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
     from ray.train import Checkpoint
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from ..flops import matmul_peak_tflops, training_flops
 
     run_id = config.get("mlflow_run_id")
-    s, o = cfg.schedule, cfg.optim
+    s = cfg.schedule
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if s.torch_threads:
@@ -163,12 +164,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     model = build_model(cfg.model)
     model.train()
     seq_cfg = model.config
-    ds_cfg = deepspeed_config(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                  **({"fused": True} if device.type == "cuda" else {}))
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, o.warmup_steps, s.total_steps, min_lr=o.min_lr)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_cfg, dist_init_required=False)
+    engine = make_engine(cfg, model, device, world)
 
     logger = make_logger(cfg, run_id, rank, system_metrics=device.type == "cuda")
     step = 0
@@ -178,14 +174,14 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(resume)) as d:
             if resume and checkpoint_step(resume) > checkpoint_step(d):
                 d = resume
-            engine.load_checkpoint(d, tag=DS_TAG)
+            engine.load(d)
             step = checkpoint_step(d)
         if rank == 0:
             _say(f"[condensation.train] resumed from {d} at step {step}")
     progress["step"] = step
-    resolved = {**cfg.to_dict(), "deepspeed_resolved": ds_cfg, "model_config": seq_cfg.to_dict(), "world_size": world}
+    resolved = {**cfg.to_dict(), **engine.resolved, "model_config": seq_cfg.to_dict(), "world_size": world}
     if step == 0:
-        logger.log_params({**cfg.to_dict(), "deepspeed_resolved": ds_cfg, "world_size": world,
+        logger.log_params({**cfg.to_dict(), **engine.resolved, "world_size": world,
                            "grad_accum": s.grad_accum, "n_params": sum(p.numel() for p in model.parameters())})
         logger.log_text(to_yaml(resolved), "resolved_config.yaml")
         if config.get("data_stats"):
@@ -209,16 +205,17 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     def save(step: int, metrics: dict, final: bool) -> None:
         tmp = tempfile.mkdtemp(prefix=f"condensation-ckpt-r{rank}-")
         try:
-            engine.save_checkpoint(tmp, tag=DS_TAG)
+            engine_state = engine.save(tmp, rank)
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump({"step": step, "mlflow_run_id": run_id, "total_steps": s.total_steps, "world_size": world,
-                               "zero_stage": s.zero_stage}, f)
+                               **engine_state}, f)
                 with open(os.path.join(tmp, "resolved_config.yaml"), "w") as f:
                     f.write(to_yaml(resolved))
                 if cfg.checkpoint.export_hf and (final or cfg.checkpoint.export_hf_every):
                     engine.module.save_pretrained(os.path.join(tmp, HF_DIR), safe_serialization=True)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_{step:08d}")
+            checkpoint = Checkpoint.from_directory(tmp) if os.listdir(tmp) else None  # nothing of this rank's to add
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -231,21 +228,18 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     while step < s.total_steps:
         step += 1
         progress["step"] = step
-        lr = optimizer.param_groups[0]["lr"]
+        lr = engine.lr
         acc = torch.zeros(2 + n_seg, dtype=torch.float64, device=device)
         for micro in range(s.grad_accum):
             epoch, b = next(batches)
             ids, labels = b["input_ids"], b["labels"]
-            out = engine(input_ids=ids, labels=labels, return_logits=False)
+            out = engine.forward_backward(ids, labels, poison=cfg.debug.nan_at_step == step)  # losses detached
             loss = out.loss
-            if cfg.debug.nan_at_step == step:
-                loss = loss * float("nan")
             seg = out.segment_losses.detach().double()[:n_seg]
             seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))  # rows of another length: fixed width
             l64 = loss.detach().double().reshape(1)
             acc += torch.cat([l64, seg, (~torch.isfinite(l64)).double()])
             window_tokens += ids.numel() * world
-            engine.backward(loss)
             if micro == s.grad_accum - 1:
                 dist.all_reduce(acc)  # sum over ranks, on the device: a NaN on any rank is a NaN everywhere
                 if acc[-1].item() > 0:  # the one host wait per optimizer step, before the update
