@@ -499,10 +499,10 @@ def cell_forward(
     sink_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c) (Rope rows from
-    p + l + offset, p = memory_sink_tokens), attending to prefix_kv ([m, B, Hkv, P, D]: memory keys, then keys of the segment's earlier
-    tokens) and to itself causally. prefix_kv may cover only the first m < k cells: the rest (a wavefront's segment-0
-    cell) have no memory. sink_kv ([ms, B, Hkv, p, D], ms <= m) puts the attention sink's keys before the prefix of
-    the first ms cells. Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache."""
+    p + l + offset, p = memory_sink_tokens), attending to prefix_kv ([m, B, Hkv, P, D]: memory keys, then keys of the
+    segment's earlier tokens) and to itself causally. prefix_kv may cover only the first m < k cells: the rest (a
+    wavefront's segment-0 cell) have no memory. sink_kv ([ms, B, Hkv, p, D], ms <= m) puts the attention sink's keys
+    before the prefix of the first ms cells. Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache."""
     kc, B, c, _ = x.shape
     start = cfg.memory_sink_tokens + cfg.segment_length + offset
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -597,8 +597,8 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
             return []
         return [sink.detach() if trunc is not None and s >= trunc else sink]
 
-    def sink_of(y, s):  # the sink kept from segment 0's output (a copy: not a view pinning the whole segment)
-        return y[:, :p].clone() if p and s == 0 else None
+    def sink_of(y):  # the sink kept from segment 0's output (a copy: not a view pinning the whole segment)
+        return y[:, :p].clone() if p else None
 
     if schedule == "sequential":
         outs = [None] * n_seg
@@ -612,7 +612,7 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
                 x = _run_step(ws[n], [x], m, sinks_for(sinks[n], s), rope, cfg, attention, ckpt)[0]
                 mem[n] = x
                 if s == 0:
-                    sinks[n] = sink_of(x, s)
+                    sinks[n] = sink_of(x)
             outs[s] = x
         return torch.stack(outs, 1)
 
@@ -634,8 +634,8 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
             y = _run_step(w_all.range(lo, hi + 1), xs, ms, ss, rope, cfg, attention, ckpt)
             for n in range(lo, hi + 1):
                 prev[n] = y[n - lo]
-                if p and n == t:  # segment 0
-                    sinks[n] = sink_of(prev[n], 0)
+                if n == t:  # segment 0
+                    sinks[n] = sink_of(prev[n])
             if hi == n_layers - 1:
                 done.append(prev[hi])
         return (*prev, *sinks, *done)
