@@ -101,7 +101,8 @@ class DataConfig:
         l, 2l, ... up to seq_len (l = the model's segment_length; seq_len itself too when it is not a multiple), all
         its rows that length, so nothing is padded. Text rows are cut to it (drawn from seed, worker rank, step and
         micro-step); passkey rows (the curriculum) are generated at it (drawn from seed and the row's group). Peak
-        memory is that of seq_len; tokens per step vary. False (default): every row seq_len tokens.
+        memory is that of seq_len; tokens per step vary. Not with schedule.cuda_graph (a graph replays one shape).
+        False (default): every row seq_len tokens.
     """
 
     source: str = "local"
