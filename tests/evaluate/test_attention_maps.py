@@ -26,9 +26,9 @@ ARCH = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_laye
             num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096)
 
 
-def make_model(segment_length: int = L_SEG) -> CondensationForCausalLM:
+def make_model(segment_length: int = L_SEG, **options) -> CondensationForCausalLM:
     cfg = CondensationConfig(**ARCH, segment_length=segment_length, segment_attention="eager",
-                             segment_schedule="sequential")
+                             segment_schedule="sequential", **options)
     model = CondensationForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -62,8 +62,10 @@ def recorded_scores(model, ids) -> dict[tuple[int, int], torch.Tensor]:
     return {(i % n_layers, i // n_layers): s for i, s in enumerate(calls)}
 
 
-def test_scores_equal_the_models_own_attention():
-    model = make_model()
+@pytest.mark.parametrize("options", [{}, {"memory_sink_tokens": 3, "memory_norm": "separate"}])
+def test_scores_equal_the_models_own_attention(options):
+    model = make_model(**options)
+    sink = options.get("memory_sink_tokens", 0)
     B, L = 2, 4 * L_SEG + 5  # a short last segment: its padding must not appear in the scores
     ids = torch.randint(0, ARCH["vocab_size"], (B, L), generator=torch.Generator().manual_seed(1))
     seen = recorded_scores(model, ids)
@@ -72,7 +74,7 @@ def test_scores_equal_the_models_own_attention():
     assert set(got) == {(n, s) for n in layers for s in segments}
     for (n, s), sc in got.items():
         r = min(L_SEG, L - s * L_SEG)
-        m = 0 if s == 0 else L_SEG
+        m = 0 if s == 0 else L_SEG + (sink if s >= 2 else 0)  # with a sink from segment 2 on, its keys first
         assert sc.shape == (B, ARCH["num_attention_heads"], r, m + r) and sc.dtype == torch.float32
         ref = seen[(n, s)][:, :, :r, : m + r]  # the model pads the last segment at its end
         assert torch.equal(torch.isinf(sc), torch.isinf(ref)), (n, s)

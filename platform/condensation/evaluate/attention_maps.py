@@ -11,6 +11,8 @@ own cell code one layer at a time), then, with Llama's modules of layer n,
     Q = rope(q_proj(input_layernorm(x[s, n])))                      positions [l, l + r)
     K = rope(k_proj(input_layernorm([y[s-1, n]; x[s, n]])))          positions [0, m) then [l, l + r)
     scores = Q K^T / sqrt(D)  [B, H, r, m + r], -inf where the lower-right causal mask hides a key (rule 4).
+With the options beyond the paper (docs/model.md) the memory keys are those the model uses: from s = 2 the attention
+sink's first (memory_sink_tokens), the memory normalised by memory_layernorm (memory_norm="separate").
 Grouped key/value heads are repeated to the query heads as the attention does. tests/evaluate/test_attention_maps.py
 checks the result against the scores the model's eager attention computes during a forward.
 """
@@ -68,9 +70,10 @@ def attention_scores(
 ) -> dict[tuple[int, int], torch.Tensor]:
     """Pre-softmax attention scores of layer n for segment s, for every n in layers and s in segments (s >= 1 has a
     memory; s = 0 attends to itself only). Returns {(n, s): float32 [B, H, r, m + r]}: r = the segment's real
-    tokens, m = l memory keys (0 for s = 0); the first m columns are the memory keys, the rest the current ones;
-    scores are scaled by 1/sqrt(head_dim) (what the softmax sees) and -inf where rule 4's mask hides the key."""
-    cfg, l = model.config, model.config.segment_length
+    tokens, m = l memory keys (0 for s = 0; p + l from s = 2 with memory_sink_tokens = p, the sink's first); the first
+    m columns are the memory keys, the rest the current ones; scores are scaled by 1/sqrt(head_dim) (what the softmax
+    sees) and -inf where rule 4's mask hides the key."""
+    cfg, l, p = model.config, model.config.segment_length, model.config.memory_sink_tokens
     n_layers, n_seg_all = cfg.num_hidden_layers, math.ceil(input_ids.shape[1] / l)
     for n in layers:
         if not 0 <= n < n_layers:
@@ -81,22 +84,30 @@ def attention_scores(
     states = layer_outputs(model, input_ids, max(segments) + 1)
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rope = model.model.rope(states[0])
-    cos, sin = rope.cos.float(), rope.sin.float()  # [2l, D]
+    cos, sin = rope.cos.float(), rope.sin.float()  # [p + 2l, D]: rows of the sink, the memory, the current segment
     B = input_ids.shape[0]
     out: dict[tuple[int, int], torch.Tensor] = {}
     for n in layers:
         layer = model.model.layers[n]
         attn = layer.self_attn
+        memory_norm = layer.memory_layernorm or layer.input_layernorm  # memory_norm="separate": the memory's own
         for s in segments:
             r = min(l, input_ids.shape[1] - s * l)  # the last segment may be shorter: drop its padding
             x = states[n][:, s, :r]  # [B, r, d]: x[s, n] = y[s, n-1]
             h = layer.input_layernorm(x)
-            kv_in = h if s == 0 else torch.cat([layer.input_layernorm(states[n + 1][:, s - 1]), h], 1)  # [B, m + r, d]
+            memory, rows = [], []  # y[0, n][:, :p] (the sink, s >= 2), y[s-1, n]; their rows of the RoPE table
+            if s >= 2 and p:
+                memory, rows = [states[n + 1][:, 0, :p]], [torch.arange(p)]
+            if s >= 1:
+                memory, rows = memory + [states[n + 1][:, s - 1]], rows + [torch.arange(p, p + l)]
+            kv_in = torch.cat([memory_norm(y) for y in memory] + [h], 1)  # [B, m + r, d]
             m = kv_in.shape[1] - r
             q = attn.q_proj(h).view(B, r, H, D).transpose(1, 2).float()  # [B, H, r, D]
             k = attn.k_proj(kv_in).view(B, m + r, Hkv, D).transpose(1, 2).float()  # [B, Hkv, m + r, D]
-            q = _rope(q, cos[l : l + r], sin[l : l + r])
-            k = _rope(k, torch.cat([cos[:m], cos[l : l + r]]), torch.cat([sin[:m], sin[l : l + r]]))
+            q_rows = torch.arange(p + l, p + l + r)
+            k_rows = torch.cat(rows + [q_rows]).to(cos.device)
+            q = _rope(q, cos[q_rows.to(cos.device)], sin[q_rows.to(cos.device)])
+            k = _rope(k, cos[k_rows], sin[k_rows])
             k = k.repeat_interleave(H // Hkv, dim=1)  # grouped heads: query head i reads key head i // (H / Hkv)
             scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # [B, H, r, m + r]
             i = torch.arange(r, device=scores.device)[:, None]

@@ -25,6 +25,7 @@ file), plus `trainer_state.json` and (last step, or every checkpoint if asked) a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -76,9 +77,15 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _batches(shard, batch_size: int, device: torch.device):
+def _batches(shard, batch_size: int, device: torch.device, lengths: list[int] | None = None, seed: int = 0,
+             rank: int = 0, first: int = 0):
     """Micro-batches forever, epoch after epoch, already on `device` (Ray Data copies the next batches there while
-    the current one trains)."""
+    the current one trains). With `lengths` (data.random_lengths) every micro-batch has one of them, see
+    `_length_batches`."""
+    if lengths is not None:
+        yield from _length_batches(_batches(shard, batch_size, torch.device("cpu")), batch_size, device, lengths, seed,
+                                   rank, first)
+        return
     epoch = 0
     while True:
         n = 0
@@ -89,6 +96,24 @@ def _batches(shard, batch_size: int, device: torch.device):
         if n == 0:
             raise RuntimeError(f"the training shard holds fewer than per_worker_batch={batch_size} rows")
         epoch += 1
+
+
+def _length_batches(batches, batch_size: int, device: torch.device, lengths: list[int], seed: int, rank: int,
+                    first: int):
+    """Rows that carry a `length` (passkey rows generated at random lengths) regrouped on the host into micro-batches
+    of one length (`uniform_length_batches`); text rows cut, micro-batch j of this worker to draw_length(lengths, seed,
+    rank, first + j) tokens (any prefix of a text row is one). `first`: micro-batches of the steps before a resume."""
+    from ..data.pipeline import draw_length, uniform_length_batches
+
+    head = next(batches)
+    stream = itertools.chain([head], batches)
+    if "length" in head[1]:
+        stream = uniform_length_batches(stream, batch_size)
+    else:
+        stream = ((epoch, {k: v[:, : draw_length(lengths, seed, rank, first + j)] for k, v in b.items()})
+                  for j, (epoch, b) in enumerate(stream))
+    for epoch, b in stream:
+        yield epoch, {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
 def _record_error(cfg: TrainConfig, step: int, rank: int, exc: BaseException) -> None:
@@ -148,6 +173,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
+    from ..data.pipeline import segment_multiples
     from ..flops import matmul_peak_tflops, training_flops
 
     run_id = config.get("mlflow_run_id")
@@ -190,9 +216,9 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             logger.log_text(json.dumps(stats, indent=2, default=str), "data_stats.json")
 
     shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, s.per_worker_batch, device)
     n_seg = -(-cfg.data.seq_len // seq_cfg.segment_length)
-    step_flops = training_flops(seq_cfg, cfg.data.seq_len, s.per_worker_batch * s.grad_accum, seq_cfg.segment_length)
+    lengths = segment_multiples(cfg.data.seq_len, seq_cfg.segment_length) if cfg.data.random_lengths else None
+    batches = _batches(shard, s.per_worker_batch, device, lengths, cfg.data.seed, rank, step * s.grad_accum)
     peak_tflops = None
     if rank == 0 and device.type == "cuda":
         peak_tflops = cfg.tracking.peak_tflops or matmul_peak_tflops(device, torch.bfloat16 if s.bf16() else torch.float32)
@@ -219,9 +245,11 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # [loss, segment losses..., finite flag] summed over micro-steps and ranks, on the device until logged
-    window = torch.zeros(2 + n_seg, dtype=torch.float64, device=device)
-    window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+    # [loss, segment losses..., micro-batches that had each segment..., finite flag] summed over micro-steps and
+    # ranks, on the device until logged
+    window = torch.zeros(2 + 2 * n_seg, dtype=torch.float64, device=device)
+    window_steps, window_tokens, window_flops, t_window = 0, 0, 0.0, time.perf_counter()
+    seg_index = torch.arange(n_seg, device=device)
     metrics: dict = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -229,17 +257,19 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         step += 1
         progress["step"] = step
         lr = engine.lr
-        acc = torch.zeros(2 + n_seg, dtype=torch.float64, device=device)
+        acc = torch.zeros(2 + 2 * n_seg, dtype=torch.float64, device=device)
         for micro in range(s.grad_accum):
             epoch, b = next(batches)
             ids, labels = b["input_ids"], b["labels"]
             out = engine.forward_backward(ids, labels, poison=cfg.debug.nan_at_step == step)  # losses detached
             loss = out.loss
             seg = out.segment_losses.detach().double()[:n_seg]
-            seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))  # rows of another length: fixed width
+            present = (seg_index < seg.numel()).double()  # rows of another length: fixed width, counted apart
+            seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))
             l64 = loss.detach().double().reshape(1)
-            acc += torch.cat([l64, seg, (~torch.isfinite(l64)).double()])
+            acc += torch.cat([l64, seg, present, (~torch.isfinite(l64)).double()])
             window_tokens += ids.numel() * world
+            window_flops += training_flops(seq_cfg, ids.shape[1], ids.shape[0], seq_cfg.segment_length)
             if micro == s.grad_accum - 1:
                 dist.all_reduce(acc)  # sum over ranks, on the device: a NaN on any rank is a NaN everywhere
                 if acc[-1].item() > 0:  # the one host wait per optimizer step, before the update
@@ -253,6 +283,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         ckpt_now = final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
         if log_now or ckpt_now:
             vals = (window / (world * s.grad_accum * window_steps)).tolist()  # waits for the GPU: once per interval
+            seg_means = [v / c if c else 0.0 for v, c in zip(vals[1 : 1 + n_seg], vals[1 + n_seg : 1 + 2 * n_seg])]
             dt = time.perf_counter() - t_window
             metrics = {
                 "step": step,
@@ -262,17 +293,17 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
                 "step_time_s": dt / window_steps,
                 "peak_memory_gib": _peak_memory_gib(device),
                 "epoch": epoch,
-                **{f"segment_loss_{i}": v for i, v in enumerate(vals[1:-1])},
+                **{f"segment_loss_{i}": v for i, v in enumerate(seg_means)},
             }
             if peak_tflops:
-                metrics["mfu"] = step_flops / metrics["step_time_s"] / 1e12 / peak_tflops
+                metrics["mfu"] = window_flops / dt / 1e12 / peak_tflops
             logger.log_metrics(metrics, step=step)
             if rank == 0 and bar is None:
                 mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
                 _say(f"[condensation.train] step {step}/{s.total_steps} loss {metrics['loss']:.4f} lr {lr:.3g} "
                      f"tok/s {metrics['tokens_per_s']:.0f}{mfu} peak {metrics['peak_memory_gib']:.2f} GiB")
             window.zero_()
-            window_steps, window_tokens = 0, 0
+            window_steps, window_tokens, window_flops = 0, 0, 0.0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         if bar is not None:
