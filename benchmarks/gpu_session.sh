@@ -3,11 +3,12 @@
 #
 #   bash benchmarks/gpu_session.sh setup               # once: the offline bundle (../shared/offline-gpu), SmolLM2, corpus
 #   bash benchmarks/gpu_session.sh suite summarize     # then any steps, in order, each under its own time limit
+#   bash benchmarks/gpu_session.sh suite+summarize     # two steps at the same time
 #
 # Steps: setup, suite (the platform's GPU tests), engine-tests, summarize (issue 14), throughput (issue 11),
 # bench (issue 16), bench-smollm2, sweep (issue 13), ideas (issue 12). Each step's log goes to $OUT/logs/<step>.txt
 # (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_ARGS, SUMMARIZE_ARGS,
-# THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS; T overrides a step's time limit (s).
+# SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS; T overrides a step's time limit (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -25,7 +26,7 @@ setup() {
 }
 
 suite() {  # the platform's GPU tests: DeepSpeed and torch engines, export, NaN, SIGKILL, repeated error, curriculum
-  timeout "${T:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/train/test_fit_gpu.py tests/test_gpu.py ${SUITE_ARGS:-}
+  timeout "${T:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests/train/test_fit_gpu.py tests/test_gpu.py} ${SUITE_ARGS:-}
 }
 
 summarize() {  # issue 14: three models on the man-page summaries (data/summaries, built by workloads/make_summaries.py)
@@ -68,16 +69,26 @@ ideas() {  # issue 12: the ideas against the paper's recipe, as a sweep over con
   local r=$?; mkdir -p "$OUT/ideas"; cp -r runs/sweep-h200-ideas/*.{json,png,md,yaml} "$OUT/ideas/" 2>/dev/null; return $r
 }
 
-status=0
-for step in "$@"; do
-  case "$step" in
-    setup|suite|summarize|throughput|bench|bench-smollm2|sweep|ideas) ;;
-    *) echo "unknown step $step" >&2; exit 2 ;;
-  esac
-  echo "=== $step $(date -u +%T)"
-  start=$(date +%s)
-  "$step" > "$OUT/logs/$step.txt" 2>&1 || { echo "=== $step failed"; status=1; }
+run_step() {  # one step, its log in $OUT/logs
+  local step=$1 start=$(date +%s) r=0
+  "$step" > "$OUT/logs/$step.txt" 2>&1 || r=$?
+  echo "=== $step: exit $r after $(( $(date +%s) - start )) s"
   grep -v "^\s*$" "$OUT/logs/$step.txt" | tail -n "${TAIL:-25}" | cut -c1-400
-  echo "=== $step took $(( $(date +%s) - start )) s"
+  return $r
+}
+
+status=0
+for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
+  for step in ${group//+/ }; do
+    case "$step" in
+      setup|suite|summarize|throughput|bench|bench-smollm2|sweep|ideas) ;;
+      *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+  done
+  echo "=== $group $(date -u +%T)"
+  pids=()
+  for step in ${group//+/ }; do run_step "$step" > "$OUT/logs/.$step.summary" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  for step in ${group//+/ }; do cat "$OUT/logs/.$step.summary"; done
 done
 exit $status
