@@ -96,7 +96,7 @@ def train_once(cfg) -> dict:
     m = res.metrics
     return {"tokens_per_s": m["tokens_per_s"], "step_time_s": m["step_time_s"], "mfu": m.get("mfu"),
             "peak_memory_gib": m["peak_memory_gib"], "loss": m["loss"], "ranks_in_sync": m["ranks_in_sync"],
-            "wall_s": time.time() - t0, "steps": steps}
+            "wall_s": time.time() - t0, "steps": cfg.schedule.total_steps}
 
 
 def _k(x) -> str:
