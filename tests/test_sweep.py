@@ -64,20 +64,29 @@ def test_loss_objective_is_fine_with_token_mean_or_one_length():
     load_sweep_config("debug", overrides=["objective=loss", "search.segment_lengths=[32]"])
 
 
-def test_workload_config_error_is_one_line_before_ray(capsys):
+@pytest.mark.parametrize("argv,field", [
+    (["search.lr_min=-1"], "search.lr_min"),
+    (["search.segment_lengths=[32,32]"], "search.segment_lengths"),
+    (["--config", "/no/such/sweep.yaml"], "--config"),
+    (["--preset", "passkey", "curriculum.stages.3.steps=5"], "curriculum.stages.3"),
+    (["--preset", "passkey", "objective=heldout_loss"], "heldout_text"),
+])
+def test_workload_config_error_is_one_line_before_ray(argv, field, capsys, monkeypatch, tmp_path):
     import importlib.util
 
     import ray
 
+    def boom(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", boom)
     path = os.path.join(os.path.dirname(__file__), "..", "workloads", "sweep.py")
     spec = importlib.util.spec_from_file_location("sweep_workload", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    was = ray.is_initialized()
-    assert mod.main(["search.lr_min=-1"]) == 2
+    assert mod.main(argv + [f"train.run.storage={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("config error: search.lr_min:"), err
-    assert ray.is_initialized() == was
+    assert len(err) == 1 and err[0].startswith(f"config error: {field}"), err
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +187,27 @@ def test_sweep_prunes_logs_nested_runs_and_resumes_after_interrupt(ray_session, 
 
     free = ray.available_resources().get("CPU", 0)
     assert free == pytest.approx(ray.cluster_resources()["CPU"], abs=0.05), ray.available_resources()
+
+
+@pytest.mark.parametrize("objective", ["heldout_loss", "passkey_answer_loss", "passkey_exact"])
+def test_evaluator_objectives_on_a_small_model(objective):
+    """What rank 0 computes every `eval_every` steps, here without Ray: a finite value, the model left as it was."""
+    import torch
+
+    from condensation import CondensationForCausalLM
+    from condensation.sizes import build_config
+    from condensation.sweep import make_evaluator, trial_train_config
+
+    cfg = load_sweep_config("debug", overrides=[f"objective={objective}", "passkey_length=96", "passkey_n=2"])
+    tcfg = trial_train_config(cfg, 32, 1e-3)
+    torch.manual_seed(0)
+    model = CondensationForCausalLM(build_config("debug", vocab_size=2048, segment_length=32)).train()
+    ev = make_evaluator(cfg, tcfg)
+    if objective == "heldout_loss":
+        assert ev.rows.shape == (cfg.heldout_rows, tcfg.data.seq_len)
+    import pickle
+
+    ev = pickle.loads(pickle.dumps(ev))  # it travels to the workers in the train loop's config
+    out = ev(model)
+    assert objective in out and out[objective] == out[objective] and out[objective] >= 0
+    assert model.training

@@ -3,23 +3,27 @@
 Every trial is one run of the training layer (`condensation.train.fit`: a Ray Train `TorchTrainer` + DeepSpeed) at
 one (segment length, learning rate). Ray Train V2 cannot be handed to a `Tuner` as a trainer, so each trial is a
 function trainable that calls `fit`, which starts the trial's own Ray Train run. How the two talk:
-- up (Train -> Tune): `fit(callbacks=[TuneReportCallback()], evaluate=...)`. Rank 0 of the trial's workers evaluates
+- up (Train -> Tune): `fit(callbacks=[<TuneReportCallback>], evaluate=...)`. Rank 0 of the trial's workers evaluates
   the objective every `eval_every` steps (`evaluate`: held-out loss through `condensation.evaluate.long_context`, or
   passkey answer loss / accuracy through `condensation.curriculum.answer_loss` / `condensation.evaluate`), the
-  workers report it with `ray.train.report`, and Ray Tune's `TuneReportCallback` in the Train controller passes
-  rank 0's metrics on to the trial, where ASHA sees them (time = the optimizer `step`).
-- down (Tune -> Train): when ASHA stops a trial, Tune ends the trial's actor; the Train controller and its workers
-  are owned by that actor and end with it (Ray's ownership; Ray Train's placement-group cleaner frees their
-  resources). The sweep then closes the stopped trial's MLflow run and tags it `sweep.status=stopped`.
-
+  workers report it with `ray.train.report`, and Ray Tune's `TuneReportCallback` in the Train controller hands rank
+  0's metrics to the trial, where ASHA sees them (time = the optimizer `step`).
+- down (Tune -> Train): a trial's Train controller and workers are owned by the trial's actor, so ending that actor
+  would kill them mid-step, and Ray Train's placement-group cleaner (which needs the dashboard's state API) would
+  be all that frees their resources. So a trial is stopped cooperatively: when ASHA stops it (the sweep's Tune
+  callback, `on_trial_complete`), when Tune cleans up its actor (`cleanup`), or when the sweep is interrupted
+  (`on_step_end`), a `stop` file goes into the trial's run folder (`condensation.train.loop.STOP_FILE`); every
+  worker ends before its next update, `fit` returns `stopped=True`, and only then does Tune end the actor.
 Resources: Ray Tune reserves only a trial's driver (`TRIAL_DRIVER_CPUS`); the trial's Ray Train run reserves its
 workers (`train.schedule.num_workers` x (`cpus_per_worker` CPUs + 1 GPU when `use_gpu`)), so a sweep packs a GPU
 machine with one trial per GPU (num_workers=1) or N. `max_concurrent_trials` (None: as many as the cluster holds)
 caps the trials that run at once.
 
 Resume: the Tune experiment lives in `<storage>/<name>/tune`; started again with the same name and storage, the
-sweep restores it (`Tuner.restore`): finished and stopped trials stay as they are, unfinished ones go on (their
-training run continues from its newest checkpoint, as any run of the training layer does).
+sweep restores it (`Tuner.restore`): finished and stopped trials stay as they are (a trial whose run had finished
+is not trained again), unfinished and errored ones go on (their training run continues from its newest checkpoint,
+as any run of the training layer does), and ASHA first records the ended trials' results at its rungs again (Tune
+does not save a scheduler's state).
 
 MLflow: a parent run `name` with one nested run per trial (the training layer's run: config, curves, the objective
 at every evaluation, the final `sweep/objective`, tags `sweep.status`, `sweep.segment_length`, `sweep.lr`), and at the
@@ -245,12 +249,10 @@ def validate_sweep(cfg: SweepConfig) -> None:
         cur = _stage_curriculum(cfg)
         if not 0 <= cfg.stage < len(cur.stages):
             raise ConfigError("stage", f"no stage {cfg.stage} in curriculum.stages (there are {len(cur.stages)})")
-        st = cur.stages[cfg.stage]
-        if st.steps <= 0:
-            raise ConfigError(f"curriculum.stages.{cfg.stage}.steps", f"must be positive, got {st.steps}")
-        if cur.train_rows < cfg.train.schedule.global_batch:
-            raise ConfigError("curriculum.train_rows", f"must be at least train.schedule.global_batch "
-                                                       f"({cfg.train.schedule.global_batch})")
+        try:  # its stages, rows and every stage's training config (on the sweep's base)
+            cur.validate()
+        except ConfigError as e:
+            raise ConfigError(f"curriculum.{e.key}", str(e).split(": ", 1)[-1]) from None
     total = cfg.total_steps()
     a = cfg.asha
     max_t = a.max_t if a.max_t is not None else total
@@ -346,18 +348,29 @@ def load_sweep_config(preset: str = "default", yaml_path: str | None = None,
     return cfg.validate()
 
 
-def resolve_sweep(cfg: SweepConfig) -> SweepConfig:
-    """Validated copy with the storage path absolute (Tune changes a trial's working directory to its own folder)."""
-    from pathlib import Path
+def _absolute(path: str | None) -> str | None:
+    """A path that exists relative to the current folder, made absolute; anything else (a hub id, a name) as is."""
+    from .config import BUILTIN_SOURCES
 
+    if path in (*BUILTIN_SOURCES, "builtin"):
+        return path
+    if path and "://" not in path and os.path.exists(os.path.expanduser(path)):
+        return os.path.abspath(os.path.expanduser(path))
+    return path
+
+
+def resolve_sweep(cfg: SweepConfig) -> SweepConfig:
+    """Validated copy with the storage and every local path absolute: Ray Tune runs each trial in a folder of its own
+    (its working directory), where a relative path would point elsewhere."""
     cfg.validate()
-    storage = cfg.train.run.storage
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    out = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run=dataclasses.replace(cfg.train.run, storage=storage)))
-    if out.heldout_text:
-        out.heldout_text = str(Path(out.heldout_text).expanduser().resolve())
-    return out
+    t = cfg.train
+    storage = t.run.storage if "://" in t.run.storage else os.path.abspath(os.path.expanduser(t.run.storage))
+    train = dataclasses.replace(
+        t, run=dataclasses.replace(t.run, storage=storage),
+        data=dataclasses.replace(t.data, source=_absolute(t.data.source), tokenizer=_absolute(t.data.tokenizer)),
+        model=dataclasses.replace(t.model, init_from=_absolute(t.model.init_from)))
+    return dataclasses.replace(cfg, train=train, init_from=_absolute(cfg.init_from),
+                               heldout_text=_absolute(cfg.heldout_text))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,7 +390,7 @@ def default_preset() -> SweepConfig:
         "run": {"name": "sweep-cpu", "storage": "runs"},
     })
     return SweepConfig(name="sweep-cpu", train=train,
-                       search=SearchConfig(segment_lengths=[32, 64], lr_min=1e-4, lr_max=3e-2, num_samples=2, seed=0),
+                       search=SearchConfig(segment_lengths=[32, 64], lr_min=3e-4, lr_max=3e-2, num_samples=2, seed=0),
                        asha=AshaConfig(grace_period=10, reduction_factor=2.0), objective="heldout_loss", eval_every=5,
                        heldout_rows=16, max_concurrent_trials=1)
 
@@ -450,6 +463,13 @@ class Evaluator:
     seed: int = 99
 
     def __call__(self, model) -> dict:
+        was = model.training
+        try:
+            return self._evaluate(model)
+        finally:
+            model.train(was)
+
+    def _evaluate(self, model) -> dict:
         if self.objective == "heldout_loss":
             from .evaluate.long_context import loss_by_position
 
@@ -931,6 +951,15 @@ def _asha_scheduler(cfg: SweepConfig):
                          grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
 
 
+def _search_yaml(text: str) -> dict:
+    """A saved sweep config without what may change between the starts of one sweep (how many trials run at once)."""
+    import yaml
+
+    d = yaml.safe_load(text) or {}
+    d.pop("max_concurrent_trials", None)
+    return d
+
+
 def _param_space(cfg: SweepConfig) -> dict:
     from ray import tune
 
@@ -985,7 +1014,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
     saved = os.path.join(cfg.folder, CONFIG_FILE)
     experiment = os.path.join(cfg.folder, TUNE_DIR)
     resumed = tune.Tuner.can_restore(experiment)
-    if resumed and os.path.exists(saved) and open(saved).read() != to_yaml(cfg):
+    if resumed and os.path.exists(saved) and _search_yaml(open(saved).read()) != _search_yaml(to_yaml(cfg)):
         raise ConfigError("name", f"a sweep named {cfg.name!r} with a different config is in {cfg.folder}; give this "
                                   f"one a new name (name=...) or delete that folder")
     with open(saved, "w") as f:
