@@ -182,6 +182,17 @@ def test_sweep_prunes_logs_nested_runs_and_resumes_after_interrupt(ray_session, 
     best_cfg = open(client.download_artifacts(parent.info.run_id, "best_config.yaml", str(tmp_path))).read()
     assert f"segment_length: {r2.best.segment_length}" in best_cfg
 
+    # a restored sweep's ASHA knows the ended trials: it records their results at its rungs again
+    from ray.tune import ExperimentAnalysis
+
+    from condensation.sweep import _asha_scheduler
+
+    sched = _asha_scheduler(cfg)
+    sched.set_search_properties(cfg.objective, "min")
+    for t in ExperimentAnalysis(r2.experiment_path).trials:
+        sched.on_trial_add(None, t)
+    assert {tid for _, rec in sched._brackets[0]._rungs for tid in rec} == {t.trial_id for t in r2.trials}
+
     # no training run is left behind: the cluster's CPUs are all free again
     import ray
 

@@ -82,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
 
-    print(f"\nsweep {cfg.name!r} {'resumed and ' if result.resumed else ''}finished in {time.time() - t0:.0f} s "
-          f"({cfg.objective}, {result.mode}):\n")
+    if result.resumed and result.reported == 0:
+        print(f"\nsweep {cfg.name!r} had already finished: nothing to do. To start over, give it a new name (name=...) "
+              f"or delete {cfg.folder} ({cfg.objective}, {result.mode}):\n")
+    else:
+        print(f"\nsweep {cfg.name!r} {'resumed and ' if result.resumed else ''}finished in {time.time() - t0:.0f} s "
+              f"({cfg.objective}, {result.mode}):\n")
     print(result.format_table())
     b = result.best
     if b is not None:

@@ -728,6 +728,7 @@ class SweepResult:
     resumed: bool
     interrupted: bool
     wall_s: float
+    reported: int = 0  # results the trials reported during this call (0: a finished sweep started again)
 
     def format_table(self) -> str:
         return format_trials_table(self.trials, self.objective, self.best)
@@ -742,11 +743,12 @@ class _Listeners:
     on_trial_complete: list = []
     tune_sigint_handler: Any = None  # Tune's SIGINT handler while the sweep runs (it restores the old one on SIGINT)
     interrupted: bool = False
+    results: int = 0  # results reported by trials in this call
 
     @classmethod
     def reset(cls, log: Callable[[str], None] = print, hooks: list | None = None) -> None:
         cls.log, cls.on_trial_complete = log, list(hooks or [])
-        cls.tune_sigint_handler, cls.interrupted = None, False
+        cls.tune_sigint_handler, cls.interrupted, cls.results = None, False, 0
 
 
 def _sweep_callback_cls():
@@ -803,6 +805,7 @@ def _sweep_callback_cls():
             return f"trial {trial.trial_id.rsplit('_', 1)[-1]} (l={c.get('segment_length')}, lr={c.get('lr', 0):.2e})"
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            _Listeners.results += 1
             value = result.get(self.objective)
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
             _Listeners.log(f"{self._label(trial)} step {result.get('step', '?')}/{self.total_steps}: "
@@ -812,16 +815,20 @@ def _sweep_callback_cls():
             last = trial.last_result or {}
             step = last.get("step")
             run_dir = self._run_dir(trial)
-            if os.path.isdir(run_dir) and not os.path.exists(os.path.join(run_dir, TRIAL_DONE_FILE)):
+            running = os.path.isdir(run_dir) and not os.path.exists(os.path.join(run_dir, TRIAL_DONE_FILE))
+            last_step = step is not None and step >= self.total_steps
+            if last.get("diverged"):
+                _Listeners.log(f"{self._label(trial)} diverged (non-finite loss)")
+            elif running and not last_step:
                 # stopped by ASHA while its run trains: end the run now and wait for it, before Tune ends the trial's
                 # actor (at the end of the sweep Tune kills an actor that takes more than 10 s to stop)
                 _Listeners.log(f"{self._label(trial)} stopped early by ASHA at step {step}; ending its run")
                 stop_runs([run_dir], wait_s=120.0)
-                return self._hooks(trial)
-            how = ("diverged (non-finite loss)" if last.get("diverged") else
-                   "finished" if step is not None and step >= self.total_steps else
-                   f"stopped early by ASHA at step {step}")
-            _Listeners.log(f"{self._label(trial)} {how}")
+            else:
+                _Listeners.log(f"{self._label(trial)} finished" if last_step or not running else
+                               f"{self._label(trial)} stopped early by ASHA at step {step}")
+                if running:  # its last report is in: the run is saving and closing; let it
+                    stop_runs([run_dir], wait_s=120.0, ask=False)
             self._hooks(trial)
 
         def _hooks(self, trial):
@@ -834,14 +841,15 @@ def _sweep_callback_cls():
     return SweepProgress
 
 
-def stop_runs(run_dirs: list[str], wait_s: float = 120.0) -> bool:
+def stop_runs(run_dirs: list[str], wait_s: float = 120.0, ask: bool = True) -> bool:
     """Ask trials' training runs to end (their workers look for the stop file at every step; their reports to Tune
-    are dropped from now on) and wait until each trial has recorded its end; True if all did within `wait_s`."""
+    are dropped from now on) and wait until each trial has recorded its end; True if all did within `wait_s`.
+    `ask=False` only waits (a run that is finishing by itself)."""
     import time
 
     from .train.loop import STOP_FILE
 
-    for run_dir in run_dirs:
+    for run_dir in run_dirs if ask else []:
         for name in (STOPPING_FILE, STOP_FILE):
             with open(os.path.join(run_dir, name), "w") as f:
                 f.write("stopped by Ray Tune\n")
@@ -916,8 +924,12 @@ def plan_trial_resources(cfg: SweepConfig, cluster: dict) -> tuple[SweepConfig, 
 
 
 def _trial_results(trial) -> list[dict]:
-    """The results a trial reported, from its `result.json` in Tune's experiment folder."""
-    path = os.path.join(trial.local_path or "", "result.json")
+    """The results a trial reported, from its `result.json` in Tune's experiment folder (`trial.path`, on the storage;
+    `local_path` is a staging folder of the Ray session, which a restored sweep does not have)."""
+    try:
+        path = os.path.join(trial.path or "", "result.json")
+    except Exception:
+        return []
     out = []
     if os.path.exists(path):
         with open(path) as f:
@@ -1055,7 +1067,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
             )
         grid = tuner.fit()
     finally:
-        interrupted_here = _Listeners.interrupted
+        interrupted_here, reported = _Listeners.interrupted, _Listeners.results
         _Listeners.reset()
 
     trials = collect_trials(cfg, experiment)
@@ -1064,7 +1076,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
     uri = tracking_uri(cfg.train) if tracking else None
     result = SweepResult(trials=trials, best=best, objective=cfg.objective, mode=cfg.metric_mode,
                          experiment_path=experiment, folder=cfg.folder, parent_run_id=parent, tracking_uri=uri,
-                         resumed=resumed, interrupted=interrupted, wall_s=time.time() - t0)
+                         resumed=resumed, interrupted=interrupted, wall_s=time.time() - t0, reported=reported)
     write_summary(cfg, result)
     if tracking:
         close_trial_runs(cfg, trials, interrupted)
