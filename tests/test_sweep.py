@@ -108,13 +108,14 @@ def _loss_steps(client, run_id):
 def test_sweep_prunes_logs_nested_runs_and_resumes_after_interrupt(ray_session, tmp_path):
     from mlflow import MlflowClient
 
-    # 4 trials: segment 32 / 64 x lr 3e-3 / 1e-6 (lr varies fastest, so a good trial comes first), 2 at a time.
-    # At lr 1e-6 the model barely moves: ASHA stops such a trial at its first rung once a good one is recorded there.
+    # 4 trials: segment 32 / 64 x lr 3e-3 / 1e-6 (lr varies fastest), 2 at a time. At lr 1e-6 the model barely moves:
+    # ASHA stops such a trial at a rung where a good one is recorded (the last one, (64, 1e-6), starts only after a
+    # good one has passed step 2). Rungs from step 2: after the warmup's zero-lr first step every trial is alike.
     cfg = load_sweep_config("debug", overrides=[
         f"train.run.storage={tmp_path}", "name=sw", "search.segment_lengths=[32,64]", "search.lrs=[3e-3,1e-6]",
         "search.num_samples=1", "max_concurrent_trials=2", "train.schedule.num_workers=1",
         "train.schedule.global_batch=2", "train.schedule.per_worker_batch=2", "train.schedule.total_steps=8",
-        "eval_every=1", "asha.grace_period=1", "heldout_rows=4"])
+        "eval_every=1", "asha.grace_period=2", "heldout_rows=4"])
     assert cfg.num_trials() == 4
 
     # 1. interrupted (SIGINT, as Ctrl-C) as soon as the first trial has ended
@@ -149,12 +150,13 @@ def test_sweep_prunes_logs_nested_runs_and_resumes_after_interrupt(ray_session, 
     assert _loss_steps(client, first_run) == steps_before
     assert not any(first[0].rsplit("_", 1)[-1] in line and "step" in line for line in said), said
 
-    # ASHA stopped at least one (lr 1e-6) trial early; every lr 3e-3 trial got through; the best is one of them
+    # ASHA stopped at least one lr 1e-6 trial early; the best trial trained to the end at lr 3e-3 (which of the lr 3e-3
+    # trials gets through depends on the order their reports reach ASHA: l=64 is a little better at every step)
     stopped = [t for t in r2.trials if t.status == "stopped"]
-    assert stopped and all(t.lr == pytest.approx(1e-6) and t.step < 8 for t in stopped), r2.trials
-    good = [t for t in r2.trials if t.lr == pytest.approx(3e-3)]
-    assert all(t.status == "completed" and t.step == 8 for t in good), r2.trials
-    assert r2.best in good and os.path.isdir(r2.best.hf_path)
+    assert any(t.lr == pytest.approx(1e-6) for t in stopped) and all(t.step < 8 for t in stopped), r2.trials
+    assert all(t.step == 8 for t in r2.trials if t.status == "completed"), r2.trials
+    b = r2.best
+    assert b.status == "completed" and b.lr == pytest.approx(3e-3) and os.path.isdir(b.hf_path), r2.trials
     assert all(t.objective is not None and t.curve for t in r2.trials)
     assert f"| {r2.best.trial_id.rsplit('_', 1)[-1]} |" in r2.format_table()
 
