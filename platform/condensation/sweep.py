@@ -1166,6 +1166,7 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
     """Left: the final objective of every trial over learning rate (log axis) x segment length, coloured by value,
     marker by status, the best ringed. Right: each trial's objective by step (ASHA's rungs show as curves that end)."""
     from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
 
@@ -1186,10 +1187,12 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
         ax.scatter([t.lr], [ypos[t.segment_length]], s=180, c=[colour], marker=markers.get(t.status, "o"),
                    edgecolors="red" if best is not None and t is best else "black",
                    linewidths=2.5 if best is not None and t is best else 0.8, zorder=3)
-        ax.annotate("-" if v is None else f"{v:.3f}", (t.lr, ypos[t.segment_length]), textcoords="offset points",
+        text = f"{v:.3f}" if v is not None else "diverged" if t.status == "diverged" else "-"
+        ax.annotate(text, (t.lr, ypos[t.segment_length]), textcoords="offset points",
                     xytext=(0, 11), ha="center", fontsize=8)
-        if t.curve:
-            steps, ys = zip(*[(s, y) for s, y in t.curve if math.isfinite(y)]) if any(math.isfinite(y) for _, y in t.curve) else ((), ())
+        points = [(x, y) for x, y in t.curve if math.isfinite(y)]
+        if points:
+            steps, ys = zip(*points)
             ax2.plot(steps, ys, marker=".", color=colour,
                      linestyle="-" if t.status == "completed" else "--",
                      label=f"l={t.segment_length} lr={t.lr:.1e} ({t.status})")
@@ -1203,8 +1206,7 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
     ax.set_ylabel("segment length")
     ax.set_title(f"final {objective} ({mode}; red ring: best)")
     ax.grid(True, which="both", alpha=0.3)
-    fig.colorbar(__import__("matplotlib.cm", fromlist=["ScalarMappable"]).ScalarMappable(norm=norm, cmap=cmap),
-                 ax=ax, label=objective)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=objective)
     shown = sorted({t.status for t in trials})
     ax.legend(handles=[Line2D([], [], linestyle="", marker=markers.get(s, "o"), color="grey", label=s) for s in shown],
               loc="lower right", fontsize=8)
