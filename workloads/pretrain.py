@@ -1,10 +1,11 @@
 """Continual pretraining of a Condensation model (the paper's Table III pretraining stage), Ray Train + DeepSpeed.
 
-Run it on a Ray cluster (or a local `ray start --head`; with Ray 2.60 start that head with RAY_AUTH_MODE=disabled):
+    python workloads/pretrain.py                                  # embedded CPU default, on a private local Ray
 
-    ray job submit --working-dir . -- python workloads/pretrain.py                        # embedded CPU default
-    ray job submit --working-dir . -- python workloads/pretrain.py --preset paper         # FineWeb-edu, 1B, 4K, GPUs
-    ray job submit --working-dir . -- python workloads/pretrain.py --config configs/pretrain_cpu.yaml \\
+On a Ray cluster (cluster/*.yaml or `bash cluster/local.sh start`: token authentication on, README "Clusters"):
+
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python workloads/pretrain.py --preset paper    # 1B, 4K, GPUs
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python workloads/pretrain.py --config configs/pretrain_cpu.yaml \\
         schedule.total_steps=100 optim.lr=5e-4 run.name=my-run
 
 Config: preset defaults <- `--config file.yaml` <- `key.sub=value` overrides (see condensation.config for every

@@ -498,6 +498,13 @@ def _finished_stage(cfg: CurriculumConfig, i: int) -> dict | None:
     return rec
 
 
+def stage_eval_lengths(cfg: CurriculumConfig, i: int) -> list[int]:
+    """The grid's lengths after stage i: all of them, or with `final_only` the stage's own length before the last."""
+    if cfg.evaluation.final_only and i < len(cfg.stages) - 1:
+        return [cfg.stages[i].total_tokens]
+    return [int(n) for n in cfg.evaluation.lengths]
+
+
 def eval_device(cfg: CurriculumConfig) -> str:
     """Where the evaluations run: the first GPU when the stages train on GPUs (the workers have finished and freed it
     by then), else the CPU."""
@@ -654,9 +661,7 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
 
         model = load_for_eval(res.hf_path, device)
         e = cfg.evaluation
-        last = i == len(cfg.stages) - 1
-        lengths = [int(n) for n in e.lengths] if last or not e.final_only else [st.total_tokens]
-        grid: PasskeyGrid = passkey_grid(model, tokenizer, lengths, [float(d) for d in e.depths],
+        grid: PasskeyGrid = passkey_grid(model, tokenizer, stage_eval_lengths(cfg, i), [float(d) for d in e.depths],
                                          n_per_cell=e.n_per_cell, seed=e.seed, batch_size=e.batch_size,
                                          progress=False, meta={"stage": i, "trained_length": st.total_tokens})
         loss = answer_loss(model, tokenizer, st.total_tokens)

@@ -144,9 +144,9 @@ def resolve_pretrained(name_or_path: str | None, cache_dir: str | os.PathLike | 
     target = root / name_or_path
     if _complete(target):
         return str(target)
+    if gguf_file is not None and not Path(gguf_file).is_file():
+        raise FileNotFoundError(f"gguf_file {gguf_file}: no such file")
     source = Path(gguf_file) if gguf_file is not None else gguf_path(name_or_path)
-    if not source.is_file():
-        raise FileNotFoundError(f"gguf_file {source}: no such file")
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".{name_or_path}.lock"):
         if _complete(target):  # another process converted it while we waited

@@ -65,7 +65,11 @@ def test_rouge_bars(tmp_path):
     res = rouge_by_length(["a b c", "a b x", "q r s"], ["a b c", "a b c", "a b c"], [10, 600, 2000])
     other = rouge_by_length(["a b c"] * 3, ["a b c"] * 3, [10, 600, 2000])
     img = open_png(plot_rouge_by_length({"condensation": res, "llama": other}, tmp_path / "rouge.png"))
-    assert img.shape == (340, 1260, 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+    assert img.shape == (380, 1260, 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+    from condensation.evaluate import plot_rouge_overall
+
+    fig9 = open_png(plot_rouge_overall({"condensation": res, "llama": other}, tmp_path / "fig9.png", title="toy"))
+    assert fig9.shape[0] == 380 and len(np.unique(fig9.reshape(-1, 3), axis=0)) > 20
 
 
 def test_heatmap_title_is_the_trained_lengths_accuracy():

@@ -76,3 +76,55 @@ def test_greedy_batches_match_single(tok, tiny_model):
     one = generate_summaries(tiny_model, tok, prompts, max_new_tokens=6, do_sample=False, batch_size=1, progress=False)
     many = generate_summaries(tiny_model, tok, prompts, max_new_tokens=6, do_sample=False, batch_size=4, progress=False)
     assert one == many
+
+
+def test_equals_rouge_score_on_fixed_strings():
+    """The same F1 as Google's rouge-score with stemming, example by example, and their mean per bucket."""
+    from rouge_score import rouge_scorer
+
+    preds = ["The cats were sitting on mats all day.", "Police arrested two men in London on Friday.", "", "a b"]
+    refs = ["A cat sat on the mat.", "Two men were arrested by police in London.", "Something happened.", "a b"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    expected = [{k: s.fmeasure for k, s in scorer.score(r, p).items()} for p, r in zip(preds, refs)]
+    r = rouge_by_length(preds, refs, [100, 700, 700, 5000])
+    for rt in ("rouge1", "rouge2", "rougeL"):
+        assert r["overall"][rt] == pytest.approx(sum(e[rt] for e in expected) / 4, abs=1e-12)
+        assert r["0-512"][rt] == pytest.approx(expected[0][rt], abs=1e-12)
+        assert r["512-1024"][rt] == pytest.approx((expected[1][rt] + expected[2][rt]) / 2, abs=1e-12)
+        assert r["1024+"][rt] == 1.0
+    assert expected[0]["rouge1"] > 0.5  # stemming: cats ~ cat, sitting ~ sat is not, mats ~ mat
+
+
+def test_buckets_from_edges_and_metrics_round_trip():
+    from condensation.evaluate import buckets_from_edges, rouge_from_metrics
+    from condensation.evaluate.rouge import bucket_of
+
+    buckets = buckets_from_edges([512, 1024])
+    assert buckets == ((0, 512), (512, 1024), (1024, None))
+    assert [bucket_of(n, buckets) for n in (0, 511, 512, 1023, 1024, 10**6)] == \
+        ["0-512", "0-512", "512-1024", "512-1024", "1024+", "1024+"]
+    with pytest.raises(ValueError):
+        buckets_from_edges([512, 256])
+    r = rouge_by_length(["a b c", "a x", "q"], ["a b c", "a b", "z"], [10, 600, 700], buckets=buckets)
+    r["1024+"] = {"rouge1": math.nan, "rouge2": math.nan, "rougeL": math.nan, "count": 0}
+    back = rouge_from_metrics({**rouge_metrics(r), "loss": 1.0, "rouge/other/x/rouge1": 3.0})
+    assert list(back) == ["overall", "0-512", "512-1024", "1024+"]
+    for bucket, row in r.items():
+        assert back[bucket]["count"] == row["count"]
+        for rt in ("rouge1", "rouge2", "rougeL"):
+            assert back[bucket][rt] == pytest.approx(row[rt]) or (math.isnan(row[rt]) and math.isnan(back[bucket][rt]))
+
+
+def test_left_padded_batches_match_single_prompts(tok):
+    """A plain transformers Llama in left-padded batches (padded=True) writes what it writes for each prompt alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                         bos_token_id=2, eos_token_id=1)).eval()
+    prompts = ["abcdefghij" * 3, "short one", "medium sized prompt"]
+    one = generate_summaries(llama, tok, prompts, max_new_tokens=8, do_sample=False, batch_size=1, progress=False)
+    padded = generate_summaries(llama, tok, prompts, max_new_tokens=8, do_sample=False, batch_size=3, padded=True,
+                                progress=False)
+    assert one == padded and all(one)

@@ -3,6 +3,8 @@
 - `passkey`: the Appendix C passkey task, generated to an exact token length and needle depth.
 - `pretraining`: FineWeb-edu (streamed) or local jsonl/parquet, filtered by length and cut into sequences.
 - `summarization`: CNN/DailyMail and BookSum in the Appendix D format, loss on the summary only.
+- `synthetic_summaries`: generated reports with templated reference summaries in CNN/DailyMail's schema (the
+  offline CPU default of `workloads/summarize.py`, labelled synthetic wherever it is scored).
 - `pipeline`: the shared stages, `DataSource` (dataset + skip-count report), sharding for Ray Train.
 - `sources`: hub and local readers, row validation; `report`: counts aggregated out of Ray tasks.
 - `corpora`: a real-text corpus with a held-out split built offline (King James Bible from a Debian .deb,

@@ -1,8 +1,9 @@
 """One place where evaluation calls the model's own `generate`, so passkey and summarization decode alike.
 
-The Condensation model cuts segments by position, so it refuses padded rows: every call here passes a batch of
+The Condensation model cuts segments by position, so it refuses padded rows: every call for it passes a batch of
 equal-length prompts and an all-ones attention mask. (Without the explicit mask, transformers infers one from
-`pad_token_id` and masks any prompt token that happens to equal it.)
+`pad_token_id` and masks any prompt token that happens to equal it.) A plain transformers model (a full-attention
+Llama baseline, an instruction model) takes left-padded rows with their mask instead (`left_pad`).
 """
 
 from __future__ import annotations
@@ -55,11 +56,35 @@ def equal_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[i
     return [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
 
 
-def generate_new_tokens(model, input_ids: torch.Tensor, tokenizer, **generate_kwargs) -> torch.Tensor:
-    """Run `model.generate` on equal-length rows [B, P]; return only the generated tokens [B, <= max_new_tokens]."""
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in order of length (stable), cut into batches of at most batch_size rows: rows of near-equal length
+    share a left-padded batch, so little of it is padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: int(lengths[i]))
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids left-padded to the longest: (input_ids [B, P], attention_mask [B, P], 0 on padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def generate_new_tokens(model, input_ids: torch.Tensor, tokenizer, attention_mask: torch.Tensor | None = None,
+                        **generate_kwargs) -> torch.Tensor:
+    """Run `model.generate` on rows [B, P] (equal-length unless `attention_mask` marks left padding); return only
+    the generated tokens [B, <= max_new_tokens]."""
     device = model_device(model)
     input_ids = input_ids.to(device)
-    kwargs = dict(attention_mask=torch.ones_like(input_ids), pad_token_id=pad_token_id(tokenizer))
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    kwargs = dict(attention_mask=mask, pad_token_id=pad_token_id(tokenizer))
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         kwargs["eos_token_id"] = eos

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._generation import eval_mode, model_device
+from ._records import JsonRecord
 from .passkey import length_label
 
 TEXT_SUFFIXES = (".jsonl", ".json")
@@ -174,7 +175,7 @@ def position_ranges(length: int, bin_tokens: int) -> list[tuple[int, int]]:
 
 
 @dataclass
-class LossCurve:
+class LossCurve(JsonRecord):
     """Mean next-token cross-entropy (nats) per bin of token positions, over `windows` windows of `length` tokens.
 
     Position t is the index of the predicted token: its loss is -log p(token t | tokens 0..t-1), so t is also the
@@ -258,18 +259,7 @@ class LossCurve:
         return cls(d["name"], d["length"], d["bin_tokens"], d["bin_loss"], d["bin_count"], d["tokens"], d["loss"],
                    d.get("window_loss", []), d.get("meta", {}))
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "LossCurve":
-        """From JSON text, or a file path (a `Path`, or a str that does not look like a JSON object)."""
-        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
-            text_or_path = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text_or_path))
 
 
 def format_curves_table(curves: Sequence[LossCurve]) -> str:

@@ -12,12 +12,10 @@ lengths or depths are in the grid: stage k and stage k+1 of a curriculum are sco
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._generation import equal_length_batches, eval_mode, generate_new_tokens
+from ._records import JsonRecord
 
 ExampleFn = Callable[..., dict]
 """`example_fn(tokenizer, total_tokens, depth, passkey, train=False) -> {"input_ids": int array, "answer": str, ...}`"""
@@ -65,7 +64,7 @@ def _default_example_fn(tokenizer) -> ExampleFn:
 
 
 @dataclass
-class PasskeyGrid:
+class PasskeyGrid(JsonRecord):
     """Accuracy per (length, depth) cell. Arrays are [len(lengths), len(depths)]; `examples` keeps what the model
     said for every prompt (small: a few ints and strings each), so a surprising cell can be read, not guessed."""
 
@@ -159,19 +158,7 @@ class PasskeyGrid:
     def from_dict(cls, d: dict[str, Any]) -> "PasskeyGrid":
         return cls(d["lengths"], d["depths"], d["exact"], d["digit"], d["counts"], d.get("examples", []), d.get("meta", {}))
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The grid as JSON text (NaN-free: empty cells have count 0); also written to `path` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "PasskeyGrid":
-        """From JSON text, or from a file path (a `Path`, or a str that does not look like a JSON object)."""
-        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
-            text_or_path = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text_or_path))
 
 
 def cell_passkeys(seed: int, length: int, depth: float, n: int, digits: int) -> list[int]:

@@ -1,5 +1,5 @@
 """Pictures of evaluation results: the passkey heat map (paper Fig. 8), a lengths x depths matrix, a stage x length
-summary, ROUGE bars by input length (Table II / Fig. 9), and the long-context loss by token position.
+summary, ROUGE bars by input length (Table II) and by model (Fig. 9), and the long-context loss by token position.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, never through pyplot: no global
 backend switch, no figure registry to leak from in a long training process, works without a display.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,7 +137,9 @@ def plot_passkey_heatmap(
                                     "farther to its left)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, label="exact match")
-    fig.suptitle(title if title is not None else heatmap_title(grid, trained_length))
+    # wrapped to the figure's width: a one-length grid is one narrow panel, and its title would be cut at both sides
+    text = title if title is not None else heatmap_title(grid, trained_length)
+    fig.suptitle(textwrap.fill(text, width=int(11 * (3.6 * ncols + 0.9))))
     return _save(fig, path)
 
 
@@ -229,12 +232,14 @@ def plot_rouge_by_length(
     results: Mapping[str, Mapping[str, Mapping[str, float]]],
     path: str | Path,
     rouge_types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
+    title: str | None = None,
 ) -> Path:
-    """Table II / Fig. 9 as bars: one panel per ROUGE type, x = input-length bucket (then "overall"), one bar per
-    model. `results` maps a model name to a `rouge_by_length` result; tick labels give the first model's counts."""
+    """Table II as bars: one panel per ROUGE type, x = input-length bucket (then "overall"), one bar per
+    model. `results` maps a model name to a `rouge_by_length` result; tick labels give the first model's counts.
+    `title`: a line over the panels (e.g. which data)."""
     names = list(results)
     buckets = [b for b in next(iter(results.values())) if b != "overall"] + ["overall"]
-    fig = _figure(4.2 * len(rouge_types), 3.4)
+    fig = _figure(4.2 * len(rouge_types), 3.8, layout="constrained")
     axes = fig.subplots(1, len(rouge_types), squeeze=False)[0]
     x = np.arange(len(buckets))
     width = 0.8 / max(len(names), 1)
@@ -252,7 +257,47 @@ def plot_rouge_by_length(
         top = np.nanmax([results[n].get(b, {}).get(rt, math.nan) for n in names for b in buckets] + [0.0])
         ax.set_ylim(0, min(1.08, top + 0.1) if top > 0 else 1.0)
     axes[0].set_ylabel("F1")
-    axes[-1].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=max(len(names), 1), fontsize=8)
+    if title:
+        fig.suptitle(_wrap(title, 160), fontsize=9)
+    return _save(fig, path)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def plot_rouge_overall(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    path: str | Path,
+    rouge_types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
+    title: str | None = None,
+) -> Path:
+    """Fig. 9: the models' overall ROUGE F1 as grouped bars, one group per metric (ROUGE-1, -2, -L), one bar per
+    model, the value on each bar. `results` maps a model name to a `rouge_by_length` result."""
+    names = list(results)
+    fig = _figure(max(5.0, 1.2 + 1.1 * len(rouge_types) * max(len(names), 1) * 0.6), 3.8)
+    ax = fig.subplots()
+    x = np.arange(len(rouge_types))
+    width = 0.8 / max(len(names), 1)
+    for k, name in enumerate(names):
+        overall = results[name].get("overall", {})
+        vals = [float(overall.get(rt, math.nan)) for rt in rouge_types]
+        bars = ax.bar(x + (k - (len(names) - 1) / 2) * width, np.nan_to_num(vals), width,
+                      label=f"{name} (n={overall.get('count', 0)})")
+        for bar, v in zip(bars, vals):
+            if not math.isnan(v):
+                ax.text(bar.get_x() + bar.get_width() / 2, v + 0.005, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [rt.upper().replace("ROUGE", "ROUGE-") for rt in rouge_types])
+    top = np.nanmax([float(results[n].get("overall", {}).get(rt, math.nan)) for n in names for rt in rouge_types]
+                    + [0.0])
+    ax.set_ylim(0, min(1.1, top * 1.25 + 0.05) if top > 0 else 1.0)
+    ax.set_ylabel("F1 (overall)")
+    ax.set_title(_wrap(title or "ROUGE F1 by model", 90), fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
