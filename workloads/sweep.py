@@ -4,8 +4,11 @@ DeepSpeed), ASHA stopping the worse ones early, a parent MLflow run with one nes
     python workloads/sweep.py                                  # embedded CPU default: 4 trials, minutes on 2 cores
     python workloads/sweep.py --preset passkey                 # passkey stage 0, scored by the answer loss
     python workloads/sweep.py search.segment_lengths=[32,64,128] search.num_samples=3 name=my-sweep
-    python workloads/sweep.py search.lrs=[1e-3,3e-3] asha.enabled=false   # a fixed grid, no early stopping
-    ray job submit --working-dir . -- python workloads/sweep.py --preset h200   # 4 GPUs, 9 trials, 4 at a time
+    python workloads/sweep.py search.lrs=[1e-3] search.num_samples=1 asha.enabled=false \
+        search.grid.model.overrides.memory_grad_segments=[null,2]        # an idea against the recipe, same point
+    python workloads/make_corpus.py && python workloads/sweep.py --preset h200   # one H200: 8 SmolLM2 trials, 4 at once
+    python workloads/sweep.py --preset h200 gpus_per_trial=1   # 4 GPUs: one GPU per trial
+    python workloads/sweep.py --preset h200-ideas              # one H200: truncated vs full BPTT through the memory
 
 Config: preset <- `--config file.yaml` <- `key.sub=value` overrides (fields in condensation.sweep.SweepConfig and,
 under `train.`, condensation.config). A bad config fails here, before Ray starts, naming the field. Started again
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
               f"after {b.step} steps\n  checkpoint {b.checkpoint_path}\n  hf export  {b.hf_path}")
     else:
         print("no trial produced a finite objective")
+    if result.gpu_util:
+        from condensation.sweep import format_gpu_util
+
+        print(f"GPU utilisation (MLflow system metrics): {format_gpu_util(result.gpu_util)}")
     print(f"\ntable, picture and best config: {cfg.folder} (trials.md, objective.png, results.json)")
     if cfg.train.tracking.enabled:
         print(f"look at the parent run {cfg.name!r} and its trials:\n    mlflow ui --backend-store-uri {uri}")

@@ -66,14 +66,24 @@ OBJECTIVES = {"heldout_loss": "min", "loss": "min", "passkey_answer_loss": "min"
 
 @dataclass
 class SearchConfig:
-    """The search space: every segment length (a grid) x learning rates, `num_samples` of each.
+    """The search space: segment length x learning rate, optionally x a grid over any other config keys.
 
-    segment_lengths: segment lengths `l` to try (`model.segment_length`); every one is tried.
+    segment_lengths: segment lengths `l` to try (`model.segment_length`).
     lr_min, lr_max: bounds of the log-uniform learning rate (`optim.lr`; `optim.min_lr` keeps its ratio to it).
+        Draws are stratified: n rates fall one into each of n equal slices of [log lr_min, log lr_max] (in a
+        shuffled order), so even a few trials cover the range.
     lrs: fixed learning rates instead of sampling: a grid of every segment length x every rate; None samples.
-    num_samples: learning rates drawn per segment length (with `lrs`: repeats of the whole grid). Trials =
-        len(segment_lengths) x num_samples (x len(lrs)).
-    seed: seed of the sampler: the same seed draws the same learning rates.
+    num_samples: learning rates drawn per segment length (a full grid of lengths x draws); must be 1 with `lrs`.
+    trials: None runs the full grid above. A number runs that many (segment length, lr) trials instead: trial i
+        takes segment_lengths[i % len(segment_lengths)] and the i-th of `trials` stratified draws, e.g. 8 trials
+        over 3 lengths (a grid would need 3, 6 or 9). Not with `lrs`.
+    grid: further axes, crossed with every (segment length, lr) point: a config key of the trials' training config
+        (as under `train.`, e.g. `model.overrides.memory_grad_segments`) -> the list of values to try, e.g.
+        `{model.overrides.memory_grad_segments: [null, 2]}`; several keys give every combination. For comparing
+        a change with the paper's recipe at the same points (set asha.enabled=false to train each to the end).
+        Keys are checked against the config schema (`CondensationConfig` fields under model.overrides) before
+        anything starts. On the command line: `search.grid.model.overrides.memory_grad_segments=[null,2]`.
+    seed: seed of the draws: the same seed draws the same learning rates.
     """
 
     segment_lengths: list = field(default_factory=lambda: [32, 64])
@@ -81,6 +91,8 @@ class SearchConfig:
     lr_max: float = 1e-2
     lrs: list | None = None
     num_samples: int = 2
+    trials: int | None = None
+    grid: dict = field(default_factory=dict)
     seed: int = 0
 
 
@@ -130,9 +142,12 @@ class SweepConfig:
     heldout_rows: held-out rows (windows of `data.seq_len` tokens) per evaluation.
     passkey_length: total tokens of the passkey examples (None: the stage's length, else `data.seq_len`).
     passkey_n: passkey examples per evaluation (passkey_exact: per depth of 0, 0.5, 1).
+    gpus_per_trial: GPUs one trial reserves (with train.schedule.use_gpu): None gives each of its
+        `train.schedule.num_workers` workers a whole GPU; a fraction packs several one-worker trials onto one GPU
+        (0.25: four at once, each worker reserving {"GPU": 0.25}); a whole number must equal num_workers.
     max_concurrent_trials: trials running at once; None: as many as the cluster holds when the sweep starts (GPUs
-        / (num_workers GPUs) per trial; on CPUs, one trial unless `train.schedule.cpus_per_worker` is set). When
-        `cpus_per_worker` is None on CPUs, each trial's workers get an even share of the CPUs.
+        / gpus_per_trial; on CPUs, one trial unless `train.schedule.cpus_per_worker` is set). When
+        `cpus_per_worker` is None, each trial's workers get an even share of the CPUs left beside the data tasks.
     """
 
     name: str = "sweep"
@@ -149,6 +164,7 @@ class SweepConfig:
     heldout_rows: int = 16
     passkey_length: int | None = None
     passkey_n: int = 16
+    gpus_per_trial: float | None = None
     max_concurrent_trials: int | None = None
 
     @property
@@ -163,7 +179,7 @@ class SweepConfig:
         return self.curriculum.stages[self.stage].steps if self.stage is not None else self.train.schedule.total_steps
 
     def num_trials(self) -> int:
-        return len(self.search.segment_lengths) * self.search.num_samples * len(self.search.lrs or [None])
+        return len(search_points(self))
 
     def validate(self) -> "SweepConfig":
         validate_sweep(self)
@@ -176,16 +192,74 @@ def _stage_curriculum(cfg: SweepConfig) -> CurriculumConfig:
     return dataclasses.replace(cfg.curriculum, name=cfg.name, stages=stages, train=cfg.train)
 
 
-def trial_run_name(cfg: SweepConfig, trial_id: str, segment_length: int, lr: float) -> str:
-    """A trial's run folder and MLflow run name: the sweep, the trial's number, its segment length and lr."""
-    return f"{cfg.name}-{trial_id.rsplit('_', 1)[-1]}-l{segment_length}-lr{lr:.1e}"
+# ----------------------------------------------------------------------------------------------------------------
+# The search points: every trial's (segment length, lr, grid values), drawn here rather than by Tune, so the plan is
+# known (and printed) before anything starts and a sweep of any size covers every length and the whole lr range
+
+
+def stratified_loguniform(rng: np.random.Generator, n: int, lo: float, hi: float) -> list[float]:
+    """n log-uniform draws in [lo, hi], one in each of n equal slices of the log range, in a shuffled order."""
+    u = (rng.permutation(n) + rng.random(n)) / n
+    return [float(lo * (hi / lo) ** x) for x in u]
+
+
+def grid_axes(search: SearchConfig) -> dict[str, list]:
+    """`search.grid` as {dotted key: values}; nested mappings (what `search.grid.a.b=[..]` on the command line gives)
+    are flattened down to their lists."""
+    from .config import flatten
+
+    return {k: v for k, v in flatten(search.grid).items()}
+
+
+def search_points(cfg: SweepConfig) -> list[dict]:
+    """Every trial's point, in the order trials start: {"segment_length", "lr", "params": {grid key: value}}.
+    Grid combinations vary fastest, so the variants of one (segment length, lr) run side by side."""
+    import itertools
+
+    s = cfg.search
+    rng = np.random.default_rng(s.seed)
+    lengths = list(s.segment_lengths)
+    if s.lrs:
+        base = [(l, float(lr)) for l in lengths for lr in s.lrs]
+    elif s.trials is not None:
+        draws = stratified_loguniform(rng, s.trials, s.lr_min, s.lr_max)
+        base = [(lengths[i % len(lengths)], draws[i]) for i in range(s.trials)]
+    else:
+        per = {l: stratified_loguniform(rng, s.num_samples, s.lr_min, s.lr_max) for l in lengths}
+        base = [(l, per[l][j]) for j in range(s.num_samples) for l in lengths]
+    axes = grid_axes(s)
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if axes else [{}]
+    return [{"segment_length": int(l), "lr": lr, "params": dict(c)} for l, lr in base for c in combos]
+
+
+def _value_tag(v) -> str:
+    text = "None" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+    return "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in text)[:24]
+
+
+def trial_run_name(name: str, trial_id: str, point: dict) -> str:
+    """A trial's run folder and MLflow run name: the sweep, the trial's number, its segment length, lr and grid
+    values (each as the key's last part and the value)."""
+    extra = "".join(f"-{k.rsplit('.', 1)[-1]}{_value_tag(v)}" for k, v in (point.get("params") or {}).items())
+    return f"{name}-{trial_id.rsplit('_', 1)[-1]}-l{point['segment_length']}-lr{point['lr']:.1e}{extra}"
+
+
+def _nested(key: str, value) -> dict:
+    out: dict = {}
+    d = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+    return out
 
 
 def trial_train_config(cfg: SweepConfig, segment_length: int, lr: float, run_name: str = "trial",
-                       parent_run_id: str | None = None) -> TrainConfig:
+                       parent_run_id: str | None = None, params: dict | None = None) -> TrainConfig:
     """The training config of one trial: the base (or the stage's) config at this segment length and learning rate
-    (min_lr scaled with it), reporting every `eval_every` steps, in `<storage>/<name>/trials/<run_name>`, logging to
-    the sweep's MLflow store under its parent run."""
+    (min_lr scaled with it) with the grid values `params`, reporting every `eval_every` steps, in
+    `<storage>/<name>/trials/<run_name>`, logging to the sweep's MLflow store under its parent run, reserving
+    `gpus_per_trial`."""
     from .train.tracking import artifact_location, tracking_uri
 
     base = cfg.train
@@ -193,15 +267,84 @@ def trial_train_config(cfg: SweepConfig, segment_length: int, lr: float, run_nam
         from .curriculum import stage_train_config
 
         base = stage_train_config(_stage_curriculum(cfg), cfg.stage)
+    for key, value in (params or {}).items():
+        base = merge(base, _nested(key, value))
     ratio = base.optim.min_lr / base.optim.lr
     model = dataclasses.replace(base.model, segment_length=int(segment_length),
                                 init_from=cfg.init_from if cfg.init_from is not None else base.model.init_from)
     tracking = dataclasses.replace(base.tracking, log_every=cfg.eval_every, parent_run_id=parent_run_id,
                                    tracking_uri=tracking_uri(cfg.train), artifact_location=artifact_location(cfg.train))
+    schedule = base.schedule
+    if cfg.gpus_per_trial is not None and schedule.use_gpu:
+        schedule = dataclasses.replace(schedule, gpus_per_worker=cfg.gpus_per_trial / schedule.num_workers)
     return dataclasses.replace(
         base, model=model, optim=dataclasses.replace(base.optim, lr=float(lr), min_lr=float(lr) * ratio),
-        tracking=tracking,
+        tracking=tracking, schedule=schedule,
         run=dataclasses.replace(base.run, name=run_name, storage=os.path.join(cfg.folder, TRIALS_DIR)))
+
+
+# grid keys a sweep cannot vary, and why
+_FIXED_KEYS = {
+    "model.segment_length": "the segment length is search.segment_lengths",
+    "model.overrides.segment_length": "the segment length is search.segment_lengths",
+    "optim.lr": "the learning rate is search.lr_min / lr_max / lrs",
+    "optim.min_lr": "it follows the trial's learning rate (same ratio as the base config's)",
+    "data": "every trial trains and is scored on the same data, or the objective does not compare",
+    "run": "the sweep names and places its trials",
+    "tracking": "the sweep sets where and how often trials report",
+    "schedule.total_steps": "ASHA's rungs and the trials' last step are the same for all trials",
+    "schedule.num_workers": "what a trial reserves is the same for all trials (gpus_per_trial, max_concurrent_trials)",
+    "schedule.use_gpu": "what a trial reserves is the same for all trials",
+    "schedule.gpus_per_worker": "what a trial reserves is set by gpus_per_trial",
+    "schedule.cpus_per_worker": "what a trial reserves is the same for all trials",
+}
+
+
+def _check_grid_key(key: str) -> None:
+    """`key` names a field of the trials' training config (or a CondensationConfig field under model.overrides, or a
+    key inside a free-form mapping such as deepspeed), and not one the sweep owns; else ConfigError naming it."""
+    from .modeling import CondensationConfig
+
+    where = f"search.grid.{key}"
+    for fixed, why in _FIXED_KEYS.items():
+        if key == fixed or key.startswith(fixed + "."):
+            raise ConfigError(where, f"a sweep cannot vary {fixed}: {why}")
+    obj: Any = TrainConfig()
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        if dataclasses.is_dataclass(obj):
+            names = [f.name for f in dataclasses.fields(obj)]
+            if part not in names:
+                hint = ""
+                if path.startswith("model.") and part in {f.name for f in dataclasses.fields(CondensationConfig)}:
+                    hint = f"; CondensationConfig fields go under model.overrides: search.grid.model.overrides.{part}"
+                raise ConfigError(where, f"unknown config key {path!r} (known keys here: {sorted(names)}){hint}")
+            obj = getattr(obj, part)
+            continue
+        if path.rsplit(".", 1)[0] == "model.overrides":
+            known = {f.name for f in dataclasses.fields(CondensationConfig)}
+            if part not in known or i != len(parts) - 1:
+                own = sorted(CondensationConfig.__annotations__)  # the segment memory's own; Llama's also count
+                raise ConfigError(where, f"{path!r} is not a CondensationConfig field (its own: {own}, and "
+                                         f"LlamaConfig's, e.g. rope_parameters)")
+        return  # inside a free-form mapping (deepspeed, model.overrides): any key
+    if dataclasses.is_dataclass(obj):
+        raise ConfigError(where, f"{key!r} is a section, not a value: name one of its keys "
+                                 f"({sorted(f.name for f in dataclasses.fields(obj))})")
+
+
+def _check_grid_value(key: str, value) -> None:
+    """A value a CondensationConfig field cannot take fails here (init_from checkpoints skip the config's own check
+    of model.overrides until a worker builds the model)."""
+    if not key.startswith("model.overrides."):
+        return
+    from .modeling import CondensationConfig
+
+    try:
+        CondensationConfig(**{key.rsplit(".", 1)[-1]: value})
+    except Exception as e:
+        raise ConfigError(f"search.grid.{key}", f"value {value!r}: {e}") from None
 
 
 def validate_sweep(cfg: SweepConfig) -> None:
@@ -236,6 +379,37 @@ def validate_sweep(cfg: SweepConfig) -> None:
             raise ConfigError("search.lr_max", f"must be >= search.lr_min ({s.lr_min}), got {s.lr_max}")
     if s.num_samples < 1:
         raise ConfigError("search.num_samples", f"must be at least 1, got {s.num_samples}")
+    if s.lrs is not None and s.num_samples != 1:
+        raise ConfigError("search.num_samples", f"must be 1 with search.lrs (a repeat would train the same trial "
+                                                f"again), got {s.num_samples}")
+    if s.trials is not None:
+        if s.lrs is not None:
+            raise ConfigError("search.trials", "draws learning rates: with fixed search.lrs, leave it null (a grid)")
+        if s.trials < 1:
+            raise ConfigError("search.trials", f"must be positive or null, got {s.trials}")
+    if not isinstance(s.grid, dict):
+        raise ConfigError("search.grid", f"a mapping of config key -> list of values, got {s.grid!r}")
+    for key, values in grid_axes(s).items():
+        _check_grid_key(key)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"search.grid.{key}", f"a non-empty list of values to try, got {values!r}")
+        if len({repr(v) for v in values}) != len(values):
+            raise ConfigError(f"search.grid.{key}", f"repeats a value: {values}")
+        for v in values:
+            _check_grid_value(key, v)
+    if cfg.gpus_per_trial is not None:
+        g, sch = cfg.gpus_per_trial, cfg.train.schedule
+        if not sch.use_gpu:
+            raise ConfigError("gpus_per_trial", "needs train.schedule.use_gpu=true")
+        if g <= 0:
+            raise ConfigError("gpus_per_trial", f"must be positive, got {g:g}")
+        if g < 1 and sch.num_workers != 1:
+            raise ConfigError("gpus_per_trial", f"a fraction of a GPU ({g:g}) is for one-worker trials "
+                                                f"(train.schedule.num_workers=1, got {sch.num_workers}): NCCL cannot "
+                                                f"place two ranks of one run on one GPU")
+        if g >= 1 and g != sch.num_workers:
+            raise ConfigError("gpus_per_trial", f"a whole number of GPUs must equal train.schedule.num_workers "
+                                                f"({sch.num_workers}: one GPU per worker), got {g:g}")
     if cfg.max_concurrent_trials is not None and cfg.max_concurrent_trials < 1:
         raise ConfigError("max_concurrent_trials", f"must be positive or null, got {cfg.max_concurrent_trials}")
     if cfg.heldout_rows < 1:
@@ -267,23 +441,32 @@ def validate_sweep(cfg: SweepConfig) -> None:
     if a.enabled and a.grace_period > max_t:
         raise ConfigError("asha.grace_period", f"({a.grace_period}) exceeds asha.max_t / the trials' steps ({max_t})")
 
-    # every trial's training config must be valid: the smallest and largest rate at every length
+    # every trial's training config must be valid: the smallest and largest rate at every length, with every grid
+    # combination (a grid value's error names its search.grid key)
+    import itertools
+
+    axes = grid_axes(s)
+    combos = [dict(zip(axes, vs)) for vs in itertools.product(*axes.values())] if axes else [{}]
     lrs = s.lrs or [s.lr_min, s.lr_max]
     for l in s.segment_lengths:
-        for lr in (min(lrs), max(lrs)):
-            tcfg = trial_train_config(cfg, l, lr)
-            try:
-                validate_train(tcfg)
-            except ConfigError as e:
-                where = "search.segment_lengths" if e.key.startswith("model.segment_length") else \
-                    "search.lrs" if e.key.startswith("optim.") and s.lrs else \
-                    "search.lr_min" if e.key.startswith("optim.") else f"train.{e.key}"
-                raise ConfigError(where, f"(l={l}, lr={lr:g}) {str(e).split(': ', 1)[-1]}") from None
+        for combo in combos:
+            for lr in (min(lrs), max(lrs)):
+                try:
+                    tcfg = trial_train_config(cfg, l, lr, params=combo)
+                    validate_train(tcfg)
+                except ConfigError as e:
+                    axis = next((k for k in combo if e.key == k or e.key.startswith(k + ".")), None)
+                    where = f"search.grid.{axis}" if axis else \
+                        "search.segment_lengths" if e.key.startswith("model.segment_length") else \
+                        "search.lrs" if e.key.startswith("optim.") and s.lrs else \
+                        "search.lr_min" if e.key.startswith("optim.") else f"train.{e.key}"
+                    at = ", ".join([f"l={l}", f"lr={lr:g}", *(f"{k}={v!r}" for k, v in combo.items())])
+                    raise ConfigError(where, f"({at}) {str(e).split(': ', 1)[-1]}") from None
     if cfg.stage is None:
         from .train.data import check_train_data
 
         try:
-            check_train_data(trial_train_config(cfg, s.segment_lengths[0], lrs[0]))
+            check_train_data(trial_train_config(cfg, s.segment_lengths[0], lrs[0], params=combos[0]))
         except ConfigError as e:
             raise ConfigError(f"train.{e.key}", str(e).split(": ", 1)[-1]) from None
 
@@ -420,29 +603,54 @@ def passkey_preset() -> SweepConfig:
                        eval_every=25, passkey_n=16, max_concurrent_trials=1)
 
 
-def h200_preset() -> SweepConfig:
-    """A GPU host (4 H200s): SmolLM2-135M-Instruct as Condensation on the offline corpus (`workloads/make_corpus.py`),
-    segment 256 / 512 / 1024 x 3 learning rates = 9 trials, one GPU each, 4 at a time; held-out loss on held-out
-    documents every 10 steps, ASHA from step 20. With 2 GPUs: max_concurrent_trials=2."""
-    train = merge(TrainConfig(), {
+def _smollm2_train() -> TrainConfig:
+    """SmolLM2-135M-Instruct as Condensation, continually pretrained on the offline corpus (`python
+    workloads/make_corpus.py` writes data/corpus/) on one GPU share: rows of 4096 tokens (16, 8 and 4 segments of
+    256, 512 and 1024), 8 rows a step in micro-batches of 4 (about 20 GiB a trial, so 4 fit on one H200), 30 steps
+    (1M tokens). Token-mean loss, so that segment lengths compare."""
+    return merge(TrainConfig(), {
         "model": {"init_from": "smollm2-135m-instruct", "segment_length": 512,
                   "overrides": {"loss_reduction": "token_mean"}},
         "data": {"source": "data/corpus/train.jsonl", "seq_len": 4096, "num_rows": None,
                  "tokenizer": "smollm2-135m-instruct", "dataset_options": {"mode": "pack", "min_tokens": 256}},
-        "optim": {"lr": 1e-4, "min_lr": 3e-5, "warmup_steps": 5, "weight_decay": 0.0},
-        "schedule": {"total_steps": 80, "global_batch": 16, "per_worker_batch": 16, "num_workers": 1, "use_gpu": True,
-                     "cpus_per_worker": 3, "precision": "bf16", "torch_threads": None},
+        "optim": {"lr": 1e-4, "min_lr": 3e-5, "warmup_steps": 3, "weight_decay": 0.0},
+        "schedule": {"total_steps": 30, "global_batch": 8, "per_worker_batch": 4, "num_workers": 1, "use_gpu": True,
+                     "precision": "bf16", "torch_threads": None},
         "checkpoint": {"every": 0, "keep": 1},
+        # trials share the GPU: a matmul peak measured by each at its start would be measured against the others
+        # (the H200's measured bf16 peak, benchmarks/results); GPU utilisation sampled often enough for 2-minute trials
+        "tracking": {"peak_tflops": 800.0, "system_metrics_interval_s": 5.0},
         "run": {"name": "sweep-h200", "storage": "runs"},
     })
-    return SweepConfig(name="sweep-h200", train=train,
-                       search=SearchConfig(segment_lengths=[256, 512, 1024], lr_min=2e-5, lr_max=5e-4, num_samples=3),
-                       asha=AshaConfig(grace_period=20, reduction_factor=2.0), objective="heldout_loss", eval_every=10,
-                       heldout_text="data/corpus/heldout.jsonl", heldout_rows=8, max_concurrent_trials=4)
+
+
+def h200_preset() -> SweepConfig:
+    """One H200, about 6 minutes: SmolLM2-135M-Instruct (`_smollm2_train`), 8 trials over segment length 256 / 512 /
+    1024 (round robin) x learning rate log-uniform in [1e-5, 1e-3], 4 at a time on the one GPU (gpus_per_trial
+    0.25, each a one-worker Ray Train run), held-out loss on data/corpus/heldout.jsonl (documents never trained on)
+    every 5 steps, ASHA from step 10. With 4 GPUs: gpus_per_trial=1 (one GPU per trial, 4 at a time)."""
+    return SweepConfig(name="sweep-h200", train=_smollm2_train(),
+                       search=SearchConfig(segment_lengths=[256, 512, 1024], lr_min=1e-5, lr_max=1e-3, trials=8),
+                       asha=AshaConfig(grace_period=10, reduction_factor=2.0), objective="heldout_loss", eval_every=5,
+                       heldout_text="data/corpus/heldout.jsonl", heldout_rows=8, gpus_per_trial=0.25,
+                       max_concurrent_trials=4)
+
+
+def h200_ideas_preset() -> SweepConfig:
+    """One H200, about 3 minutes: an issue-12 idea against the paper's recipe at one point (segment 512, lr 1e-4):
+    truncated backpropagation through the memory (`memory_grad_segments` 1, 2, 4) against full (null), 4 trials at
+    once, each trained to the end (no ASHA), held-out loss. Other ideas are other `search.grid` keys."""
+    cfg = h200_preset()
+    return dataclasses.replace(
+        cfg, name="sweep-h200-ideas",
+        search=SearchConfig(segment_lengths=[512], lrs=[1e-4], num_samples=1,
+                            grid={"model.overrides.memory_grad_segments": [None, 1, 2, 4]}),
+        asha=AshaConfig(enabled=False))
 
 
 PRESETS: dict[str, Callable[[], SweepConfig]] = {
     "default": default_preset, "debug": debug_preset, "passkey": passkey_preset, "h200": h200_preset,
+    "h200-ideas": h200_ideas_preset,
 }
 
 
@@ -580,9 +788,10 @@ class _TrialState:
     run_dir: str | None = None
 
 
-def _trial(config: dict, sweep: dict, parent_run_id: str | None) -> None:
-    """One Tune trial: `fit` at this (segment length, lr), its metrics passed to Tune through TuneReportCallback;
-    records its outcome in `<run_dir>/trial_done.json`."""
+def _trial(config: dict, sweep: dict, parent_run_id: str | None, evaluator: "Evaluator | None") -> None:
+    """One Tune trial: `fit` at its point (config["point"]: segment length, lr, grid values), its metrics passed to
+    Tune through TuneReportCallback, `evaluator` (built once by the sweep: the held-out rows are the same for every
+    trial) scoring it; records its outcome in `<run_dir>/trial_done.json`."""
     import threading
 
     import ray.tune
@@ -601,8 +810,9 @@ def _trial(config: dict, sweep: dict, parent_run_id: str | None) -> None:
     try:
         cfg = _from_dict(sweep)
         trial_id = ray.tune.get_context().get_trial_id()
-        seg, lr = int(config["segment_length"]), float(config["lr"])
-        tcfg = resolve(trial_train_config(cfg, seg, lr, trial_run_name(cfg, trial_id, seg, lr), parent_run_id))
+        point = config["point"]
+        seg, lr, params = int(point["segment_length"]), float(point["lr"]), dict(point.get("params") or {})
+        tcfg = resolve(trial_train_config(cfg, seg, lr, trial_run_name(cfg.name, trial_id, point), parent_run_id, params))
         os.makedirs(tcfg.run.run_dir, exist_ok=True)
         _TrialState.run_dir = tcfg.run.run_dir
         prev = _read_json(os.path.join(tcfg.run.run_dir, TRIAL_DONE_FILE))
@@ -623,7 +833,8 @@ def _trial(config: dict, sweep: dict, parent_run_id: str | None) -> None:
             run_id = ensure_run(tcfg)
             client = _client(cfg)
             for k, v in (("sweep", cfg.name), ("sweep.trial_id", trial_id), ("sweep.segment_length", seg),
-                         ("sweep.lr", f"{lr:.4g}"), ("sweep.status", "running")):
+                         ("sweep.lr", f"{lr:.4g}"), ("sweep.status", "running"),
+                         *((f"sweep.{key}", value) for key, value in params.items())):
                 client.set_tag(run_id, k, str(v))
         datasets = None
         if cfg.stage is not None:
@@ -634,7 +845,7 @@ def _trial(config: dict, sweep: dict, parent_run_id: str | None) -> None:
         rec = {"trial_id": trial_id, "run_name": tcfg.run.name, "run_id": run_id, "status": "error"}
         try:
             res = fit(tcfg, datasets, callbacks=[_tune_report_callback(os.path.join(tcfg.run.run_dir, STOPPING_FILE))],
-                      evaluate=make_evaluator(cfg, tcfg))
+                      evaluate=evaluator)
         except NonFiniteLossError as e:  # too high a learning rate is an outcome of the search, not a failed trial
             worst = math.inf if cfg.metric_mode == "min" else 0.0
             rec.update(status="diverged", step=e.step, objective=worst, checkpoint_path=e.last_checkpoint)
@@ -683,6 +894,19 @@ def _from_dict(d: dict) -> SweepConfig:
     return dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, stages=stages))
 
 
+def _point(trial) -> dict:
+    """A Tune trial's search point (its config's "point")."""
+    p = (trial.config or {}).get("point") or {}
+    return {"segment_length": int(p.get("segment_length", 0)), "lr": float(p.get("lr", 0.0)),
+            "params": dict(p.get("params") or {})}
+
+
+def point_label(point: dict, lr_digits: int = 2) -> str:
+    """"l=512, lr=3.00e-04, memory_grad_segments=2": a point in a line of text."""
+    extra = "".join(f", {k.rsplit('.', 1)[-1]}={v}" for k, v in (point.get("params") or {}).items())
+    return f"l={point['segment_length']}, lr={point['lr']:.{lr_digits}e}{extra}"
+
+
 def _client(cfg: SweepConfig):
     from mlflow import MlflowClient
 
@@ -713,6 +937,12 @@ class TrialRecord:
     hf_path: str | None = None
     curve: list = field(default_factory=list)  # [(step, objective)] as reported to Tune
     error: str | None = None
+    params: dict = field(default_factory=dict)  # its values of the search.grid keys
+    gpu_util: float | None = None  # mean GPU utilisation (%) of its MLflow system metrics, on GPUs
+
+    @property
+    def point(self) -> dict:
+        return {"segment_length": self.segment_length, "lr": self.lr, "params": self.params}
 
 
 @dataclass
@@ -729,6 +959,7 @@ class SweepResult:
     interrupted: bool
     wall_s: float
     reported: int = 0  # results the trials reported during this call (0: a finished sweep started again)
+    gpu_util: dict | None = None  # GPU utilisation from the trials' MLflow system metrics (`gpu_utilization`)
 
     def format_table(self) -> str:
         return format_trials_table(self.trials, self.objective, self.best)
@@ -761,9 +992,7 @@ def _sweep_callback_cls():
             self.objective, self.total_steps, self.name, self.folder = objective, total_steps, name, folder
 
         def _run_dir(self, trial) -> str:
-            c = trial.config
-            return os.path.join(self.folder, TRIALS_DIR, f"{self.name}-{trial.trial_id.rsplit('_', 1)[-1]}-"
-                                                         f"l{c.get('segment_length')}-lr{c.get('lr', 0):.1e}")
+            return os.path.join(self.folder, TRIALS_DIR, trial_run_name(self.name, trial.trial_id, _point(trial)))
 
         def on_step_begin(self, iteration, trials, **info):
             if _Listeners.tune_sigint_handler is None:
@@ -801,8 +1030,7 @@ def _sweep_callback_cls():
             stop_runs(running, wait_s=120.0)
 
         def _label(self, trial) -> str:
-            c = trial.config
-            return f"trial {trial.trial_id.rsplit('_', 1)[-1]} (l={c.get('segment_length')}, lr={c.get('lr', 0):.2e})"
+            return f"trial {trial.trial_id.rsplit('_', 1)[-1]} ({point_label(_point(trial))})"
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             _Listeners.results += 1
@@ -886,9 +1114,11 @@ def ensure_parent_run(cfg: SweepConfig) -> str:
               "trials": cfg.num_trials(), "total_steps": cfg.total_steps(), "eval_every": cfg.eval_every,
               "asha": f"grace {cfg.asha.grace_period}, factor {cfg.asha.reduction_factor:g}" if cfg.asha.enabled else "off",
               "model": cfg.init_from or cfg.train.model.init_from or cfg.train.model.size,
-              "stage": cfg.stage if cfg.stage is not None else "none"}
+              "stage": cfg.stage if cfg.stage is not None else "none",
+              "gpus_per_trial": cfg.gpus_per_trial if cfg.gpus_per_trial is not None else "per worker",
+              **{f"grid.{k}": v for k, v in grid_axes(s).items()}}
     for k, v in params.items():
-        client.log_param(run.info.run_id, k, str(v))
+        client.log_param(run.info.run_id, k, str(v)[:500])
     with open(id_file + ".tmp", "w") as f:
         f.write(run.info.run_id)
     os.replace(id_file + ".tmp", id_file)
@@ -897,28 +1127,31 @@ def ensure_parent_run(cfg: SweepConfig) -> str:
 
 def plan_trial_resources(cfg: SweepConfig, cluster: dict) -> tuple[SweepConfig, int, dict]:
     """(config with each trial's worker CPU share fixed, trials at once, what one trial reserves) on a cluster of
-    `cluster` resources (`ray.cluster_resources()`)."""
+    `cluster` resources (`ray.cluster_resources()`). On GPUs a trial reserves `gpus_per_trial` (a fraction packs
+    several onto one GPU) and its workers an even share of the CPUs left beside the trials' data tasks."""
     from .train.resources import MIN_DATA_ROOM, derive_cpus_per_worker
 
     s = cfg.train.schedule
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     k = cfg.max_concurrent_trials
     if s.use_gpu:
-        fits = max(1, int(gpus // s.num_workers))
-        k = k or fits
+        per_trial = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else s.num_workers * s.gpus_per_worker
+        k = k or max(1, int(gpus / per_trial + 1e-9))
         per = s.cpus_per_worker
         if per is None:
             per = float(max(1, math.floor((cpus - MIN_DATA_ROOM * k) / max(k * s.num_workers, 1))))
-    elif s.cpus_per_worker is not None:
-        per = s.cpus_per_worker
-        k = k or max(1, int(cpus // (s.num_workers * per + MIN_DATA_ROOM)))
+        need = {"CPU": s.num_workers * per, "GPU": per_trial}
     else:
-        k = k or 1
-        per = derive_cpus_per_worker(cpus / k, s.num_workers, 0.0)
-        if per <= 0:
-            raise ConfigError("max_concurrent_trials", f"{k} trials of {s.num_workers} workers do not fit on "
-                                                       f"{cpus:g} CPUs beside their data tasks; run fewer at once")
-    need = {"CPU": s.num_workers * per, **({"GPU": s.num_workers} if s.use_gpu else {})}
+        if s.cpus_per_worker is not None:
+            per = s.cpus_per_worker
+            k = k or max(1, int(cpus // (s.num_workers * per + MIN_DATA_ROOM)))
+        else:
+            k = k or 1
+            per = derive_cpus_per_worker(cpus / k, s.num_workers, 0.0)
+            if per <= 0:
+                raise ConfigError("max_concurrent_trials", f"{k} trials of {s.num_workers} workers do not fit on "
+                                                           f"{cpus:g} CPUs beside their data tasks; run fewer at once")
+        need = {"CPU": s.num_workers * per}
     train = dataclasses.replace(cfg.train, schedule=dataclasses.replace(s, cpus_per_worker=per))
     return dataclasses.replace(cfg, train=train, max_concurrent_trials=k), k, need
 
@@ -973,21 +1206,20 @@ def _search_yaml(text: str) -> dict:
 
 
 def _param_space(cfg: SweepConfig) -> dict:
+    """One Tune grid over the sweep's own points (`search_points`): Tune runs them in order, one trial each."""
     from ray import tune
 
-    s = cfg.search
-    lr = tune.grid_search(list(s.lrs)) if s.lrs else tune.loguniform(s.lr_min, s.lr_max)
-    return {"segment_length": tune.grid_search(list(s.segment_lengths)), "lr": lr}
+    return {"point": tune.grid_search(search_points(cfg))}
 
 
-def _trainable(cfg: SweepConfig, parent: str | None):
+def _trainable(cfg: SweepConfig, parent: str | None, evaluator: Evaluator | None):
     """The Tune trainable: the function trainable of `_trial`, whose cleanup (Tune stopping the trial) first stops the
     trial's Ray Train run; it reserves only the trial's driver."""
     from ray import tune
     from ray.tune.trainable.function_trainable import wrap_function
 
-    base = wrap_function(tune.with_parameters(_trial, sweep=dataclasses.asdict(cfg), parent_run_id=parent),
-                         name="condensation_trial")
+    base = wrap_function(tune.with_parameters(_trial, sweep=dataclasses.asdict(cfg), parent_run_id=parent,
+                                              evaluator=evaluator), name="condensation_trial")
 
     class CondensationTrial(base):
         def cleanup(self):
@@ -1033,18 +1265,28 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
         f.write(to_yaml(cfg))
 
     cfg, k, need = plan_trial_resources(cfg, ray.cluster_resources())
-    s = cfg.train.schedule
-    log(f"sweep {cfg.name!r}: {cfg.num_trials()} trials (segment lengths {cfg.search.segment_lengths} x "
-        + (f"lr {cfg.search.lrs}" if cfg.search.lrs else f"{cfg.search.num_samples} lr log-uniform in "
-           f"[{cfg.search.lr_min:g}, {cfg.search.lr_max:g}]")
+    s, search = cfg.train.schedule, cfg.search
+    axes = grid_axes(search)
+    lr_text = (f"lr {search.lrs}" if search.lrs else
+               f"lr log-uniform in [{search.lr_min:g}, {search.lr_max:g}]"
+               + (f", {search.trials} trials" if search.trials is not None else f" x {search.num_samples}"))
+    gpu = f" + {need['GPU']:g} GPU" if s.use_gpu else ""
+    log(f"sweep {cfg.name!r}: {cfg.num_trials()} trials (segment lengths {search.segment_lengths}, {lr_text}"
+        + "".join(f", x {key} {values}" for key, values in axes.items())
         + f"), {cfg.total_steps()} steps each, {cfg.objective} ({cfg.metric_mode}) every {cfg.eval_every} steps; "
-        f"{k} at a time, each {s.num_workers} workers x {s.cpus_per_worker:g} CPU{' + 1 GPU' if s.use_gpu else ''}"
+        f"{k} at a time, each {s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU{gpu}"
         + (f"; ASHA from step {cfg.asha.grace_period}, factor {cfg.asha.reduction_factor:g}" if cfg.asha.enabled else "")
         + (f"; resuming {experiment}" if resumed else ""))
+    if not resumed:
+        for i, point in enumerate(search_points(cfg)):
+            log(f"  trial {i:05d}: {point_label(point)}")
 
     tracking = cfg.train.tracking.enabled
     parent = ensure_parent_run(cfg) if tracking else None
-    trainable = _trainable(cfg, parent)
+    first = search_points(cfg)[0]
+    evaluator = make_evaluator(cfg, trial_train_config(cfg, first["segment_length"], first["lr"],
+                                                       params=first["params"]))
+    trainable = _trainable(cfg, parent, evaluator)
     _Listeners.reset(log, [on_trial_complete] if on_trial_complete else [])
     try:
         if resumed:
@@ -1057,15 +1299,14 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
                 param_space=_param_space(cfg),
                 tune_config=tune.TuneConfig(
                     metric=cfg.objective, mode=cfg.metric_mode, scheduler=scheduler,
-                    search_alg=BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=k),
-                    num_samples=cfg.search.num_samples),
+                    search_alg=BasicVariantGenerator(max_concurrent=k), num_samples=1),
                 run_config=tune.RunConfig(
                     name=TUNE_DIR, storage_path=cfg.folder,
                     failure_config=tune.FailureConfig(max_failures=0),  # the training layer retries itself
                     callbacks=[_sweep_callback_cls()(cfg.objective, total, cfg.name, cfg.folder)],
                     verbose=0),
             )
-        grid = tuner.fit()
+        tuner.fit()
     finally:
         interrupted_here, reported = _Listeners.interrupted, _Listeners.results
         _Listeners.reset()
@@ -1077,6 +1318,8 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
     result = SweepResult(trials=trials, best=best, objective=cfg.objective, mode=cfg.metric_mode,
                          experiment_path=experiment, folder=cfg.folder, parent_run_id=parent, tracking_uri=uri,
                          resumed=resumed, interrupted=interrupted, wall_s=time.time() - t0, reported=reported)
+    if tracking and cfg.train.schedule.use_gpu:
+        result.gpu_util = gpu_utilization(_client(cfg), trials)
     write_summary(cfg, result)
     if tracking:
         close_trial_runs(cfg, trials, interrupted)
@@ -1100,13 +1343,13 @@ def collect_trials(cfg: SweepConfig, experiment: str) -> list[TrialRecord]:
     out = []
     for trial in analysis.trials:
         last = trial.last_result or {}
-        conf = trial.config or {}
-        seg, lr = int(conf.get("segment_length", 0)), float(conf.get("lr", 0.0))
+        point = _point(trial)
+        seg, lr = point["segment_length"], point["lr"]
         curve = []
         df = frames.get(trial.trial_id)
         if df is not None and cfg.objective in df and "step" in df:
             curve = [(int(a), float(b)) for a, b in zip(df["step"], df[cfg.objective]) if b == b and a == a]
-        run_name = trial_run_name(cfg, trial.trial_id, seg, lr)
+        run_name = trial_run_name(cfg.name, trial.trial_id, point)
         run_dir = os.path.join(cfg.folder, TRIALS_DIR, run_name)
         done = _read_json(os.path.join(run_dir, TRIAL_DONE_FILE))
         run_id_file = os.path.join(run_dir, "mlflow_run_id")
@@ -1129,7 +1372,7 @@ def collect_trials(cfg: SweepConfig, experiment: str) -> list[TrialRecord]:
             trial_id=trial.trial_id, segment_length=seg, lr=lr, status=status, step=step,
             objective=None if value is None else float(value), run_name=run_name, run_dir=run_dir,
             mlflow_run_id=run_id, checkpoint_path=(done or {}).get("checkpoint_path"),
-            hf_path=(done or {}).get("hf_path"), curve=curve,
+            hf_path=(done or {}).get("hf_path"), curve=curve, params=point["params"],
             error=str(err)[:500] if status == "error" and err else None))
     out.sort(key=lambda t: t.trial_id)
     return out
@@ -1153,12 +1396,19 @@ def best_trial(trials: list[TrialRecord], mode: str) -> TrialRecord | None:
 
 
 def format_trials_table(trials: list[TrialRecord], objective: str, best: TrialRecord | None = None) -> str:
-    rows = [f"| trial | segment length | lr | status | steps | {objective} |", "|---|---|---|---|---|---|"]
+    """The trials as a Markdown table: point (and grid values), outcome, objective, GPU utilisation if measured."""
+    keys = list(dict.fromkeys(k for t in trials for k in t.params))
+    gpu = any(t.gpu_util is not None for t in trials)
+    head = ["trial", "segment length", "lr", *(k.rsplit(".", 1)[-1] for k in keys), "status", "steps", objective,
+            *(["GPU util %"] if gpu else [])]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         value = "-" if t.objective is None else f"{t.objective:.4f}"
         mark = " **best**" if best is not None and t.trial_id == best.trial_id else ""
-        rows.append(f"| {t.trial_id.rsplit('_', 1)[-1]} | {t.segment_length} | {t.lr:.2e} | {t.status} | "
-                    f"{t.step if t.step is not None else '-'} | {value}{mark} |")
+        cells = [t.trial_id.rsplit("_", 1)[-1], str(t.segment_length), f"{t.lr:.2e}",
+                 *(str(t.params.get(k, "-")) for k in keys), t.status, str(t.step if t.step is not None else "-"),
+                 value + mark, *([f"{t.gpu_util:.0f}" if t.gpu_util is not None else "-"] if gpu else [])]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
@@ -1172,10 +1422,15 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
 
     from .evaluate.plots import _figure, _save
 
-    fig = _figure(12.0, 4.6, layout="constrained")
+    # one row per segment length, or per (segment length, grid values) when the sweep has grid axes
+    def row(t: TrialRecord) -> str:
+        extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t.params.items())
+        return f"{t.segment_length}" + (f"\n{extra}" if extra else "")
+
+    rows = sorted({row(t) for t in trials}, key=lambda r: (int(r.split("\n")[0]), r))
+    ypos = {r: i for i, r in enumerate(rows)}
+    fig = _figure(12.0, max(4.6, 1.0 + 0.7 * len(rows)), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)
-    lengths = sorted({t.segment_length for t in trials})
-    ypos = {l: i for i, l in enumerate(lengths)}
     vals = [t.objective for t in trials if t.objective is not None and math.isfinite(t.objective)]
     cmap = colormaps["viridis" if mode == "max" else "viridis_r"]
     norm = Normalize(min(vals), max(vals) if max(vals) > min(vals) else min(vals) + 1e-9) if vals else Normalize(0, 1)
@@ -1184,21 +1439,21 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
     for t in trials:
         v = t.objective if t.objective is not None and math.isfinite(t.objective) else None
         colour = cmap(norm(v)) if v is not None else "lightgrey"
-        ax.scatter([t.lr], [ypos[t.segment_length]], s=180, c=[colour], marker=markers.get(t.status, "o"),
+        ax.scatter([t.lr], [ypos[row(t)]], s=180, c=[colour], marker=markers.get(t.status, "o"),
                    edgecolors="red" if best is not None and t is best else "black",
                    linewidths=2.5 if best is not None and t is best else 0.8, zorder=3)
         text = f"{v:.3f}" if v is not None else "diverged" if t.status == "diverged" else "-"
-        ax.annotate(text, (t.lr, ypos[t.segment_length]), textcoords="offset points",
+        ax.annotate(text, (t.lr, ypos[row(t)]), textcoords="offset points",
                     xytext=(0, 11), ha="center", fontsize=8)
         points = [(x, y) for x, y in t.curve if math.isfinite(y)]
         if points:
             steps, ys = zip(*points)
             ax2.plot(steps, ys, marker=".", color=colour,
                      linestyle="-" if t.status == "completed" else "--",
-                     label=f"l={t.segment_length} lr={t.lr:.1e} ({t.status})")
+                     label=f"{point_label(t.point, 1)} ({t.status})")
     ax.set_xscale("log")
-    ax.set_yticks(range(len(lengths)), [str(l) for l in lengths])
-    ax.set_ylim(-0.6, len(lengths) - 0.4)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8 if len(rows) > len({t.segment_length for t in trials}) else None)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
     lrs = [t.lr for t in trials if t.lr > 0]
     if lrs:
         ax.set_xlim(min(lrs) / 1.6, max(lrs) * 1.6)
@@ -1221,17 +1476,58 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
     return str(_save(fig, path))
 
 
+def gpu_utilization(client, trials: list[TrialRecord]) -> dict | None:
+    """GPU utilisation while the trials ran, from MLflow's system metrics that each trial's rank 0 logs
+    (`system/gpu_<i>_utilization_percentage`, every `tracking.system_metrics_interval_s`): each trial's mean (set on
+    the records), the mean over all samples, and the mean by how many trials' runs were open when a sample was
+    taken ({"by_running": {"4": {"mean": 87.0, "samples": 40}}}). Trials sharing a GPU sample the same device, so
+    "by_running" answers how busy the GPUs were while k trials ran at once. None without such metrics."""
+    spans, samples = {}, []
+    for t in trials:
+        if not t.mlflow_run_id:
+            continue
+        try:
+            run = client.get_run(t.mlflow_run_id)
+        except Exception:
+            continue
+        keys = [k for k in run.data.metrics if k.startswith("system/gpu_") and k.endswith("_utilization_percentage")]
+        values = []
+        for key in keys:
+            for m in client.get_metric_history(t.mlflow_run_id, key):
+                values.append(m.value)
+                samples.append((m.timestamp, m.value))
+        if values:
+            t.gpu_util = float(np.mean(values))
+        spans[t.trial_id] = (run.info.start_time or 0, run.info.end_time or float("inf"))
+    if not samples:
+        return None
+    by: dict = {}
+    for ts, v in samples:
+        k = sum(lo <= ts <= hi for lo, hi in spans.values())
+        by.setdefault(str(k), []).append(v)
+    return {"mean": float(np.mean([v for _, v in samples])), "samples": len(samples),
+            "by_running": {k: {"mean": float(np.mean(v)), "samples": len(v)} for k, v in sorted(by.items())}}
+
+
 def write_summary(cfg: SweepConfig, result: SweepResult) -> None:
     """`trials.md`, `results.json` and `objective.png` in the sweep's folder (also for an interrupted sweep)."""
     with open(os.path.join(cfg.folder, "trials.md"), "w") as f:
         f.write(result.format_table())
+        if result.gpu_util:
+            f.write(f"\nGPU utilisation (MLflow system metrics): {format_gpu_util(result.gpu_util)}\n")
     with open(os.path.join(cfg.folder, "results.json"), "w") as f:
-        json.dump({"objective": cfg.objective, "mode": cfg.metric_mode,
+        json.dump({"objective": cfg.objective, "mode": cfg.metric_mode, "gpu_util": result.gpu_util,
                    "best": dataclasses.asdict(result.best) if result.best else None,
                    "trials": [dataclasses.asdict(t) for t in result.trials]}, f, indent=1, default=str)
     if result.trials:
         plot_sweep(result.trials, os.path.join(cfg.folder, "objective.png"), cfg.objective, cfg.metric_mode,
                    title=f"sweep {cfg.name}: {cfg.objective} over segment length x learning rate")
+
+
+def format_gpu_util(u: dict) -> str:
+    by = "; ".join(f"{v['mean']:.0f}% with {k} trial(s) running ({v['samples']} samples)"
+                   for k, v in u["by_running"].items() if k != "0")
+    return f"mean {u['mean']:.0f}% over {u['samples']} samples" + (f"; {by}" if by else "")
 
 
 def close_trial_runs(cfg: SweepConfig, trials: list[TrialRecord], interrupted: bool) -> None:
@@ -1268,13 +1564,18 @@ def log_summary(cfg: SweepConfig, result: SweepResult) -> None:
     counts = {s: sum(t.status == s for t in result.trials) for s in ("completed", "stopped", "diverged", "error", "unfinished")}
     for s, n in counts.items():
         client.log_metric(parent, f"trials_{s}", n)
+    if result.gpu_util:
+        client.log_metric(parent, "gpu_util/mean", result.gpu_util["mean"])
+        for k, v in result.gpu_util["by_running"].items():
+            client.log_metric(parent, f"gpu_util/with_{k}_trials", v["mean"])
     b = result.best
     if b is not None:
-        best_cfg = trial_train_config(cfg, b.segment_length, b.lr, b.run_name or "best", parent)
+        best_cfg = trial_train_config(cfg, b.segment_length, b.lr, b.run_name or "best", parent, b.params)
         client.log_text(parent, to_yaml(best_cfg), "best_config.yaml")
         client.log_text(parent, json.dumps(dataclasses.asdict(b), indent=1, default=str), "best_trial.json")
         client.log_metric(parent, "best_objective", b.objective)
         for k, v in {"best.trial_id": b.trial_id, "best.segment_length": b.segment_length, "best.lr": f"{b.lr:.4g}",
+                     **{f"best.{key}": value for key, value in b.params.items()},
                      "best.checkpoint_path": b.checkpoint_path, "best.hf_path": b.hf_path,
                      "best.mlflow_run_id": b.mlflow_run_id}.items():
             client.set_tag(parent, k, str(v))
