@@ -14,16 +14,22 @@ function trainable that calls `fit`, which starts the trial's own Ray Train run.
   callback, `on_trial_complete`), when Tune cleans up its actor (`cleanup`), or when the sweep is interrupted
   (`on_step_end`), a `stop` file goes into the trial's run folder (`condensation.train.loop.STOP_FILE`); every
   worker ends before its next update, `fit` returns `stopped=True`, and only then does Tune end the actor.
+Search points: the sweep draws every trial's (segment length, lr, grid values) itself (`search_points`: stratified
+log-uniform rates, a grid over any further config keys in `search.grid`, checked against the config schema) and
+hands Tune one grid over them, so the plan is printed before anything starts and any trial count covers every
+length and the whole lr range.
+
 Resources: Ray Tune reserves only a trial's driver (`TRIAL_DRIVER_CPUS`); the trial's Ray Train run reserves its
-workers (`train.schedule.num_workers` x (`cpus_per_worker` CPUs + 1 GPU when `use_gpu`)), so a sweep packs a GPU
-machine with one trial per GPU (num_workers=1) or N. `max_concurrent_trials` (None: as many as the cluster holds)
-caps the trials that run at once.
+workers (`train.schedule.num_workers` x (`cpus_per_worker` CPUs + `gpus_per_worker` GPU when `use_gpu`)), so a sweep
+packs a GPU machine with one trial per GPU (num_workers=1), N, or several per GPU (`gpus_per_trial` 0.25: four
+one-worker runs share one GPU). `max_concurrent_trials` (None: as many as the cluster holds) caps the trials that
+run at once.
 
 Resume: the Tune experiment lives in `<storage>/<name>/tune`; started again with the same name and storage, the
 sweep restores it (`Tuner.restore`): finished and stopped trials stay as they are (a trial whose run had finished
 is not trained again), unfinished and errored ones go on (their training run continues from its newest checkpoint,
-as any run of the training layer does), and ASHA first records the ended trials' results at its rungs again (Tune
-does not save a scheduler's state).
+as any run of the training layer does), and ASHA first records every restored trial's results at its rungs again
+(Tune does not save a scheduler's state). The number of trials at once is the current start's.
 
 MLflow: a parent run `name` with one nested run per trial (the training layer's run: config, curves, the objective
 at every evaluation, the final `sweep/objective`, tags `sweep.status`, `sweep.segment_length`, `sweep.lr`), and at the
@@ -1175,17 +1181,18 @@ def _trial_results(trial) -> list[dict]:
 
 
 def _asha_scheduler(cfg: SweepConfig):
-    """ASHA on the objective by optimizer step, which after `Tuner.restore` first records the ended trials' results at
-    its rungs again: Ray Tune saves no scheduler state, so without this a resumed sweep would compare its remaining
-    trials only among themselves. `max_t` is one past the last step: the rungs stay below it, and ASHA never stops a
-    trial at its last report (the trial's actor would end while its run saves and closes)."""
+    """ASHA on the objective by optimizer step, which after `Tuner.restore` first records every restored trial's
+    results at its rungs again: Ray Tune saves no scheduler state, so without this a resumed sweep would compare its
+    remaining trials only among themselves, and a resumed trial's first report (say step 6, from its checkpoint)
+    would be recorded at the rungs below it as if it were its step-2 value, stopping a fair trial there. A new trial
+    has no results, so nothing is replayed for it. `max_t` is one past the last step, so that ASHA's own "reached
+    max_t" stop never comes before the run's last report; a rung may still fall on the last step, where a stop only
+    ends a trial that is saving and closing anyway (its cleanup waits for the run)."""
     from ray.tune.schedulers import ASHAScheduler
 
     class ResumableASHA(ASHAScheduler):
         def on_trial_add(self, tune_controller, trial):
             super().on_trial_add(tune_controller, trial)
-            if trial.status not in ("TERMINATED", "ERROR"):
-                return
             bracket = self._trial_info.get(trial.trial_id)
             for r in _trial_results(trial):
                 t, v = r.get(self._time_attr), r.get(self._metric)
@@ -1194,6 +1201,27 @@ def _asha_scheduler(cfg: SweepConfig):
 
     return ResumableASHA(time_attr="step", max_t=(cfg.asha.max_t or cfg.total_steps()) + 1,
                          grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+
+
+def _point_searcher_cls():
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    class PointSearcher(BasicVariantGenerator):
+        """Tune's grid over the sweep's points, whose `max_concurrent` stays the current start's: `Tuner.restore`
+        restores a searcher's whole saved state, so a resumed sweep would otherwise keep its first start's number of
+        trials at once, whatever `max_concurrent_trials` (or the machine) says now."""
+
+        def set_state(self, state):
+            keep = self.max_concurrent
+            super().set_state(state)
+            self.max_concurrent = keep
+
+    return PointSearcher
+
+
+def _trial_dirname(trial) -> str:
+    """Tune's folder of a trial: its id (the default spells out the whole point, grid values included)."""
+    return f"trial_{trial.trial_id}"
 
 
 def _search_yaml(text: str) -> dict:
@@ -1241,7 +1269,6 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from .train.tracking import tracking_uri
 
@@ -1291,6 +1318,10 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
     try:
         if resumed:
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+            # this start's trials at once (the restored searcher keeps it through its saved state: PointSearcher)
+            searcher = getattr(getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None), "search_alg", None)
+            if searcher is not None and hasattr(searcher, "max_concurrent"):
+                searcher.max_concurrent = k
         else:
             total = cfg.total_steps()
             scheduler = _asha_scheduler(cfg) if cfg.asha.enabled else FIFOScheduler()
@@ -1299,7 +1330,8 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
                 param_space=_param_space(cfg),
                 tune_config=tune.TuneConfig(
                     metric=cfg.objective, mode=cfg.metric_mode, scheduler=scheduler,
-                    search_alg=BasicVariantGenerator(max_concurrent=k), num_samples=1),
+                    search_alg=_point_searcher_cls()(max_concurrent=k), num_samples=1,
+                    trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=TUNE_DIR, storage_path=cfg.folder,
                     failure_config=tune.FailureConfig(max_failures=0),  # the training layer retries itself
