@@ -209,17 +209,26 @@ def _loss_steps(client, run_id):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """This module's local Ray (2 CPUs, as CI), as tests/conftest.py's, with two Ray Train settings for the trials'
-    runs (env vars are Ray Train's only interface for them; a trial's process hands them on to its Train controller):
-    the controller collects the workers' reports every 0.25 s instead of 2 s, so that a tiny trial's 4 reports and
-    its end do not each wait seconds and an ASHA stop reaches a run that takes milliseconds a step; and no
-    preemption watcher actor per run (a single local node is never drained)."""
+    """This module's local Ray (2 CPUs, as CI), as tests/conftest.py's but with settings for the trials' Ray Train
+    runs, passed as env vars (Ray Train's only interface for them; a trial hands them on to its Train controller):
+    - the controller collects the workers' reports every 0.25 s instead of 2 s, so that a tiny trial's reports and
+      its end do not each wait seconds, and an ASHA stop reaches a run that takes milliseconds a step;
+    - every run's placement-group cleaner asks this Ray's own dashboard (state API) whether its controller lives:
+      left to find one, it picks the newest Ray on the host (other test sessions'), and each run's end waits its
+      12 s stop timeout; the dashboard listens on 127.0.0.1 only;
+    - no preemption-watcher actor per run (a single local node is never drained)."""
+    import socket
+
     import ray
 
+    with socket.socket() as s:  # a free port for the dashboard, known before Ray starts
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
-        "DS_ACCELERATOR": "cpu", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {
+                 "DS_ACCELERATOR": "cpu", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
