@@ -1459,7 +1459,8 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
         extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t.params.items())
         return f"{t.segment_length}" + (f"\n{extra}" if extra else "")
 
-    rows = sorted({row(t) for t in trials}, key=lambda r: (int(r.split("\n")[0]), r))
+    order = list(dict.fromkeys(row(t) for t in trials))  # grid values in the order of the search
+    rows = sorted(order, key=lambda r: (int(r.split("\n")[0]), order.index(r)))
     ypos = {r: i for i, r in enumerate(rows)}
     fig = _figure(12.0, max(4.6, 1.0 + 0.7 * len(rows)), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)
@@ -1490,7 +1491,7 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
     if lrs:
         ax.set_xlim(min(lrs) / 1.6, max(lrs) * 1.6)
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("segment length")
+    ax.set_ylabel("segment length" + (", grid values" if any(t.params for t in trials) else ""))
     ax.set_title(f"final {objective} ({mode}; red ring: best)")
     ax.grid(True, which="both", alpha=0.3)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=objective)
