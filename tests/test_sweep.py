@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from condensation.config import ConfigError
-from condensation.sweep import PRESETS, TRIAL_DONE_FILE, load_sweep_config, run_sweep
+from condensation.sweep import PRESETS, TRIAL_DONE_FILE, format_trials_table, load_sweep_config, run_sweep
 
 
 GPU_PRESETS = {"h200", "h200-ideas"}  # SmolLM2 (the extra) and data/corpus: validated below with stand-ins
@@ -352,6 +352,34 @@ def test_no_training_run_is_left_behind(swept):
 
     free = ray.available_resources().get("CPU", 0)
     assert free == pytest.approx(ray.cluster_resources()["CPU"], abs=0.05), ray.available_resources()
+
+
+def test_gpu_utilisation_by_trials_running():
+    """From the trials' MLflow system metrics (what rank 0 logs on a GPU): each trial's mean, and the mean by how
+    many trials' runs were open at each sample (two trials sharing GPU 0 here)."""
+    from types import SimpleNamespace as NS
+
+    from condensation.sweep import TrialRecord, format_gpu_util, gpu_utilization
+
+    key = "system/gpu_0_utilization_percentage"
+    runs = {"a": (0, 100, [(10, 40.0), (60, 90.0)]), "b": (50, 200, [(60, 90.0), (150, 30.0)])}
+
+    class Client:
+        def get_run(self, run_id):
+            start, end, _ = runs[run_id]
+            return NS(info=NS(start_time=start, end_time=end), data=NS(metrics={key: 0.0, "loss": 1.0}))
+
+        def get_metric_history(self, run_id, k):
+            return [NS(timestamp=t, value=v) for t, v in runs[run_id][2]] if k == key else []
+
+    trials = [TrialRecord(trial_id=f"x_{i}", segment_length=64, lr=1e-3, status="completed", step=8, objective=1.0,
+                          mlflow_run_id=r) for i, r in enumerate(runs)]
+    u = gpu_utilization(Client(), trials)
+    assert [t.gpu_util for t in trials] == [65.0, 60.0]
+    assert u["samples"] == 4 and u["by_running"] == {"1": {"mean": 35.0, "samples": 2},
+                                                      "2": {"mean": 90.0, "samples": 2}}
+    assert "90% with 2 trial(s) running" in format_gpu_util(u)
+    assert "GPU util %" in format_trials_table(trials, "heldout_loss")
 
 
 @pytest.mark.parametrize("objective", ["heldout_loss", "passkey_answer_loss", "passkey_exact"])
