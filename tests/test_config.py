@@ -49,6 +49,30 @@ def test_override_parsing():
     (["debug.nan_at_step=999"], "debug.nan_at_step"),
     (["deepspeed.train_batch_size=3"], "deepspeed.train_batch_size"),
     (["tracking.enabled=maybe"], "tracking.enabled"),
+    (["schedule.engine=jax"], "schedule.engine"),
+    (["schedule.cuda_graph=true"], "schedule.cuda_graph"),  # DeepSpeed's step is not capturable
+    (["schedule.engine=torch", "schedule.cuda_graph=true"], "schedule.cuda_graph"),  # no GPU
+    (["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.use_gpu=true"], "schedule.cuda_graph"),  # accum 2
+    (["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.use_gpu=true", "schedule.global_batch=4",
+      "model.overrides.compile_cells=reduce-overhead"], "model.overrides.compile_cells"),
+    (["schedule.master_weights=false"], "schedule.master_weights"),
+    (["schedule.engine=torch", "deepspeed.zero_optimization.stage=3"], "deepspeed"),
+    # the memory options (typed, or in overrides, also with init_from) and random lengths
+    (["model.memory_sink_tokens=-1"], "model.memory_sink_tokens"),
+    (["model.memory_sink_tokens=abc"], "model.memory_sink_tokens"),
+    (["model.memory_sink_tokens=33"], "model.memory_sink_tokens"),  # more than the debug size's segment (32)
+    (["model.segment_length=8", "model.memory_sink_tokens=9"], "model.memory_sink_tokens"),
+    (["model.memory_norm=bogus"], "model.memory_norm"),
+    (["model.memory_grad_segments=-2"], "model.memory_grad_segments"),
+    (["model.memory_grad_segments=1.5"], "model.memory_grad_segments"),
+    (["model.overrides.memory_grad_segments=0"], "model.overrides.memory_grad_segments"),
+    (["model.init_from=/some/llama", "model.overrides.memory_sink_tokens=-3"], "model.overrides.memory_sink_tokens"),
+    (["model.init_from=/some/llama", "model.overrides.memory_norm=layer"], "model.overrides.memory_norm"),
+    (["model.init_from=/some/llama", "model.overrides.not_a_field=1"], "model.overrides.not_a_field"),
+    (["model.memory_norm=separate", "model.overrides.memory_norm=shared"], "model.overrides.memory_norm"),
+    (["data.random_lengths=maybe"], "data.random_lengths"),
+    (["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.use_gpu=true", "schedule.global_batch=4",
+      "data.random_lengths=true"], "data.random_lengths"),  # a graph replays one shape
 ])
 def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
@@ -193,3 +217,20 @@ def test_storage_under_a_ray_job_goes_to_a_stable_folder(tmp_path):
     absolute = merge(TrainConfig(), {"run": {"storage": str(tmp_path / "mine")}})
     assert rebase_storage(absolute, base).run.storage == str(tmp_path / "mine")
     assert rebase_storage(TrainConfig(), None).run.storage == "runs"
+
+
+def test_memory_options_reach_the_model_and_the_resolved_config():
+    from condensation.train.model import build_model
+
+    cfg = load_config(overrides=["model.memory_sink_tokens=4", "model.memory_norm=separate",
+                                 "model.memory_grad_segments=2", "data.random_lengths=true"])
+    assert cfg.model.model_kwargs() == {"memory_sink_tokens": 4, "memory_norm": "separate", "memory_grad_segments": 2}
+    assert cfg.data.random_lengths is True
+    text = to_yaml(cfg)  # what a run records (resolved_config.yaml, MLflow params)
+    for line in ("memory_sink_tokens: 4", "memory_norm: separate", "memory_grad_segments: 2", "random_lengths: true"):
+        assert line in text
+    mc = build_model(cfg.model).config
+    assert (mc.memory_sink_tokens, mc.memory_norm, mc.memory_grad_segments) == (4, "separate", 2)
+    # unset: the size's (or checkpoint's) values, i.e. the paper's model; 0 asks for full backpropagation
+    assert load_config().model.model_kwargs() == {}
+    assert load_config(overrides=["model.memory_grad_segments=0"]).model.model_kwargs() == {"memory_grad_segments": None}

@@ -16,3 +16,9 @@ def test_warmup_must_run_an_eager_step():
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="warmup"):
         CUDAGraphStep(lambda batch: p.sum(), torch.optim.AdamW([p], capturable=True), warmup=0)
+
+
+def test_capture_error_mode_is_checked():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="capture_error_mode"):
+        CUDAGraphStep(lambda batch: p.sum(), torch.optim.AdamW([p], capturable=True), capture_error_mode="local")

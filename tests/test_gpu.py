@@ -151,3 +151,45 @@ def test_triton_cross_entropy_equals_torch(dtype):
     assert (ce - ce_ref).abs().max().item() < 1e-4 * ce_ref.abs().max().item()
     assert (a.float() - b.float()).abs().max().item() < tol * b.float().abs().max().item()
     assert a[::7].abs().max().item() == 0  # ignored rows: no gradient
+
+
+# the memory options (memory_sink_tokens, memory_norm="separate") on the fast paths, against their own references
+OPTIONS = dict(memory_sink_tokens=4, memory_norm="separate")
+
+
+def _options_model(dtype, **kw):
+    model = _model(dtype, **OPTIONS, **kw)
+    with torch.no_grad():  # memory norms apart from the input norms, so that using the wrong one would show
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for layer in model.model.layers:
+            w = layer.memory_layernorm.weight
+            w.copy_(1 + 0.2 * torch.randn(w.shape, device="cuda", generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def options_reference():
+    ids = torch.randint(0, 4096, (2, 1200), device="cuda")
+    ref = dict(segment_length=256, segment_schedule="sequential", segment_attention="eager")
+    fp32 = _run(_options_model(torch.float32, **ref), ids)
+    bf16 = _run(_options_model(torch.bfloat16, **ref), ids)
+    return ids, fp32, (_rel(bf16[0], fp32[0]), _rel(bf16[1], fp32[1]))
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(segment_attention="flash"), dict(segment_attention="flex"),
+                                     dict(compile_cells=True), dict(compile_cells=True, checkpoint_group_steps=2),
+                                     dict(weight_grads="deferred", compile_cells=True, checkpoint_group_steps=2)])
+def test_memory_options_bf16_paths_as_close_as_the_reference(variant, options_reference):
+    reason = attention_unavailable_reason(variant.get("segment_attention", "sdpa"), "cuda", backward=True)
+    if reason:
+        pytest.skip(reason)
+    ids, (ref_logits, ref_grads), (base_logits, base_grads) = options_reference
+    model = _options_model(torch.bfloat16, segment_length=256, **variant)
+    logits, grads = _run(model, ids)
+    fused = _fused_grads(model, ids)  # the training path: no logits
+    err = {"variant": variant, "logits": _rel(logits, ref_logits), "grads": _rel(grads, ref_grads),
+           "fused_grads": _rel(fused, ref_grads), "reference_bf16_logits": base_logits,
+           "reference_bf16_grads": base_grads}
+    print(err)
+    assert err["logits"] < 2 * base_logits + 1e-3, err
+    assert max(err["grads"], err["fused_grads"]) < 2 * base_grads + 1e-3, err

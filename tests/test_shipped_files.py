@@ -1,4 +1,5 @@
-"""Every shipped cluster config parses and names what `ray up` needs; every workload documents its command."""
+"""Every shipped cluster config parses and names what `ray up` needs; every workload and dashboard documents its
+command."""
 
 from pathlib import Path
 
@@ -16,9 +17,10 @@ def test_cluster_yaml_loads(path):
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "workloads").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "workloads").glob("*.py"), *(ROOT / "dashboards").glob("*.py")]),
+                         ids=lambda p: p.name)
 def test_workload_docstring_gives_its_command(path):
     import ast
 
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-    assert f"workloads/{path.name}" in doc, f"{path.name}: the docstring must give the command that runs it"
+    assert f"{path.parent.name}/{path.name}" in doc, f"{path.name}: the docstring must give the command that runs it"

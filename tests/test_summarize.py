@@ -47,7 +47,13 @@ def installed(monkeypatch):
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_validates(name, installed):
+def test_every_preset_validates(name, installed, tmp_path, monkeypatch):
+    from condensation import summarize
+
+    # h200-manpages reads the built data/summaries/manpages/ (tests/data/test_manpages.py builds it from fake .debs)
+    monkeypatch.setattr(summarize, "MANPAGES_DIR", tmp_path)
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps({"article": "a", "highlights": "b"}) + "\n")
     cfg = load_summarize_config(name)
     assert cfg.models and cfg.generation.max_new_tokens > 0
 

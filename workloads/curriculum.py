@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               f"answer loss {r.answer_loss:.3f}{' (from an earlier run)' if r.skipped else ''}")
     if cfg.train.tracking.enabled:
         print(f"\nlook at the runs, heat maps and summary:\n    mlflow ui --backend-store-uri {uri}")
-        print(f"or as one HTML page:\n    python dashboards/passkey_report.py --tracking-uri {uri} "
+        print(f"or as one HTML page (with attention maps), logged back to MLflow:\n"
+              f"    python dashboards/report.py --attention --tracking-uri {uri} "
               f"--experiment {cfg.train.tracking.experiment}")
         print(f"run folders and HF exports: {os.path.abspath(cfg.train.run.storage)}")
     return 0

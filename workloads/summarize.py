@@ -4,6 +4,7 @@ instruction model zero-shot, generate summaries, and score ROUGE-1/2/L by input 
     python workloads/summarize.py                        # embedded CPU default: SYNTHETIC data, tiny models, minutes
     python workloads/summarize.py --preset h200 data.train_sources=[/data/cnn/train.jsonl] data.eval_source=/data/cnn/test.jsonl
     python workloads/summarize.py --preset h200          # CNN/DailyMail from the hub (needs hub access)
+    python workloads/make_summaries.py && python workloads/summarize.py --preset h200-manpages  # real, offline (man pages)
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python workloads/summarize.py --preset paper  # 3B, 8 GPUs, hub
     python workloads/summarize.py models=[instruct_zero_shot] data.eval_examples=20 generation.max_new_tokens=64
     python workloads/summarize.py --compare --experiment summarization               # Table II + Fig. 9 of all runs

@@ -44,20 +44,44 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which model to train.
 
-    size: named size of `condensation.sizes.MODEL_SIZES` ("debug", "tiny-cpu", "table1", "llama-3.2-1b",
-        "llama-3.2-3b"); the architecture when `init_from` is not set.
+    size: named size of `condensation.sizes.MODEL_SIZES` ("debug", "tiny-cpu", "table1", "smollm2-135m",
+        "llama-3.2-1b", "llama-3.2-3b"); the architecture when `init_from` is not set.
     init_from: a HF folder (a Llama or Condensation checkpoint, e.g. a previous stage's `hf` export), hub id, or a
         `condensation.pretrained` name ("smollm2-135m-instruct") to load weights and architecture from; `size` is
         then ignored. None trains from random init.
     segment_length: tokens per segment `l`; None keeps the size's (or checkpoint's) value.
+    memory_grad_segments: truncated backpropagation through the memory: k > 0 cuts its gradient every k segments, 0
+        backpropagates through all segments (the paper); None keeps the size's (or checkpoint's) value (full for a
+        Llama checkpoint).
+    memory_sink_tokens: k > 0 keeps the layer outputs of the sequence's first k tokens (an attention sink) before
+        every memory from segment 2 on (`CondensationConfig.memory_sink_tokens`; not in the paper); 0 is the paper's
+        model; None keeps the checkpoint's value (0 for a Llama checkpoint).
+    memory_norm: "shared" (the paper: the memory is normalised by input_layernorm) or "separate" (each layer's own
+        memory_layernorm, starting as a copy of input_layernorm); None keeps the checkpoint's value ("shared" for a
+        Llama checkpoint).
     overrides: further `CondensationConfig` fields (e.g. segment_schedule, checkpoint_cells, loss_reduction,
-        segment_attention, memory_grad_segments, loss_chunk_tokens).
+        segment_attention, loss_chunk_tokens). The fields above are set above, not here.
     """
 
     size: str = "debug"
     init_from: str | None = None
     segment_length: int | None = None
+    memory_grad_segments: int | None = None
+    memory_sink_tokens: int | None = None
+    memory_norm: str | None = None
     overrides: dict = field(default_factory=dict)
+
+    def model_kwargs(self) -> dict:
+        """The `CondensationConfig` fields this config sets (overrides, then the typed fields that are not None)."""
+        kw = dict(self.overrides)
+        if self.segment_length is not None:
+            kw["segment_length"] = self.segment_length
+        if self.memory_grad_segments is not None:
+            kw["memory_grad_segments"] = self.memory_grad_segments or None  # 0: full backpropagation
+        for key in ("memory_sink_tokens", "memory_norm"):
+            if getattr(self, key) is not None:
+                kw[key] = getattr(self, key)
+        return kw
 
 
 @dataclass
@@ -73,6 +97,12 @@ class DataConfig:
     dataset_options: extra keyword arguments for the `condensation.data` source (`DATA_LAYER_OPTIONS`: e.g.
         text_field, split, min_tokens); "local", "synthetic" and "passkey" take none.
     seed: data order / generation seed.
+    random_lengths: every micro-batch takes a random number of whole segments: its length is drawn uniformly from
+        l, 2l, ... up to seq_len (l = the model's segment_length; seq_len itself too when it is not a multiple), all
+        its rows that length, so nothing is padded. Text rows are cut to it (drawn from seed, worker rank, step and
+        micro-step); passkey rows (the curriculum) are generated at it (drawn from seed and the row's group). Peak
+        memory is that of seq_len; tokens per step vary. Not with schedule.cuda_graph (a graph replays one shape).
+        False (default): every row seq_len tokens.
     """
 
     source: str = "local"
@@ -81,6 +111,7 @@ class DataConfig:
     tokenizer: str | None = None
     dataset_options: dict = field(default_factory=dict)
     seed: int = 0
+    random_lengths: bool = False
 
 
 @dataclass
@@ -93,7 +124,7 @@ class OptimConfig:
     weight_decay: AdamW weight decay.
     betas: AdamW betas.
     eps: AdamW epsilon.
-    grad_clip: max global gradient norm (DeepSpeed's gradient_clipping); 0 disables.
+    grad_clip: max global gradient norm (DeepSpeed's gradient_clipping; the torch engine clips alike); 0 disables.
     """
 
     lr: float = 1e-3
@@ -121,7 +152,18 @@ class ScheduleConfig:
         room for the data tasks (`condensation.train.resources`). An explicit value that leaves no CPU for the
         data tasks is an error at fit time.
     precision: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32".
-    zero_stage: DeepSpeed ZeRO stage (the paper: 2).
+    engine: what runs the optimizer step (`condensation.train.engines`). "deepspeed": DeepSpeed ZeRO (`zero_stage`,
+        the `deepspeed` keys; optimizer state sharded over workers). "torch": plain torch, the model in `precision`
+        on each worker, every worker holding the whole optimizer state, gradients all-reduced as one flat bucket;
+        the only engine whose step can be a CUDA graph (`cuda_graph`).
+    cuda_graph: torch engine on GPU with one micro-batch per optimizer step (global_batch = per_worker_batch x
+        num_workers): each step replays two CUDA graphs (forward + backward, then all-reduce + clipping + AdamW),
+        and the host checks the finite-loss flag between them. Rows must have one length (they do: data.seq_len).
+    master_weights: torch engine in bf16: AdamW steps fp32 master weights from fp32 gradients (bf16 only in the
+        model), as DeepSpeed's bf16 mode does. False steps the bf16 weights themselves, as workloads/benchmark.py does:
+        less memory and traffic, but an update smaller than bf16's resolution of a weight (2^-8 of it, e.g. lr 6e-5 on
+        weights of 0.02) is lost, so it is for throughput comparisons, not for training.
+    zero_stage: DeepSpeed ZeRO stage (the paper: 2); deepspeed engine only.
     torch_threads: torch intra-op threads per worker; None leaves torch's default.
     seed: model init / dropout seed.
     """
@@ -134,6 +176,9 @@ class ScheduleConfig:
     gpus_per_worker: float = 1.0
     cpus_per_worker: float | None = None
     precision: str = "auto"
+    engine: str = "deepspeed"
+    cuda_graph: bool = False
+    master_weights: bool = True
     zero_stage: int = 2
     torch_threads: int | None = 1
     seed: int = 0
@@ -148,7 +193,8 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints (DeepSpeed state of every rank, through `ray.train.report`) and the HF export.
+    """Checkpoints (the engine's state: DeepSpeed's of every rank, or the torch engine's from rank 0, through
+    `ray.train.report`) and the HF export.
 
     every: save every this many optimizer steps (the last step is always saved); 0 saves only the last.
     keep: checkpoints kept by Ray (the newest); None keeps all.
@@ -233,7 +279,8 @@ class DebugConfig:
 @dataclass
 class TrainConfig:
     """A whole training run. `deepspeed` holds extra keys deep-merged into the generated DeepSpeed config (its own
-    JSON schema, https://www.deepspeed.ai/docs/config-json/); the resolved dict is saved with the run."""
+    JSON schema, https://www.deepspeed.ai/docs/config-json/; schedule.engine=deepspeed only); the resolved dict is
+    saved with the run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -472,20 +519,18 @@ def validate(cfg: TrainConfig) -> None:
         seg = m.overrides.get("segment_length", MODEL_SIZES[m.size].get("segment_length"))
     if "segment_length" in m.overrides and (not isinstance(m.overrides["segment_length"], int) or m.overrides["segment_length"] <= 0):
         raise ConfigError("model.overrides.segment_length", f"must be a positive int, got {m.overrides['segment_length']!r}")
+    from .modeling import CondensationConfig
+
+    known = {f.name for f in dataclasses.fields(CondensationConfig)}
+    for k in m.overrides:
+        if k not in known:
+            raise ConfigError(f"model.overrides.{k}", "not a CondensationConfig field")
+    _validate_memory_options(m, seg)
     if m.init_from is None:
         from .sizes import build_config
 
-        from .modeling import CondensationConfig
-
-        known = {f.name for f in dataclasses.fields(CondensationConfig)}
-        for k in m.overrides:
-            if k not in known:
-                raise ConfigError(f"model.overrides.{k}", "not a CondensationConfig field")
-        kw = dict(m.overrides)
-        if m.segment_length is not None:
-            kw["segment_length"] = m.segment_length
         try:
-            mc = build_config(m.size, **kw)
+            mc = build_config(m.size, **m.model_kwargs())
         except Exception as e:  # unknown or invalid CondensationConfig field
             raise ConfigError("model.overrides", f"not a valid CondensationConfig for size {m.size!r}: {e}") from None
         if d.source in ("local", "synthetic") and mc.vocab_size < 257:
@@ -547,6 +592,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("schedule.precision", f"must be 'auto', 'bf16' or 'fp32', got {s.precision!r}")
     if s.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("schedule.zero_stage", f"must be 0, 1, 2 or 3, got {s.zero_stage}")
+    _validate_engine(cfg)
     if s.torch_threads is not None and s.torch_threads <= 0:
         raise ConfigError("schedule.torch_threads", f"must be positive or None, got {s.torch_threads}")
 
@@ -581,6 +627,72 @@ def validate(cfg: TrainConfig) -> None:
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if k in cfg.deepspeed:
             raise ConfigError(f"deepspeed.{k}", "is derived from schedule.*; set the batch there")
+
+
+ENGINES = ("deepspeed", "torch")
+
+
+def _validate_engine(cfg: TrainConfig) -> None:
+    s, m = cfg.schedule, cfg.model
+    if s.engine not in ENGINES:
+        raise ConfigError("schedule.engine", f"must be one of {list(ENGINES)}, got {s.engine!r}")
+    if s.engine != "torch":
+        if s.cuda_graph:
+            raise ConfigError("schedule.cuda_graph", "needs schedule.engine=torch: DeepSpeed's ZeRO step reads the "
+                                                     "gradient norm on the host, which a CUDA graph cannot capture")
+        if not s.master_weights:
+            raise ConfigError("schedule.master_weights", "only the torch engine can drop them (DeepSpeed's bf16 mode "
+                                                         "always keeps fp32 master weights)")
+    elif cfg.deepspeed:
+        raise ConfigError("deepspeed", "DeepSpeed's own keys apply to schedule.engine=deepspeed only "
+                                       f"(got {sorted(cfg.deepspeed)} with schedule.engine=torch)")
+    if s.cuda_graph:
+        if not s.use_gpu:
+            raise ConfigError("schedule.cuda_graph", "needs schedule.use_gpu=true (CUDA graphs)")
+        if s.grad_accum != 1:
+            raise ConfigError("schedule.cuda_graph", f"needs one micro-batch per optimizer step (global_batch = "
+                                                     f"per_worker_batch x num_workers); global_batch {s.global_batch} "
+                                                     f"over {s.per_worker_batch} x {s.num_workers} is grad_accum "
+                                                     f"{s.grad_accum}")
+        if cfg.data.random_lengths:
+            raise ConfigError("data.random_lengths", "a CUDA graph replays one batch shape (schedule.cuda_graph); random "
+                                                     "lengths change it every micro-batch")
+        if m.overrides.get("compile_cells") == "reduce-overhead":
+            raise ConfigError("model.overrides.compile_cells", "'reduce-overhead' replays CUDA graphs of its own, "
+                                                               "which cannot be captured inside schedule.cuda_graph's; "
+                                                               "use true")
+
+
+MEMORY_NORMS = ("shared", "separate")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_memory_options(m: ModelConfig, seg: int | None) -> None:
+    """The memory options, typed (model.X) or in model.overrides.X (not both), whatever init_from is: a bad value fails
+    here, before Ray starts, not in every worker."""
+    for key in ("memory_grad_segments", "memory_sink_tokens", "memory_norm"):
+        if getattr(m, key) is not None and key in m.overrides:
+            raise ConfigError(f"model.overrides.{key}", f"set twice: use model.{key} only")
+    g = m.memory_grad_segments
+    if g is not None and (not _is_int(g) or g < 0):
+        raise ConfigError("model.memory_grad_segments", f"must be an int >= 0 (0: full backpropagation), got {g!r}")
+    g = m.overrides.get("memory_grad_segments")
+    if g is not None and (not _is_int(g) or g <= 0):
+        raise ConfigError("model.overrides.memory_grad_segments", f"must be a positive int or None, got {g!r}")
+    for where, k in (("model.memory_sink_tokens", m.memory_sink_tokens),
+                     ("model.overrides.memory_sink_tokens", m.overrides.get("memory_sink_tokens"))):
+        if k is None:
+            continue
+        if not _is_int(k) or k < 0:
+            raise ConfigError(where, f"must be an int >= 0, got {k!r}")
+        if _is_int(seg) and k > seg:
+            raise ConfigError(where, f"({k}) must be at most the segment length ({seg})")
+    for where, v in (("model.memory_norm", m.memory_norm), ("model.overrides.memory_norm", m.overrides.get("memory_norm"))):
+        if v is not None and v not in MEMORY_NORMS:
+            raise ConfigError(where, f"must be one of {list(MEMORY_NORMS)}, got {v!r}")
 
 
 # Keyword arguments of `condensation.data.pretraining_dataset` beyond (source, tokenizer, seq_len); a test keeps the

@@ -22,6 +22,11 @@ Rules of a captured step: fixed shapes and dtypes, no host synchronisation insid
 shapes), the optimizer built with `capturable=True`, and a learning rate that is a constant or a tensor updated in
 place. The model code in this package is capture-safe. The returned loss is the graph's own output tensor: it is
 overwritten by the next call, so clone it to keep it.
+
+A step may also be split over several graphs replayed in turn (the training engine's forward + backward, then its
+update): `zero_grad` says what to clear before the eager and captured calls (a no-op for a part whose gradients
+must survive it), and `capture_error_mode="thread_local"` lets other threads of the process (a data loader copying
+the next batch onto the GPU) keep using CUDA while this one captures.
 """
 
 from __future__ import annotations
@@ -33,14 +38,19 @@ import torch
 
 class CUDAGraphStep:
     def __init__(self, step_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], optimizer: torch.optim.Optimizer,
-                 warmup: int = 2):
+                 warmup: int = 2, zero_grad: Callable[[], None] | None = None, capture_error_mode: str = "global"):
         for i, group in enumerate(optimizer.param_groups):
             if not group.get("capturable", False):
                 raise ValueError(f"optimizer param_groups[{i}]: build the optimizer with capturable=True to capture "
                                  "its step in a CUDA graph")
         if warmup < 1:
             raise ValueError(f"warmup: at least one eager step must run before capture (got {warmup})")
+        if capture_error_mode not in ("global", "thread_local", "relaxed"):
+            raise ValueError(f"capture_error_mode: 'global', 'thread_local' or 'relaxed', got {capture_error_mode!r}")
         self.step_fn, self.optimizer, self.warmup = step_fn, optimizer, warmup
+        # gradients set to None before each call are allocated by backward (inside the graph's pool once captured)
+        self.zero_grad = zero_grad or (lambda: optimizer.zero_grad(set_to_none=True))
+        self.capture_error_mode = capture_error_mode
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_batch: dict[str, torch.Tensor] | None = None
@@ -55,7 +65,7 @@ class CUDAGraphStep:
             self._stream = self._stream or torch.cuda.Stream()
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.zero_grad()
                 loss = self.step_fn(batch)
             torch.cuda.current_stream().wait_stream(self._stream)
             return loss
@@ -80,8 +90,8 @@ class CUDAGraphStep:
         self.static_batch = {k: v.detach().clone() for k, v in batch.items()}
         # gradients set to None before capture are allocated inside the graph's pool and written, not accumulated,
         # on every replay
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode=self.capture_error_mode):
             self.static_loss = self.step_fn(self.static_batch)

@@ -36,6 +36,9 @@ class StageConfig:
         so a stage can first teach retrieval from nearby segments.
     per_worker_batch: sequences per micro-batch in this stage (None: the base config's); shorter stages can take
         larger micro-batches for the same memory.
+    random_lengths: every micro-batch's rows are generated at a random number of whole segments, from one segment
+        (or the shortest passkey prompt, if longer) up to total_tokens, one length per micro-batch (no padding);
+        deterministic in train.data.seed. None (default): `train.data.random_lengths` (off unless set there).
     """
 
     total_tokens: int = 128
@@ -44,6 +47,7 @@ class StageConfig:
     min_lr: float = 6e-6
     depth_range: list = field(default_factory=lambda: [0.0, 1.0])
     per_worker_batch: int | None = None
+    random_lengths: bool | None = None
 
 
 @dataclass
@@ -57,6 +61,8 @@ class PretrainingConfig:
     lr, min_lr: peak and final learning rate of its cosine decay.
     dataset_options: options of the data source (`data.dataset_options`, e.g. {"mode": "pack"} to join documents).
     per_worker_batch: sequences per micro-batch (None: the base config's).
+    random_lengths: every micro-batch cut to a random number of whole segments up to total_tokens
+        (`data.random_lengths`); None (default): `train.data.random_lengths`.
     """
 
     steps: int = 0
@@ -66,6 +72,7 @@ class PretrainingConfig:
     min_lr: float = 2e-5
     dataset_options: dict = field(default_factory=dict)
     per_worker_batch: int | None = None
+    random_lengths: bool | None = None
 
 
 @dataclass
@@ -211,7 +218,8 @@ def pretraining_train_config(cfg: CurriculumConfig) -> TrainConfig:
     return dataclasses.replace(
         t,
         data=dataclasses.replace(t.data, source=pre.source, seq_len=pre.total_tokens, num_rows=None,
-                                 dataset_options=dict(pre.dataset_options)),
+                                 dataset_options=dict(pre.dataset_options),
+                                 random_lengths=t.data.random_lengths if pre.random_lengths is None else pre.random_lengths),
         optim=dataclasses.replace(t.optim, lr=pre.lr, min_lr=pre.min_lr),
         schedule=dataclasses.replace(t.schedule, total_steps=pre.steps,
                                      per_worker_batch=pre.per_worker_batch or t.schedule.per_worker_batch),
@@ -224,7 +232,8 @@ def stage_train_config(cfg: CurriculumConfig, i: int) -> TrainConfig:
     st, t = cfg.stages[i], cfg.train
     return dataclasses.replace(
         t,
-        data=dataclasses.replace(t.data, source="passkey", seq_len=st.total_tokens, num_rows=cfg.train_rows),
+        data=dataclasses.replace(t.data, source="passkey", seq_len=st.total_tokens, num_rows=cfg.train_rows,
+                                 random_lengths=t.data.random_lengths if st.random_lengths is None else st.random_lengths),
         optim=dataclasses.replace(t.optim, lr=st.lr, min_lr=st.min_lr),
         schedule=dataclasses.replace(t.schedule, total_steps=st.steps,
                                      per_worker_batch=st.per_worker_batch or t.schedule.per_worker_batch),
@@ -380,8 +389,41 @@ def load_curriculum_config(preset: str = "default", yaml_path: str | None = None
 # Data for a stage
 
 
-def stage_dataset(cfg: CurriculumConfig, i: int, tokenizer):
-    """Ray Dataset of passkey training rows for stage i: {"input_ids", "labels"} int64[total_tokens]."""
+def stage_lengths(cfg: CurriculumConfig, i: int, tokenizer, init_from: str | None = None) -> list[int] | None:
+    """The row lengths stage i draws from (random_lengths: whole segments from one segment, or the shortest passkey
+    prompt, up to the stage length), or None for rows of the stage length. init_from: the checkpoint the stage starts
+    from (its segment length counts when train.model does not set one)."""
+    from .data.passkey import min_passkey_tokens
+    from .data.pipeline import segment_multiples
+
+    if not stage_train_config(cfg, i).data.random_lengths:
+        return None
+    l = _segment_length(cfg, init_from)
+    return segment_multiples(cfg.stages[i].total_tokens, l, min_tokens=min_passkey_tokens(tokenizer))
+
+
+def _segment_length(cfg: CurriculumConfig, init_from: str | None) -> int:
+    """The segment length the stages train with: train.model's, else the checkpoint's (a Llama's: the default), else
+    the named size's."""
+    m = cfg.train.model
+    if m.model_kwargs().get("segment_length"):
+        return m.model_kwargs()["segment_length"]
+    if init_from:
+        from transformers import AutoConfig
+
+        from .modeling import CondensationConfig
+        from .pretrained import resolve_pretrained
+
+        return getattr(AutoConfig.from_pretrained(resolve_pretrained(init_from)), "segment_length",
+                       CondensationConfig.segment_length)
+    from .sizes import MODEL_SIZES
+
+    return MODEL_SIZES[m.size]["segment_length"]
+
+
+def stage_dataset(cfg: CurriculumConfig, i: int, tokenizer, init_from: str | None = None):
+    """Ray Dataset of passkey training rows for stage i: {"input_ids", "labels"} int64[total_tokens] (with random
+    lengths also "length": each row padded after it, the training loop cuts every micro-batch to one length)."""
     import numpy as np
 
     from .data.passkey import passkey_dataset
@@ -390,9 +432,11 @@ def stage_dataset(cfg: CurriculumConfig, i: int, tokenizer):
     st = cfg.stages[i]
     lo, hi = st.depth_range
     depths = [lo + (hi - lo) * k / 20 for k in range(21)] if (lo, hi) != (0.0, 1.0) else None
+    lengths = stage_lengths(cfg, i, tokenizer, init_from)
     ds = passkey_dataset(tokenizer, st.total_tokens, cfg.train_rows, seed=cfg.train.data.seed + 1000 * i,
-                         depths=depths, train=True)
-    ds = train_view(ds)
+                         depths=depths, train=True, lengths=lengths,
+                         group_size=st.per_worker_batch or cfg.train.schedule.per_worker_batch)
+    ds = train_view(ds, with_length=lengths is not None)
     if cfg.full_lm_loss:
         def everywhere(batch: dict) -> dict:
             labels = batch["labels"]
@@ -483,11 +527,8 @@ def ensure_parent_run(cfg: CurriculumConfig) -> str:
 
 def _finished_stage(cfg: CurriculumConfig, i: int) -> dict | None:
     """The record of stage i if it finished: its MLflow run carries the done tag and its HF export exists."""
-    path = os.path.join(cfg.train.run.storage, stage_name(cfg, i), "stage_done.json")
-    if not os.path.exists(path):
-        return None
-    rec = json.loads(open(path).read())
-    if not os.path.isdir(rec["hf_path"]):
+    rec = _stage_record(os.path.join(cfg.train.run.storage, stage_name(cfg, i)))
+    if rec is None or not os.path.isdir(rec["hf_path"]):
         return None
     if rec.get("run_id"):
         try:
@@ -518,15 +559,20 @@ def eval_device(cfg: CurriculumConfig) -> str:
     return want
 
 
-def load_for_eval(path: str, device: str, segment_length: int | None = None):
-    """A stage's export for evaluation: bf16 on a GPU, float32 on the CPU."""
+def load_for_eval(path: str, device: str, segment_length: int | None = None, **options):
+    """A stage's export for evaluation: bf16 on a GPU, float32 on the CPU. options: further CondensationConfig fields
+    (the memory options the curriculum trains with, for the model it started from)."""
     import torch
 
     from .modeling import CondensationForCausalLM
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kwargs = {"segment_length": segment_length} if segment_length else {}
-    return CondensationForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
+    return CondensationForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **options).to(device).eval()
+
+
+# CondensationConfig fields that change what a model computes (not how fast): the start model is measured with them
+ARCHITECTURE_OPTIONS = ("memory_sink_tokens", "memory_norm")
 
 
 def _stage_record(folder: str) -> dict | None:
@@ -596,7 +642,9 @@ def long_context_evaluation(cfg: CurriculumConfig, base: str | None, final: str,
     measure(f"after curriculum (l={l})", load_for_eval(final, device))
     if base is not None:
         base_path = resolve_pretrained(base)
-        measure(f"start (l={l}, no training)", load_for_eval(base_path, device, segment_length=l))
+        options = {k: v for k, v in cfg.train.model.model_kwargs().items() if k in ARCHITECTURE_OPTIONS}
+        sink = f", sink {options['memory_sink_tokens']}" if options.get("memory_sink_tokens") else ""
+        measure(f"start (l={l}{sink}, no training)", load_for_eval(base_path, device, segment_length=l, **options))
         if lc.length <= lc.baseline_max_tokens:
             from transformers import LlamaForCausalLM
 
@@ -655,7 +703,7 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
         else:
             log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps, lr {st.lr:g} -> {st.min_lr:g}, "
                 f"from {prev or 'scratch (' + tcfg.model.size + ')'}")
-        res = fit(tcfg, {"train": stage_dataset(cfg, i, tokenizer)}, init_from=prev)
+        res = fit(tcfg, {"train": stage_dataset(cfg, i, tokenizer, init_from=prev)}, init_from=prev)
         if res.hf_path is None:
             raise RuntimeError(f"stage {i} left no HF export (checkpoint.export_hf is off?)")
 

@@ -10,6 +10,11 @@ heads, D head dim, k cells processed together (one per layer on a wavefront diag
 
 Positions (Rule 6): the memory always sits at [0, l) and the current segment at [l, l + c). RoPE scores depend
 only on i - j, so this gives exactly the attention of the paper's global positions with one small RoPE table.
+
+Two options beyond the paper, off by default (docs/model.md, "Options beyond the paper"): `memory_sink_tokens=k`
+prefixes every memory from segment 2 on with the layer's outputs for the sequence's first k tokens (an attention
+sink) at positions [-k, 0), right before the memory (which stays at [0, l), the current segment at [l, l + c));
+`memory_norm="separate"` normalises the memory with its own RMSNorm weight per layer (`memory_layernorm`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, LlamaConfig
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -61,6 +67,22 @@ class CondensationConfig(LlamaConfig):
         tokens at the end of backward (K = L, as in a plain Llama layer): the fastest for large models, at the cost
         of holding those inputs and gradients until then. With the last two, compile_cells compiles a cell's
         elementwise pieces (norms, RoPE, SwiGLU) and leaves its matmuls eager.
+    memory_sink_tokens: k > 0 keeps an attention sink in every memory (not in the paper; 0, the default, is the
+        paper's model). Pretrained Llamas put much of their attention on the first tokens of a sequence; from segment 2
+        on the paper's memory no longer holds them. With k, layer n's memory for every segment s >= 2 is
+        [y[0, n][:, :k]; y[s-1, n]]: its own outputs for the sequence's first k tokens, then the previous segment's
+        (segment 1's memory y[0, n] starts with them already; segment 0 has no memory). Positions as StreamingLLM's
+        cache positions: the sink right before the memory whatever s is, at [-k, 0), memory and current segment where
+        they are without it ([0, l) and [l, l + r)). Every query sees all sink and memory keys (Rule 4's mask, with
+        k + l keys of memory). Under memory_grad_segments=t the sink is detached for segments s >= t, so no gradient
+        crosses a truncation boundary through it. At most segment_length.
+    memory_norm: how a layer normalises its memory before k_proj / v_proj. "shared" (default, the paper's eq. 16):
+        input_layernorm, as the current segment. "separate": each layer's own RMSNorm weight `memory_layernorm`
+        (parameter `model.layers.N.memory_layernorm.weight`), initialised as a copy of input_layernorm's weight when
+        it is not in the checkpoint (a Llama checkpoint), so the model starts as the paper's and training can scale
+        the memory's channels apart from the current segment's: the memory is a layer's *output*, one residual block
+        further along the stream than the input the pretrained norm was fitted to. Saved and loaded with the
+        checkpoint; LlamaForCausalLM ignores it when loading such a checkpoint.
     compile_cells: run each scheduled step through torch.compile (fewer, fused kernels; compiles once per number
         of cells in a step). True uses torch.compile's default mode; a mode name such as "reduce-overhead" (CUDA
         graphs: one replay per step instead of its ~100 launches) selects that mode. With weight_grads other than
@@ -82,6 +104,8 @@ class CondensationConfig(LlamaConfig):
     compile_cells: bool | str = False
     checkpoint_group_steps: int = 0
     weight_grads: str = "autograd"
+    memory_sink_tokens: int = 0
+    memory_norm: str = "shared"
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -104,6 +128,12 @@ class CondensationConfig(LlamaConfig):
             raise ValueError(f"compile_cells must be a bool or a torch.compile mode, got {self.compile_cells!r}")
         if self.weight_grads not in ("autograd", "accumulate", "deferred"):
             raise ValueError(f"weight_grads must be 'autograd', 'accumulate' or 'deferred', got {self.weight_grads!r}")
+        if (not isinstance(self.memory_sink_tokens, int) or isinstance(self.memory_sink_tokens, bool)
+                or not 0 <= self.memory_sink_tokens <= self.segment_length):
+            raise ValueError(f"memory_sink_tokens must be an int in [0, segment_length={self.segment_length}], "
+                             f"got {self.memory_sink_tokens!r}")
+        if self.memory_norm not in ("shared", "separate"):
+            raise ValueError(f"memory_norm must be 'shared' or 'separate', got {self.memory_norm!r}")
         if self.attention_bias or self.mlp_bias:
             raise ValueError("attention_bias / mlp_bias are not supported (no Llama checkpoint uses them)")
 
@@ -205,13 +235,18 @@ class LayerWeights(NamedTuple):
     gate: torch.Tensor  # [k, d, I]
     up: torch.Tensor  # [k, d, I]
     down: torch.Tensor  # [k, I, d]
+    memory_norm: torch.Tensor | None = None  # [k, d] with memory_norm="separate"; None: the memory uses input_norm
 
     @staticmethod
     def params(layer) -> list[torch.Tensor]:
-        """A LlamaDecoderLayer's parameters in field order (projections as stored: [out, in])."""
-        return [layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
-                layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
+        """A decoder layer's parameters in field order (projections as stored: [out, in]); memory_layernorm last, when
+        the layer has one."""
+        params = [layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                  layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
+                  layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
+        if getattr(layer, "memory_layernorm", None) is not None:
+            params.append(layer.memory_layernorm.weight)
+        return params
 
     @classmethod
     def of(cls, layers) -> "LayerWeights":
@@ -219,6 +254,17 @@ class LayerWeights(NamedTuple):
         if len(tensors) == 1:
             return cls(*(t.unsqueeze(0) for t in tensors[0]))
         return cls(*(torch.stack(ts) for ts in zip(*tensors)))
+
+    def present(self) -> tuple:
+        """The fields that hold weights (memory_norm, the one optional field, is last)."""
+        return tuple(self) if self.memory_norm is not None else tuple(self)[:-1]
+
+    def first(self, m: int) -> "LayerWeights":
+        """The first m layers."""
+        return LayerWeights(*(t[:m] for t in self.present()))
+
+    def memory_norm_weight(self) -> torch.Tensor:
+        return self.input_norm if self.memory_norm is None else self.memory_norm
 
 
 class StackedLayers:
@@ -233,16 +279,17 @@ class StackedLayers:
         self.sink = None
         if weight_grads == "autograd":
             self.all = LayerWeights.of(layers)
-            self._layers = list(zip(*(t.unbind(0) for t in self.all)))  # per layer: a tuple of contiguous views
+            self._layers = list(zip(*(t.unbind(0) for t in self.all.present())))  # per layer: contiguous views
         else:
             self.sink = WeightSink(weight_grads)
+            n_fields = len(LayerWeights.params(layers[0]))
             params = (t for layer in layers for t in LayerWeights.params(layer))
-            self.all = LayerWeights(*_StackWeights.apply(self.sink, *params))
+            self.all = LayerWeights(*_StackWeights.apply(self.sink, n_fields, *params))
 
     def range(self, lo: int, hi: int) -> LayerWeights:
         if self.sink is not None:
             return LayerWeights(*(t[lo:hi] if name.endswith("norm") else SlicedWeight(t, lo, hi, self.sink, name)
-                                  for name, t in zip(LayerWeights._fields, self.all)))
+                                  for name, t in zip(LayerWeights._fields, self.all.present())))
         if (lo, hi) == (0, self.n):
             return self.all
         if hi - lo == 1:
@@ -308,8 +355,7 @@ class _StackWeights(torch.autograd.Function):
     backward, the projections' gradients come from the sink; the norms' flow in through autograd."""
 
     @staticmethod
-    def forward(ctx, sink: WeightSink, *params):
-        n_fields = len(LayerWeights._fields)
+    def forward(ctx, sink: WeightSink, n_fields: int, *params):
         per_field = [params[j::n_fields] for j in range(n_fields)]
         ctx.sink, ctx.n_layers = sink, len(params) // n_fields
         ctx.set_materialize_grads(False)
@@ -321,14 +367,14 @@ class _StackWeights(torch.autograd.Function):
         out, cache = [], {}
         for n in range(ctx.n_layers):
             for name, g in zip(LayerWeights._fields, grads):
-                if name in ("input_norm", "post_norm"):  # served as plain slices: autograd brings their gradients
+                if name.endswith("norm"):  # served as plain slices: autograd brings their gradients
                     out.append(None if g is None else g[n])
                 else:
                     gw = ctx.sink.grad(name, n, cache)
                     if g is not None:  # not reached by _linear, but counted all the same
                         gw = g[n].T if gw is None else gw + g[n].T
                     out.append(gw)
-        return (None, *out)
+        return (None, None, *out)
 
 
 class _SlicedBmm(torch.autograd.Function):
@@ -412,19 +458,34 @@ def _pointwise(cfg: CondensationConfig) -> Pointwise:
 
 
 class Rope(NamedTuple):
-    cos: torch.Tensor  # [2l, D]: positions [0, l) for memory, [l, 2l) for the current segment
+    """cos/sin [p + 2l, D] for positions -p ... 2l - 1 (memory_sink_tokens = p, usually 0): rows [0, p) the attention
+    sink (positions [-p, 0)), rows [p, p + l) the memory (positions [0, l)), rows [p + l, p + 2l) the current segment
+    (positions [l, 2l)). Memory and segment thus get the same rotations with or without a sink."""
+
+    cos: torch.Tensor
     sin: torch.Tensor
 
 
-def memory_kv(w: LayerWeights, y: torch.Tensor, rope: Rope, cfg: CondensationConfig):
-    """Rule 2-3: keys/values of layer n's memory, from its own output y[s-1, n] ([k, B, l, d]), at positions [0, l)."""
+def memory_kv(w: LayerWeights, y: torch.Tensor, rope: Rope, cfg: CondensationConfig, start: int):
+    """Rules 2-3: keys/values of layer n's memory from its own outputs y ([k, B, p, d]: y[s-1, n] from Rope row
+    start = memory_sink_tokens, i.e. positions [0, l), or the sink y[0, n][:, :p] from row 0, positions [-p, 0)),
+    normalised by the memory's norm (input_norm unless memory_norm="separate")."""
     pw = _pointwise(cfg)
-    m = pw.rms_norm(y, w.input_norm, cfg.rms_norm_eps)
+    m = pw.rms_norm(y, w.memory_norm_weight(), cfg.rms_norm_eps)
     n_mem = y.shape[2]
-    cos, sin = rope.cos[:n_mem], rope.sin[:n_mem]
-    k = pw.heads(_linear(m, w.k), cfg.num_key_value_heads, (cos, sin))  # [k, B, Hkv, l, D]
+    cos, sin = rope.cos[start : start + n_mem], rope.sin[start : start + n_mem]
+    k = pw.heads(_linear(m, w.k), cfg.num_key_value_heads, (cos, sin))  # [k, B, Hkv, p, D]
     v = pw.heads(_linear(m, w.v), cfg.num_key_value_heads)
     return k, v
+
+
+def _kv_groups(kc: int, prefix_kv, sink_kv) -> list[tuple[int, int, list]]:
+    """Cells [a, b) of a step that attend to the same kinds of keys before their own: the first ms cells to the sink
+    and the prefix, the next m - ms to the prefix, the rest (segment 0) to none."""
+    m = 0 if prefix_kv is None else prefix_kv[0].shape[0]
+    ms = 0 if sink_kv is None else sink_kv[0].shape[0]
+    groups = [(0, ms, [sink_kv, prefix_kv]), (ms, m, [prefix_kv]), (m, kc, [])]
+    return [(a, b, parts) for a, b, parts in groups if b > a]
 
 
 def cell_forward(
@@ -435,29 +496,29 @@ def cell_forward(
     rope: Rope,
     cfg: CondensationConfig,
     attention: Callable[..., torch.Tensor],
+    sink_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
-    """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c), attending to
-    prefix_kv ([m, B, Hkv, p, D]: memory keys, then keys of the segment's earlier tokens) and to itself causally.
-    prefix_kv may cover only the first m < k cells: the rest (a wavefront's segment-0 cell) have no memory.
-    Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache."""
+    """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c) (Rope rows from
+    p + l + offset, p = memory_sink_tokens), attending to prefix_kv ([m, B, Hkv, P, D]: memory keys, then keys of the
+    segment's earlier tokens) and to itself causally. prefix_kv may cover only the first m < k cells: the rest (a
+    wavefront's segment-0 cell) have no memory. sink_kv ([ms, B, Hkv, p, D], ms <= m) puts the attention sink's keys
+    before the prefix of the first ms cells. Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache."""
     kc, B, c, _ = x.shape
-    l = cfg.segment_length
+    start = cfg.memory_sink_tokens + cfg.segment_length + offset
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    cos, sin = rope.cos[l + offset : l + offset + c], rope.sin[l + offset : l + offset + c]
+    cos, sin = rope.cos[start : start + c], rope.sin[start : start + c]
 
     pw = _pointwise(cfg)
     h = pw.rms_norm(x, w.input_norm, cfg.rms_norm_eps)
     q = pw.heads(_linear(h, w.q), H, (cos, sin))  # [k, B, H, c, D]
     k = pw.heads(_linear(h, w.k), Hkv, (cos, sin))  # [k, B, Hkv, c, D]
     v = pw.heads(_linear(h, w.v), Hkv)
-    m = 0 if prefix_kv is None else prefix_kv[0].shape[0]
-    if m == 0:
-        o = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), D**-0.5)  # [k*B, H, c, D]
-    else:
-        keys, values = torch.cat([prefix_kv[0], k[:m]], 3), torch.cat([prefix_kv[1], v[:m]], 3)
-        o = attention(q[:m].flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5)  # [m*B, H, c, D]
-        if m < kc:  # cells without memory attend to themselves only
-            o = torch.cat([o, attention(q[m:].flatten(0, 1), k[m:].flatten(0, 1), v[m:].flatten(0, 1), D**-0.5)])
+    outs = []
+    for a, b, parts in _kv_groups(kc, prefix_kv, sink_kv):  # one attention call per kind of keys
+        keys = torch.cat([p[0][a:b] for p in parts] + [k[a:b]], 3) if parts else k[a:b]
+        values = torch.cat([p[1][a:b] for p in parts] + [v[a:b]], 3) if parts else v[a:b]
+        outs.append(attention(q[a:b].flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [k*B, H, c, D]
     o = o.view(kc, B, H, c, D).transpose(2, 3).reshape(kc, B, c, H * D)
     x = x + _linear(o, w.o)
 
@@ -471,14 +532,15 @@ def cell_forward(
 # on an anti-diagonal s + n = t are independent.
 
 
-def _cells_step(xs, mems, w: LayerWeights, rope: Rope, cfg: CondensationConfig, attention) -> torch.Tensor:
-    """k cells: inputs xs (k tensors [B, l, d]) and memories mems (m <= k tensors y[s-1, n] for the first m cells;
-    the rest have none) -> [k, B, l, d]."""
+def _cells_step(xs, mems, sinks, w: LayerWeights, rope: Rope, cfg: CondensationConfig, attention) -> torch.Tensor:
+    """k cells: inputs xs (k tensors [B, l, d]), memories mems (m <= k tensors y[s-1, n] for the first m cells; the
+    rest have none) and attention sinks (ms <= m tensors y[0, n][:, :p] for the first ms cells) -> [k, B, l, d]."""
     x = torch.stack(xs)  # [k, B, l, d]
-    m = len(mems)
-    w_mem = w if m == len(xs) else LayerWeights(*(t[:m] for t in w))
-    prefix = None if m == 0 else memory_kv(w_mem, torch.stack(mems), rope, cfg)
-    return cell_forward(w, x, prefix, 0, rope, cfg, attention)[0]
+    m, ms = len(mems), len(sinks)
+    prefix = None if m == 0 else memory_kv(w if m == len(xs) else w.first(m), torch.stack(mems), rope, cfg,
+                                           start=cfg.memory_sink_tokens)
+    sink = None if ms == 0 else memory_kv(w.first(ms), torch.stack(sinks), rope, cfg, start=0)
+    return cell_forward(w, x, prefix, 0, rope, cfg, attention, sink)[0]
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -490,25 +552,28 @@ def _step_fn(cfg: CondensationConfig) -> Callable:
     mode = None if cfg.compile_cells is True else cfg.compile_cells
     # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's default
     # limit of 8 variants it silently runs the rest eagerly, and a checkpoint's recomputation can then differ from its
-    # forward (one compiled, one eager): allow them all, for the deepest model seen so far.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * cfg.num_hidden_layers + 8)
+    # forward (one compiled, one eager): allow them all, for the deepest model seen so far. With an attention sink,
+    # cells with and without a sink double the variants.
+    per_k = 4 if cfg.memory_sink_tokens == 0 else 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, per_k * cfg.num_hidden_layers + 8)
     if mode not in _COMPILED:  # one compiled function per mode; dynamo re-specialises on k and on memory presence
         _COMPILED[mode] = torch.compile(_cells_step, mode=mode, dynamic=False)
     return _COMPILED[mode]
 
 
-def _run_step(w: LayerWeights, xs, mems, rope, cfg, attention, ckpt) -> torch.Tensor:
+def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> torch.Tensor:
     """One scheduled step. Under checkpointing the saved inputs are the cell outputs themselves (each y[s, n] is the
     input of (s, n+1) and the memory of (s+1, n), and is kept once), not stacked copies."""
     fn = _step_fn(cfg)
     if not ckpt:
-        return fn(xs, mems, w, rope, cfg, attention)
-    k, m = len(xs), len(mems)
+        return fn(xs, mems, sinks, w, rope, cfg, attention)
+    k, m, ms = len(xs), len(mems), len(sinks)
 
     def step(*tensors):
-        return fn(list(tensors[:k]), list(tensors[k : k + m]), LayerWeights(*tensors[k + m :]), rope, cfg, attention)
+        return fn(list(tensors[:k]), list(tensors[k : k + m]), list(tensors[k + m : k + m + ms]),
+                  LayerWeights(*tensors[k + m + ms :]), rope, cfg, attention)
 
-    return checkpoint(step, *xs, *mems, *w, use_reentrant=False, preserve_rng_state=False)  # no RNG in a cell
+    return checkpoint(step, *xs, *mems, *sinks, *w.present(), use_reentrant=False, preserve_rng_state=False)  # no RNG
 
 
 def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rope: Rope, cfg: CondensationConfig,
@@ -519,54 +584,72 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
     attention = SEGMENT_ATTENTION[cfg.segment_attention]
     n_layers = len(layers)
     trunc = cfg.memory_grad_segments
+    p = cfg.memory_sink_tokens
 
     def mem_for(y_prev, s):
         # Rule 8: gradient through memory, optionally cut every `trunc` segments
         return y_prev.detach() if trunc is not None and s % trunc == 0 else y_prev
 
+    def sinks_for(sink, s):
+        # the attention sink y[0, n][:, :p] for segments s >= 2 (segment 1's memory holds it already); past the first
+        # truncation boundary its gradient is cut as well
+        if sink is None or s < 2:
+            return []
+        return [sink.detach() if trunc is not None and s >= trunc else sink]
+
+    def sink_of(y):  # the sink kept from segment 0's output (a copy: not a view pinning the whole segment)
+        return y[:, :p].clone() if p else None
+
     if schedule == "sequential":
         outs = [None] * n_seg
         ws = [LayerWeights.of([layer]) for layer in layers]
         mem = [None] * n_layers  # mem[n] = y[s-1, n]
+        sinks = [None] * n_layers  # sinks[n] = y[0, n][:, :p]
         for s in range(n_seg):
             x = segment(s)  # [B, l, d]
             for n in range(n_layers):
                 m = [] if mem[n] is None else [mem_for(mem[n], s)]
-                x = _run_step(ws[n], [x], m, rope, cfg, attention, ckpt)[0]
+                x = _run_step(ws[n], [x], m, sinks_for(sinks[n], s), rope, cfg, attention, ckpt)[0]
                 mem[n] = x
+                if s == 0:
+                    sinks[n] = sink_of(x)
             outs[s] = x
         return torch.stack(outs, 1)
 
     w_all = StackedLayers(layers, cfg.weight_grads)
 
-    def steps(t0: int, t1: int, *prev):
-        """Diagonals t0 .. t1-1 from the frontier prev (prev[n] = y[t0-1-n, n]); returns the new frontier and the
-        last layer's outputs of the segments finished meanwhile."""
-        prev, done = list(prev), []
+    def steps(t0: int, t1: int, *state):
+        """Diagonals t0 .. t1-1 from the frontier prev (prev[n] = y[t0-1-n, n]) and the attention sinks (None while
+        unset or off); returns the new frontier, the sinks and the last layer's outputs of the segments finished
+        meanwhile."""
+        prev, sinks, done = list(state[:n_layers]), list(state[n_layers:]), []
         for t in range(t0, t1):
             # cells (t - n, n) for layers lo .. hi in one batched step; those with s >= 1 have a memory (layers
-            # lo .. min(hi, t - 1)), the segment-0 cell (layer t, on the first n_layers diagonals) has none and
-            # comes last
+            # lo .. min(hi, t - 1)), those with s >= 2 also the sink (layers lo .. min(hi, t - 2)), the segment-0 cell
+            # (layer t, on the first n_layers diagonals) has none and comes last
             lo, hi = max(0, t - n_seg + 1), min(t, n_layers - 1)
             xs = [segment(t) if n == 0 else prev[n - 1] for n in range(lo, hi + 1)]
             ms = [mem_for(prev[n], t - n) for n in range(lo, min(hi, t - 1) + 1)]
-            y = _run_step(w_all.range(lo, hi + 1), xs, ms, rope, cfg, attention, ckpt)
+            ss = [sk for n in range(lo, min(hi, t - 2) + 1) for sk in sinks_for(sinks[n], t - n)]
+            y = _run_step(w_all.range(lo, hi + 1), xs, ms, ss, rope, cfg, attention, ckpt)
             for n in range(lo, hi + 1):
                 prev[n] = y[n - lo]
+                if n == t:  # segment 0
+                    sinks[n] = sink_of(prev[n])
             if hi == n_layers - 1:
                 done.append(prev[hi])
-        return (*prev, *done)
+        return (*prev, *sinks, *done)
 
     n_steps, group = n_seg + n_layers - 1, cfg.checkpoint_group_steps
     if not (group and torch.is_grad_enabled()):
-        return torch.stack(list(steps(0, n_steps, *[None] * n_layers)[n_layers:]), 1)
-    # Checkpoints over groups of diagonals keep only each group's frontier (n_layers cell outputs) and the
-    # finished segments' outputs; a group's cells are recomputed in backward (the per-step checkpoints, if on,
+        return torch.stack(list(steps(0, n_steps, *[None] * (2 * n_layers))[2 * n_layers :]), 1)
+    # Checkpoints over groups of diagonals keep only each group's frontier (n_layers cell outputs, and the sinks) and
+    # the finished segments' outputs; a group's cells are recomputed in backward (the per-step checkpoints, if on,
     # nest inside).
-    prev, outs = [None] * n_layers, []
+    state, outs = [None] * (2 * n_layers), []
     for t0 in range(0, n_steps, group):
-        res = checkpoint(steps, t0, min(n_steps, t0 + group), *prev, use_reentrant=False, preserve_rng_state=False)
-        prev, done = list(res[:n_layers]), res[n_layers:]
+        res = checkpoint(steps, t0, min(n_steps, t0 + group), *state, use_reentrant=False, preserve_rng_state=False)
+        state, done = list(res[: 2 * n_layers]), res[2 * n_layers :]
         outs.extend(done)
     return torch.stack(outs, 1)
 
@@ -578,7 +661,8 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
 class CondensationCache:
     """State of incremental decoding. Per layer: memory K/V (from y[s-1, n], positions [0, l)), K/V of the current
     partial segment (positions [l, l + r)), and the layer outputs of that partial segment, which become the next
-    memory once it reaches l tokens. Never larger than 2 l keys per layer."""
+    memory once it reaches l tokens; with memory_sink_tokens = p > 0 also the sink's K/V (from y[0, n][:, :p],
+    positions [-p, 0)), used from segment 2 on. Never larger than p + 2 l keys per layer."""
 
     # attributes transformers' generate inspects on any cache
     is_compileable = False
@@ -588,6 +672,8 @@ class CondensationCache:
         self.memory: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # [1, B, Hkv, l, D] each
         self.current: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # [1, B, Hkv, r, D]
         self.outputs: list[torch.Tensor | None] = [None] * num_layers  # [1, B, r, d]
+        self.sink: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # [1, B, Hkv, p, D]
+        self.segments_done = 0  # completed segments: the current one is segment `segments_done`
         self.seen_tokens = 0
         self.peak_keys = 0  # most keys any layer attended to, for checking the bound
 
@@ -608,17 +694,24 @@ def decode_chunk(layers, x: torch.Tensor, cache: CondensationCache, rope: Rope, 
         w = LayerWeights.of([layer])
         parts = [p for p in (cache.memory[n], cache.current[n]) if p is not None]
         prefix = None if not parts else (torch.cat([p[0] for p in parts], 3), torch.cat([p[1] for p in parts], 3))
-        y, (k, v) = cell_forward(w, h, prefix, r0, rope, cfg, attention)
-        cache.peak_keys = max(cache.peak_keys, (0 if prefix is None else prefix[0].shape[3]) + k.shape[3])
+        sink = cache.sink[n] if cache.segments_done >= 2 else None  # segment 1's memory holds the sink already
+        y, (k, v) = cell_forward(w, h, prefix, r0, rope, cfg, attention, sink)
+        n_keys = sum(0 if t is None else t[0].shape[3] for t in (sink, prefix)) + k.shape[3]
+        cache.peak_keys = max(cache.peak_keys, n_keys)
         cur = cache.current[n]
         cache.current[n] = (k, v) if cur is None else (torch.cat([cur[0], k], 3), torch.cat([cur[1], v], 3))
         cache.outputs[n] = y if cache.outputs[n] is None else torch.cat([cache.outputs[n], y], 2)
         h = y
     cache.seen_tokens += x.shape[1]
     if cache.current_length() == cfg.segment_length:  # the segment is complete: its outputs become the memory
+        p = cfg.memory_sink_tokens
         for n, layer in enumerate(layers):
-            cache.memory[n] = memory_kv(LayerWeights.of([layer]), cache.outputs[n], rope, cfg)
+            w = LayerWeights.of([layer])
+            if p and cache.segments_done == 0:
+                cache.sink[n] = memory_kv(w, cache.outputs[n][:, :, :p], rope, cfg, start=0)
+            cache.memory[n] = memory_kv(w, cache.outputs[n], rope, cfg, start=p)
             cache.current[n], cache.outputs[n] = None, None
+        cache.segments_done += 1
     return h[0]
 
 
@@ -793,11 +886,37 @@ class CondensationCausalLMOutput(ModelOutput):
     locals()[_CACHE_FIELD] = None
 
 
+class MemoryRMSNorm(LlamaRMSNorm):
+    """The memory's own RMSNorm (memory_norm="separate"), initialised as a copy of its layer's input_layernorm."""
+
+    def __init__(self, input_layernorm: LlamaRMSNorm):
+        super().__init__(input_layernorm.weight.shape[0], eps=input_layernorm.variance_epsilon)
+        self._copy_of = (input_layernorm,)  # in a tuple: not registered as a submodule
+
+
+class CondensationDecoderLayer(LlamaDecoderLayer):
+    """Llama's decoder layer (same modules and parameter names); with memory_norm="separate" also the memory's own
+    RMSNorm, `memory_layernorm` (None otherwise). The cells of this file read its weights (LayerWeights.params)."""
+
+    def __init__(self, config: CondensationConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.memory_layernorm = MemoryRMSNorm(self.input_layernorm) if config.memory_norm == "separate" else None
+
+
 class CondensationPreTrainedModel(LlamaPreTrainedModel):
     config_class = CondensationConfig
     config: CondensationConfig
-    _no_split_modules = ["LlamaDecoderLayer"]
+    _no_split_modules = ["LlamaDecoderLayer", "CondensationDecoderLayer"]
     _can_record_outputs = {}
+    # a Llama checkpoint has no memory_layernorm: it starts as a copy of input_layernorm (_init_weights), not a warning
+    _keys_to_ignore_on_load_missing = [r"memory_layernorm"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # called for a memory_layernorm missing from the checkpoint (a loaded one is marked initialised and left
+        # alone), after its layer's input_layernorm was loaded or initialised (registered first)
+        if isinstance(module, MemoryRMSNorm):
+            init.copy_(module.weight, module._copy_of[0].weight)
 
 
 class CondensationModel(CondensationPreTrainedModel):
@@ -808,13 +927,14 @@ class CondensationModel(CondensationPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([CondensationDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 
     def rope(self, like: torch.Tensor) -> Rope:
-        positions = torch.arange(2 * self.config.segment_length, device=like.device)[None]
+        p, l = self.config.memory_sink_tokens, self.config.segment_length
+        positions = torch.arange(-p, 2 * l, device=like.device)[None]  # see Rope
         cos, sin = self.rotary_emb(like, positions)
         return Rope(cos[0], sin[0])
 

@@ -27,6 +27,12 @@ MODEL_SIZES: dict[str, dict] = {
     "table1": dict(vocab_size=128256, hidden_size=512, intermediate_size=8192, num_hidden_layers=4,
                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, segment_length=256,
                    tie_word_embeddings=True, max_position_embeddings=131072, rope_parameters=_LLAMA3_ROPE),
+    # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M, the shape of `condensation.pretrained`'s SmolLM2-135M-Instruct):
+    # 134.5M parameters, deep and narrow (30 layers of width 576), so every cell is small
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, segment_length=512,
+                         tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, segment_length=512,
                          tie_word_embeddings=True, max_position_embeddings=131072, rope_parameters=_LLAMA3_ROPE,

@@ -1,4 +1,5 @@
-"""Ray Train + DeepSpeed ZeRO-2 on CPU, 2 workers (gloo): training, MLflow, recovery, restart, NaN stop.
+"""Ray Train on CPU (gloo), DeepSpeed ZeRO-2 and the torch engine, 1 and 2 workers: training, MLflow, recovery,
+restart, NaN stop.
 
 One Ray session for the module; every test has its own run folder and MLflow store.
 """
@@ -66,6 +67,34 @@ def test_zero2_lowers_loss_keeps_ranks_identical_and_logs_one_mlflow_run(ray_ses
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(ds)
 
 
+def test_torch_engine_bf16_lowers_loss_keeps_ranks_identical_and_recovers(ray_session, tmp_path):
+    from condensation import CondensationForCausalLM
+
+    # bf16 weights with fp32 master weights (the GPU default, here on CPU), the gradient bucket all-reduced over gloo,
+    # gradient accumulation (2 micro-batches); an exception after step 3 (resumed from checkpoint 2), then the last
+    # worker's process killed with SIGKILL after step 5 (resumed from checkpoint 4): one run, two restarts
+    cfg = debug_cfg(tmp_path, "torch", "schedule.engine=torch", "schedule.precision=bf16",
+                    "model.overrides.weight_grads=deferred", "debug.fault_at_step=3", "debug.kill_at_step=5",
+                    "checkpoint.max_failures=2")
+    res = fit(cfg)
+    assert res.step == 8 and res.metrics["ranks_in_sync"] == 1.0
+    assert os.path.exists(os.path.join(res.run_dir, ".kill_injected_at_step_5"))
+    client, runs = mlflow_runs(res)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    hist = _loss_history(client, res.mlflow_run_id)
+    assert [s for s, _ in hist] == [1, 2, 3, 3, 4, 5, 5, 6, 7, 8]
+    assert hist[-1][1] < hist[0][1] - 0.5, hist
+    p = client.get_run(res.mlflow_run_id).data.params
+    assert p["torch_engine_resolved.master_weights"] == "True" and p["schedule.engine"] == "torch"
+    assert not any(k.startswith("deepspeed_resolved") for k in p)
+    # rank 0's one state file, fp32 masters of the bf16 model; no DeepSpeed folder
+    assert sorted(os.listdir(res.checkpoint_path)) == ["hf", "resolved_config.yaml", "torch", "trainer_state.json"]
+    state = torch.load(os.path.join(res.checkpoint_path, "torch", "state.pt"), weights_only=True)
+    assert {t.dtype for t in state["params"].values()} == {torch.float32}
+    model = CondensationForCausalLM.from_pretrained(res.hf_path)  # the bf16 weights the ranks trained, identical
+    assert param_digest(model) == res.metrics["param_digest_rank0"]
+
+
 def test_fault_recovered_by_failure_config_to_same_final_step(ray_session, tmp_path):
     cfg = debug_cfg(tmp_path, "fault", "debug.fault_at_step=5", "checkpoint.max_failures=1")
     res = fit(cfg)
@@ -94,8 +123,10 @@ def test_stopped_job_started_again_continues(ray_session, tmp_path):
         assert json.load(f)["step"] == 8
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(ray_session, tmp_path):
-    cfg = debug_cfg(tmp_path, "nan", "debug.nan_at_step=5", "checkpoint.max_failures=2")
+@pytest.mark.parametrize("engine,workers", [("deepspeed", 2), ("torch", 1)])
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(ray_session, tmp_path, engine, workers):
+    cfg = debug_cfg(tmp_path, "nan", "debug.nan_at_step=5", "checkpoint.max_failures=2", f"schedule.engine={engine}",
+                    f"schedule.num_workers={workers}")
     with pytest.raises(NonFiniteLossError, match="at step 5") as err:
         fit(cfg)
     assert err.value.step == 5
@@ -103,10 +134,13 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(ray_sess
     assert last.endswith("checkpoint_00000004")
     with open(os.path.join(last, "trainer_state.json")) as f:
         assert json.load(f)["step"] == 4
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "mp_rank_00_model_states.pt"} <= set(os.listdir(os.path.join(last, "ds")))
-    state = torch.load(os.path.join(last, "ds", "mp_rank_00_model_states.pt"), weights_only=False)
-    assert all(torch.isfinite(v).all() for v in state["module"].values())
+    if engine == "deepspeed":
+        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                "mp_rank_00_model_states.pt"} <= set(os.listdir(os.path.join(last, "ds")))
+        weights = torch.load(os.path.join(last, "ds", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    else:
+        weights = torch.load(os.path.join(last, "torch", "state.pt"), weights_only=True)["params"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
     run_dir = os.path.dirname(last)
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0")) == ["checkpoint_00000002", "checkpoint_00000004"]
     client, runs = mlflow_runs(type("R", (), {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
@@ -114,7 +148,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(ray_sess
     assert runs[0].data.tags["nonfinite_loss_step"] == "5"
 
 
-def test_worker_killed_with_sigkill_resumes_to_same_final_step(ray_session, tmp_path):
+def test_worker_killed_with_sigkill_resumes_to_same_final_step(ray_session, tmp_path):  # torch: test_torch_engine_...
     cfg = debug_cfg(tmp_path, "kill", "debug.kill_at_step=5", "checkpoint.max_failures=1")
     res = fit(cfg)
     assert res.step == 8 and os.path.exists(os.path.join(res.run_dir, ".kill_injected_at_step_5"))

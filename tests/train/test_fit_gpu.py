@@ -1,11 +1,12 @@
-"""The training platform on CUDA GPUs: Ray Train + DeepSpeed ZeRO-2 over NCCL in bf16, with the model's fast options
-(compiled cells, deferred weight gradients, group checkpoints, the fused loss). Skipped without a GPU; run on the
-GPU machine with
+"""The training platform on CUDA GPUs: Ray Train + DeepSpeed ZeRO-2 or the torch engine (eager, or two CUDA graphs a
+step) over NCCL in bf16, with the model's fast options (compiled cells, deferred weight gradients, group checkpoints,
+the fused loss). Skipped without a GPU; run on the GPU machine with
 
     python -m pytest -q -m gpu tests/train/test_fit_gpu.py
 
 What CPU runs with gloo cannot catch is caught here: a collective on a CPU tensor under NCCL, a device mismatch in
-the prefetched batches, a compiled cell under DeepSpeed's hooks.
+the prefetched batches, a compiled cell under DeepSpeed's hooks, the torch engine's graphs captured while Ray Data's
+thread copies batches onto the GPU, an NCCL all-reduce inside a graph (2 GPUs), a NaN inside a replayed graph.
 """
 
 import json
@@ -26,12 +27,24 @@ FAST = ["model.overrides.compile_cells=true", "model.overrides.weight_grads=defe
         "model.overrides.checkpoint_group_steps=2"]
 
 
-def gpu_cfg(tmp_path, name, workers, *overrides):
+# engine variants; a graph takes one micro-batch per step, so its per-worker batch holds the same 2 rows per worker
+ENGINES = {"deepspeed": [], "torch": ["schedule.engine=torch"],
+           "torch-graph": ["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.per_worker_batch=2"]}
+
+
+def gpu_cfg(tmp_path, name, workers, *overrides, engine="deepspeed"):
     return debug_cfg(tmp_path, name, "schedule.use_gpu=true", f"schedule.num_workers={workers}",
                      "schedule.cpus_per_worker=1", "schedule.precision=bf16", "schedule.torch_threads=null",
                      f"schedule.global_batch={2 * workers}", "schedule.per_worker_batch=1",
                      "data.seq_len=256", "data.num_rows=128", "schedule.total_steps=12", "checkpoint.every=4",
-                     "tracking.system_metrics_interval_s=1", *overrides)
+                     "tracking.system_metrics_interval_s=1", *ENGINES[engine], *overrides)
+
+
+def _weights(checkpoint):
+    """The weights a checkpoint holds, whichever engine wrote it."""
+    if os.path.isdir(os.path.join(checkpoint, "torch")):
+        return torch.load(os.path.join(checkpoint, "torch", "state.pt"), weights_only=True)["params"]
+    return torch.load(os.path.join(checkpoint, "ds", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +56,12 @@ def _steps(client, run_id, key="loss"):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_pretrain_nccl_zero2_bf16_fast_path(ray_gpus, tmp_path, workers):
+@pytest.mark.parametrize("engine,workers", [("deepspeed", 1), ("deepspeed", 2), ("torch", 1), ("torch-graph", 1),
+                                            ("torch-graph", 2)])
+def test_pretrain_nccl_bf16_fast_path(ray_gpus, tmp_path, engine, workers):
     if workers > N_GPUS:
         pytest.skip(f"needs {workers} GPUs")
-    res = fit(gpu_cfg(tmp_path, f"gpu{workers}", workers, *FAST))
+    res = fit(gpu_cfg(tmp_path, f"gpu{workers}", workers, *FAST, engine=engine))
     assert res.step == 12 and res.metrics["ranks_in_sync"] == 1.0
     assert len({v for k, v in res.metrics.items() if k.startswith("param_digest_rank")}) == 1
     client, runs = mlflow_runs(res)
@@ -63,8 +77,13 @@ def test_pretrain_nccl_zero2_bf16_fast_path(ray_gpus, tmp_path, workers):
     assert any(k.startswith("system/gpu_0_utilization") for k in metrics), sorted(metrics)
     assert any(k.startswith("system/gpu_0_memory") for k in metrics), sorted(metrics)
     params = client.get_run(res.mlflow_run_id).data.params
-    assert params["deepspeed_resolved.bf16.enabled"] == "True" and params["world_size"] == str(workers)
-    assert params["model.overrides.weight_grads"] == "deferred"
+    assert params["world_size"] == str(workers) and params["model.overrides.weight_grads"] == "deferred"
+    if engine == "deepspeed":
+        assert params["deepspeed_resolved.bf16.enabled"] == "True"
+    else:
+        assert params["torch_engine_resolved.model_dtype"] == "bfloat16"
+        assert params["torch_engine_resolved.master_weights"] == "True"
+        assert params["schedule.cuda_graph"] == str(engine == "torch-graph")
 
 
 def test_checkpoint_hf_export_loads_and_generates_on_gpu(ray_gpus, tmp_path):
@@ -81,20 +100,22 @@ def test_checkpoint_hf_export_loads_and_generates_on_gpu(ray_gpus, tmp_path):
     assert torch.equal(out[:, :100], prompt)
 
 
-def test_nan_loss_stops_on_gpu_and_keeps_last_good_checkpoint(ray_gpus, tmp_path):
+@pytest.mark.parametrize("engine", ["deepspeed", "torch-graph"])
+def test_nan_loss_stops_on_gpu_and_keeps_last_good_checkpoint(ray_gpus, tmp_path, engine):
     workers = min(2, N_GPUS)
     with pytest.raises(NonFiniteLossError, match="at step 6") as err:
-        fit(gpu_cfg(tmp_path, "nan", workers, "debug.nan_at_step=6", "checkpoint.max_failures=2"))
+        fit(gpu_cfg(tmp_path, "nan", workers, "debug.nan_at_step=6", "checkpoint.max_failures=2", engine=engine))
     assert err.value.last_checkpoint.endswith("checkpoint_00000004")
-    state = torch.load(os.path.join(err.value.last_checkpoint, "ds", "mp_rank_00_model_states.pt"), weights_only=False)
-    assert all(torch.isfinite(v).all() for v in state["module"].values())
+    assert all(torch.isfinite(v).all() for v in _weights(err.value.last_checkpoint).values())
     client, runs = mlflow_runs(type("R", (), {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
 
-def test_worker_killed_with_sigkill_resumes_on_gpu(ray_gpus, tmp_path):
+@pytest.mark.parametrize("engine", ["deepspeed", "torch-graph"])
+def test_worker_killed_with_sigkill_resumes_on_gpu(ray_gpus, tmp_path, engine):
     workers = min(2, N_GPUS)
-    res = fit(gpu_cfg(tmp_path, "kill", workers, *FAST, "debug.kill_at_step=6", "checkpoint.max_failures=1"))
+    res = fit(gpu_cfg(tmp_path, "kill", workers, *FAST, "debug.kill_at_step=6", "checkpoint.max_failures=1",
+                      engine=engine))
     assert res.step == 12 and res.metrics["ranks_in_sync"] == 1.0
     assert os.path.exists(os.path.join(res.run_dir, ".kill_injected_at_step_6"))
     client, runs = mlflow_runs(res)
@@ -122,3 +143,61 @@ def test_curriculum_debug_preset_on_gpu(ray_gpus, tmp_path):
     assert all(os.path.isdir(r.hf_path) for r in results)
     client, runs = mlflow_runs(type("R", (), {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
     assert len(runs) == 3  # the parent and one run per stage
+
+
+def test_torch_engine_graphs_train_like_eager_steps_and_skip_a_nan_update(tmp_path):
+    """In-process, one GPU, no Ray: the torch engine's two captured graphs against its eager steps on the same batches
+    (bf16 model, fp32 masters, the fast options), while another thread keeps copying tensors onto the GPU as Ray
+    Data's does (capture_error_mode="thread_local"); a NaN in a replayed graph leaves the weights as they were."""
+    import dataclasses
+    import threading
+
+    from condensation.train.engines import TorchEngine
+    from condensation.train.model import build_model
+
+    base = debug_cfg(tmp_path, "x", "schedule.engine=torch", "schedule.use_gpu=true", "schedule.precision=bf16",
+                     "schedule.num_workers=1", "schedule.per_worker_batch=2", "schedule.global_batch=2",
+                     "data.seq_len=256", "debug.nan_at_step=5", *FAST)
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 256, (2, 256), generator=g).to(device) for _ in range(8)]
+
+    def run(graph):
+        cfg = dataclasses.replace(base, schedule=dataclasses.replace(base.schedule, cuda_graph=graph))
+        torch.manual_seed(0)
+        eng = TorchEngine(cfg, build_model(cfg.model), device, world=1)
+        start = [p.clone() for p in eng.opt_params]
+        losses = []
+        for step, b in enumerate(batches, 1):
+            out = eng.forward_backward(b, b, poison=step == 5)
+            losses.append(float(out.loss))
+            if step != 5:  # the loop stops before step 5's update; here the run goes on, and its NaN gradients
+                eng.step()  # must not reach step 6's (the bucket is rewritten, not added to)
+        torch.cuda.synchronize()
+        assert all(torch.isfinite(p).all() for p in eng.opt_params)
+        assert all(torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(eng.params, eng.opt_params))
+        if graph:
+            assert eng._grads_graph.graph is not None and eng._update_graph.graph is not None  # replayed, not eager
+        return losses, start, [p.clone() for p in eng.opt_params]
+
+    stop = threading.Event()
+
+    def copier():  # a data loader's thread: host-to-device copies while the main thread captures (no RNG use)
+        while not stop.is_set():
+            torch.ones(1 << 16).to(device)
+
+    t = threading.Thread(target=copier, daemon=True)
+    t.start()
+    try:
+        eager, graphed = run(False), run(True)
+    finally:
+        stop.set()
+        t.join()
+    le, lg = eager[0], graphed[0]
+    assert torch.isnan(torch.tensor(le[4])) and torch.isnan(torch.tensor(lg[4]))
+    assert all(abs(a - b) <= 1e-2 * abs(a) for i, (a, b) in enumerate(zip(le, lg)) if i != 4), (le, lg)
+    assert le[-1] < le[0] and lg[-1] < lg[0]
+    # the graphs moved the weights as eager steps did: differences small against how far training moved them
+    moved = max((q - p).abs().max().item() for p, q in zip(eager[1], eager[2]))
+    diff = max((p - q).abs().max().item() for p, q in zip(eager[2], graphed[2]))
+    assert moved > 0 and diff < 0.1 * moved, (diff, moved)

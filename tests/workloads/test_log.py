@@ -41,4 +41,4 @@ def test_curriculum_default_preset_gets_past_its_start_and_end_lines(monkeypatch
     monkeypatch.setattr(mod, "run_curriculum", lambda cfg: [])
     assert mod.main([f"train.run.storage={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert f"sqlite:///{tmp_path}/mlflow.db" in out and "passkey_report.py" in out
+    assert f"sqlite:///{tmp_path}/mlflow.db" in out and "dashboards/report.py --attention" in out

@@ -9,6 +9,9 @@
 - `sources`: hub and local readers, row validation; `report`: counts aggregated out of Ray tasks.
 - `corpora`: a real-text corpus with a held-out split built offline (King James Bible from a Debian .deb,
   CPython's library and language reference); `workloads/make_corpus.py` builds it.
+- `manpages`: real summarization pairs built offline: Linux man pages (Debian's manpages, manpages-dev .debs)
+  summarized by their NAME line, rendered by `roff` (a pure-Python man(7) renderer);
+  `workloads/make_summaries.py` builds them.
 """
 
 from .passkey import passkey_dataset, passkey_example

@@ -45,7 +45,7 @@ import struct
 import sysconfig
 import tarfile
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +71,9 @@ class Document:
 
 # ---------------------------------------------------------------------------------------------------- Debian files
 
-def deb_members(deb: Path, members: Sequence[str]) -> dict[str, bytes]:
-    """The bytes of each of `members` (e.g. "usr/lib/bible.data") inside a Debian package, in pure Python.
+def deb_tree(deb: Path, select: Callable[[str], bool]) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The files and symbolic links of a Debian package whose path (e.g. "usr/share/man/man3/malloc.3.gz") passes
+    `select`, in pure Python: ({path: bytes}, {path: link target}), in the archive's order.
 
     A .deb is an ar archive (`!<arch>\\n`, then 60-byte headers: name 16, dates and ids 32, size 10, magic 2; bodies
     padded to even length) holding `data.tar.xz` (or .gz, .bz2, plain), which tarfile reads."""
@@ -90,21 +91,33 @@ def deb_members(deb: Path, members: Sequence[str]) -> dict[str, bytes]:
         pos += 60 + size + (size & 1)
         if not name.startswith("data.tar"):
             continue
-        found: dict[str, bytes] = {}
+        files: dict[str, bytes] = {}
+        links: dict[str, str] = {}
         try:
             with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
                 for info in tar:
                     member = info.name[2:] if info.name.startswith("./") else info.name
-                    if info.isfile() and member in members:
-                        found[member] = tar.extractfile(info).read()
+                    if not select(member):
+                        continue
+                    if info.isfile():
+                        files[member] = tar.extractfile(info).read()
+                    elif info.issym() or info.islnk():
+                        links[member] = info.linkname
         except tarfile.ReadError as error:
             raise CorpusError(f"{deb}: cannot read its {name} ({error}); unpack it with `dpkg-deb -x` and pass "
                               "the folder instead") from error
-        missing = [m for m in members if m not in found]
-        if missing:
-            raise CorpusError(f"{deb}: the package holds no {', '.join(missing)}")
-        return found
+        return files, links
     raise CorpusError(f"{deb}: no data.tar member in the package")
+
+
+def deb_members(deb: Path, members: Sequence[str]) -> dict[str, bytes]:
+    """The bytes of each of `members` (e.g. "usr/lib/bible.data") inside a Debian package, in pure Python."""
+    wanted = set(members)
+    found, _ = deb_tree(deb, wanted.__contains__)
+    missing = [m for m in members if m not in found]
+    if missing:
+        raise CorpusError(f"{deb}: the package holds no {', '.join(missing)}")
+    return found
 
 
 def package_files(source: str, path: str | os.PathLike | None, members: Sequence[str],

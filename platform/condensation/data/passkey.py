@@ -37,7 +37,7 @@ import numpy as np
 import ray.data
 from transformers import PreTrainedTokenizerBase
 
-from .pipeline import IGNORE_INDEX, encode_texts
+from .pipeline import IGNORE_INDEX, draw_length, encode_texts
 
 PASSKEY_INSTRUCTION = (
     "There is a critical piece of information hidden within a large amount of irrelevant text. "
@@ -161,28 +161,60 @@ def row_depth(seed: int, index: int, depths: Sequence[float] | None) -> float:
     return float(np.random.default_rng([seed, index, 1]).random())
 
 
+def row_length(seed: int, index: int, total_tokens: int, lengths: Sequence[int] | None, group_size: int) -> int:
+    """The length of training row `index`: total_tokens, or with `lengths` one of them drawn per group of group_size
+    consecutive rows (a micro-batch's worth, so that a batch's rows share it), from (seed, group) only."""
+    if not lengths:
+        return total_tokens
+    return draw_length(lengths, seed, index // group_size, 2)
+
+
 def _passkey_batch(batch: dict[str, np.ndarray], tokenizer: PreTrainedTokenizerBase, template: PasskeyTemplate,
                    total_tokens: int, seed: int, depths: Sequence[float] | None, train: bool,
-                   ) -> dict[str, np.ndarray]:
-    rows = [passkey_example(tokenizer, total_tokens, row_depth(seed, int(i), depths), row_passkey(seed, int(i)),
-                            train=train, template=template) for i in batch["id"]]
+                   lengths: Sequence[int] | None = None, group_size: int = 1) -> dict[str, np.ndarray]:
+    ids = [int(i) for i in batch["id"]]
+    sizes = [row_length(seed, i, total_tokens, lengths, group_size) for i in ids]
+    rows = [passkey_example(tokenizer, n, row_depth(seed, i, depths), row_passkey(seed, i), train=train,
+                            template=template) for i, n in zip(ids, sizes)]
     out = {key: np.asarray([r[key] for r in rows]) for key in rows[0] if key not in ("input_ids", "labels")}
     out["answer"] = np.asarray([r["answer"] for r in rows], dtype=object)
-    # all rows of one call have the same length (train: total_tokens; eval: total minus the answer)
-    out["input_ids"] = np.stack([r["input_ids"] for r in rows])
-    out["labels"] = np.stack([r["labels"] for r in rows])
+    # all rows of one call have the same length (train: total_tokens; eval: total minus the answer); rows of random
+    # lengths are stored padded to total_tokens after their `length` (pipeline.uniform_length_batches cuts them)
+    out["input_ids"] = np.stack([np.pad(r["input_ids"], (0, total_tokens - n)) if lengths else r["input_ids"]
+                                 for r, n in zip(rows, sizes)])
+    out["labels"] = np.stack([np.pad(r["labels"], (0, total_tokens - n), constant_values=IGNORE_INDEX) if lengths
+                              else r["labels"] for r, n in zip(rows, sizes)])
+    if lengths:
+        out["length"] = np.asarray(sizes, dtype=np.int64)
     out["index"] = batch["id"].astype(np.int64)
     return out
 
 
+def min_passkey_tokens(tokenizer: PreTrainedTokenizerBase, template: PasskeyTemplate | None = None) -> int:
+    """A length every training example fits in: everything but filler, for the longest of a sample of passkeys, plus
+    one filler sentence's worth of tokens (a tokenizer may spend a token more on some digits)."""
+    template = template or PasskeyTemplate.from_tokenizer(tokenizer)
+    big = 4096
+    fixed = max(big - passkey_example(tokenizer, big, 0.0, key, template=template)["filler_tokens"]
+                for key in (1000, 1111, 4567, 8080, 9999))
+    return fixed + max(len(s) for s in template.next_sentence)
+
+
 def passkey_dataset(tokenizer: PreTrainedTokenizerBase, total_tokens: int, n: int, seed: int,
                     depths: Sequence[float] | None = None, train: bool = True,
-                    num_cpus: float = 0.25) -> ray.data.Dataset:
+                    num_cpus: float = 0.25, lengths: Sequence[int] | None = None,
+                    group_size: int = 1) -> ray.data.Dataset:
     """`n` examples as a Ray dataset; row i depends only on (seed, i), so any split or order reproduces it.
 
     Columns: input_ids, labels, answer, depth, needle_token_start, filler_tokens_before, filler_tokens, index.
     For training pass `pipeline.train_view(ds)` (input_ids, labels) to the trainer.
+
+    lengths (training rows): each group of `group_size` consecutive rows is generated at one length drawn from
+    `lengths` (`row_length`), stored padded to total_tokens, with a `length` column (`train_view(ds, with_length=True)`
+    keeps it; the training loop cuts every micro-batch to one length, `pipeline.uniform_length_batches`).
     """
+    if lengths is not None and (not train or not lengths or max(lengths) > total_tokens):
+        raise ValueError(f"lengths {lengths} must be training lengths up to total_tokens={total_tokens}")
     template = PasskeyTemplate.from_tokenizer(tokenizer)
     # row ids come from the driver (from_items): ray.data.range's read tasks each ask for a whole CPU, which never
     # frees up on a 2-core box while two training workers hold 0.9 CPU each
@@ -190,5 +222,6 @@ def passkey_dataset(tokenizer: PreTrainedTokenizerBase, total_tokens: int, n: in
     return ids.map_batches(
         _passkey_batch, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"tokenizer": tokenizer, "template": template, "total_tokens": total_tokens, "seed": seed,
-                   "depths": tuple(depths) if depths else None, "train": train},
+                   "depths": tuple(depths) if depths else None, "train": train,
+                   "lengths": tuple(lengths) if lengths else None, "group_size": group_size},
     )

@@ -119,10 +119,48 @@ def tokenize_and_pack(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, seq_l
     return {"input_ids": input_ids, "labels": input_ids.copy()}
 
 
-def train_view(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Only the tensor columns a training step uses (strings such as `answer` cannot become tensors)."""
+def train_view(ds: ray.data.Dataset, with_length: bool = False) -> ray.data.Dataset:
+    """Only the tensor columns a training step uses (strings such as `answer` cannot become tensors); with_length
+    keeps the `length` column of rows generated at random lengths (`uniform_length_batches`)."""
     # a fraction of a CPU, as every data stage here: a whole one never frees up beside two training workers
-    return ds.select_columns(list(TRAIN_COLUMNS), num_cpus=0.25)
+    return ds.select_columns(list(TRAIN_COLUMNS) + (["length"] if with_length else []), num_cpus=0.25)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random lengths in whole segments (`data.random_lengths`): every micro-batch one length, no padding
+
+
+def segment_multiples(max_tokens: int, segment_length: int, min_tokens: int = 1) -> list[int]:
+    """The lengths a batch may take: whole segments l, 2l, ... up to max_tokens (max_tokens itself too when it is not
+    a multiple of l), those below min_tokens left out (max_tokens never). max_tokens < l gives [max_tokens]."""
+    lengths = list(range(segment_length, max_tokens + 1, segment_length))
+    if not lengths or lengths[-1] != max_tokens:
+        lengths.append(max_tokens)
+    return [n for n in lengths if n >= min_tokens or n == max_tokens]
+
+
+def draw_length(lengths: Sequence[int], seed: int, *key: int) -> int:
+    """One of `lengths`, uniformly, from (seed, *key) only: the same key gives the same length in any process."""
+    return int(lengths[np.random.default_rng([seed, *key]).integers(len(lengths))])
+
+
+def uniform_length_batches(batches, batch_size: int):
+    """Micro-batches whose rows all have one length, from batches of rows stored at a fixed width with their real
+    length in a `length` column (padding after it): rows are regrouped by length (kept across epochs until their
+    group is full) and each group is cut to its length, so no padding reaches the model. Rows generated in groups of
+    `batch_size` that share a length (passkey_dataset's `group_size`) pass straight through when the split keeps
+    them together; `length` is dropped. Yields (epoch, batch) as it receives them."""
+    import torch
+
+    pending: dict[int, list] = {}
+    for epoch, b in batches:
+        lengths = b["length"].tolist()
+        for i, n in enumerate(lengths):
+            rows = pending.setdefault(n, [])
+            rows.append({k: v[i, :n] for k, v in b.items() if k != "length"})
+            if len(rows) == batch_size:
+                del pending[n]
+                yield epoch, {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def equal_batches(ds: ray.data.Dataset, num_workers: int, batch_size: int) -> ray.data.Dataset:

@@ -3,8 +3,9 @@
 Ray Train (V2) records a reported checkpoint in `checkpoint_manager_snapshot.json` only once its controller has
 processed every worker's report. A worker lost, or a run stopped, in between leaves a newer folder on disk than in
 that record, and Ray alone would resume from the older one (issue 17: 900 with 1000 on disk). The driver therefore
-hands the workers the newest folder that is complete, i.e. holds rank 0's `trainer_state.json` and every rank's
-ZeRO shard, and they load it when it is newer than Ray's.
+hands the workers the newest folder that is complete, i.e. holds rank 0's `trainer_state.json` and the engine's
+state: every rank's ZeRO shard (DeepSpeed), or the state file rank 0 wrote, at the size it recorded (torch), and
+they load it when it is newer than Ray's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
+TORCH_DIR, TORCH_STATE = "torch", "state.pt"  # the torch engine's checkpoint file: <checkpoint>/torch/state.pt
 
 
 def _state(path: str) -> dict | None:
@@ -33,12 +35,26 @@ def checkpoint_step(path: str) -> int:
         return int(json.load(f)["step"])
 
 
+def checkpoint_engine(path: str) -> str | None:
+    """The engine that wrote a checkpoint folder ("deepspeed" for folders from before there was a choice); None when
+    the folder has no readable trainer state."""
+    state = _state(path)
+    return None if state is None else state.get("engine", "deepspeed")
+
+
 def _complete_step(path: str) -> int | None:
-    """The folder's step if it holds rank 0's trainer state and, under ZeRO, every rank's optimizer shard (DeepSpeed
-    names it `zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, with a `bf16_` prefix in bf16); else None."""
+    """The folder's step if it holds rank 0's trainer state and the engine's state: under ZeRO every rank's optimizer
+    shard (DeepSpeed names it `zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, with a `bf16_` prefix in bf16); for the
+    torch engine every file rank 0 listed, at the size it listed; else None."""
     state = _state(path)
     if state is None:
         return None
+    if state.get("engine") == "torch":
+        try:
+            ok = all(os.path.getsize(os.path.join(path, f)) == n for f, n in state["files"].items())
+        except (OSError, KeyError, AttributeError, TypeError):
+            return None
+        return int(state["step"]) if ok else None
     if state.get("zero_stage", 0) == 0:
         return int(state["step"])
     try:

@@ -1,8 +1,10 @@
-"""The Ray Train worker function: reads only its config, builds the model, wraps it in DeepSpeed, trains.
+"""The Ray Train worker function: reads only its config, builds the model, hands it to its engine, trains.
 
+The engine (`engines.py`, `schedule.engine`) is DeepSpeed ZeRO or plain torch; the torch engine's step can be two
+CUDA graphs split at the finite-loss flag below, so that the host's wait for it costs one graph launch.
 Per optimizer step: `grad_accum` micro-batches from `get_dataset_shard("train")` (prefetched onto the device by
-Ray Data), each `engine(...)` with `return_logits=False` (the fused chunked loss), `engine.backward`, `engine.step`
-(DeepSpeed clips, steps AdamW and the cosine schedule at the accumulation boundary).
+Ray Data), each `engine.forward_backward` (the fused chunked loss, `return_logits=False`), then `engine.step`
+(at the accumulation boundary: clipping, AdamW and the cosine schedule).
 
 The host waits on the GPU once per optimizer step, not per micro-step: the loss and segment losses are summed on
 the device and all-reduced there (NCCL needs device tensors), and before the boundary `engine.step` one flag says
@@ -19,14 +21,16 @@ Stopping from outside: a file `stop` (STOP_FILE) in the run folder ends every ra
 Failures: an exception raised here is recorded in `<run_dir>/last_error.json` (step, rank, message) before it
 propagates, so the driver (`trainer.fit`) can tell a bug that repeats at the same step from a lost worker.
 
-Checkpoints: every rank calls `engine.save_checkpoint` into its own local folder and reports it with the same
-`checkpoint_dir_name`; Ray Train merges them into one checkpoint (model states + every rank's ZeRO shard), plus
-`trainer_state.json` and (last step, or every checkpoint if asked) an `hf/` export from rank 0.
+Checkpoints: every rank calls `engine.save` into its own local folder and reports it with the same
+`checkpoint_dir_name` (a rank that wrote nothing, as under the torch engine all but rank 0, reports no folder); Ray
+Train merges them into one checkpoint (DeepSpeed: model states + every rank's ZeRO shard; torch: rank 0's state
+file), plus `trainer_state.json` and (last step, or every checkpoint if asked) an `hf/` export from rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -39,8 +43,8 @@ import time
 import torch
 
 from ..config import TrainConfig, to_yaml
-from .checkpoints import DS_TAG, STATE_FILE, checkpoint_step
-from .deepspeed_config import deepspeed_config
+from .checkpoints import STATE_FILE, checkpoint_step
+from .engines import make_engine
 from .model import build_model
 from .tracking import make_logger
 
@@ -82,9 +86,15 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _batches(shard, batch_size: int, device: torch.device):
+def _batches(shard, batch_size: int, device: torch.device, lengths: list[int] | None = None, seed: int = 0,
+             rank: int = 0, first: int = 0):
     """Micro-batches forever, epoch after epoch, already on `device` (Ray Data copies the next batches there while
-    the current one trains)."""
+    the current one trains). With `lengths` (data.random_lengths) every micro-batch has one of them, see
+    `_length_batches`."""
+    if lengths is not None:
+        yield from _length_batches(_batches(shard, batch_size, torch.device("cpu")), batch_size, device, lengths, seed,
+                                   rank, first)
+        return
     epoch = 0
     while True:
         n = 0
@@ -95,6 +105,24 @@ def _batches(shard, batch_size: int, device: torch.device):
         if n == 0:
             raise RuntimeError(f"the training shard holds fewer than per_worker_batch={batch_size} rows")
         epoch += 1
+
+
+def _length_batches(batches, batch_size: int, device: torch.device, lengths: list[int], seed: int, rank: int,
+                    first: int):
+    """Rows that carry a `length` (passkey rows generated at random lengths) regrouped on the host into micro-batches
+    of one length (`uniform_length_batches`); text rows cut, micro-batch j of this worker to draw_length(lengths, seed,
+    rank, first + j) tokens (any prefix of a text row is one). `first`: micro-batches of the steps before a resume."""
+    from ..data.pipeline import draw_length, uniform_length_batches
+
+    head = next(batches)
+    stream = itertools.chain([head], batches)
+    if "length" in head[1]:
+        stream = uniform_length_batches(stream, batch_size)
+    else:
+        stream = ((epoch, {k: v[:, : draw_length(lengths, seed, rank, first + j)] for k, v in b.items()})
+                  for j, (epoch, b) in enumerate(stream))
+    for epoch, b in stream:
+        yield epoch, {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
 def _record_error(cfg: TrainConfig, step: int, rank: int, exc: BaseException) -> None:
@@ -149,18 +177,17 @@ def _quiet_worker_logs() -> None:
 
 def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     _quiet_worker_logs()
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
     from ray.train import Checkpoint
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+    from ..data.pipeline import segment_multiples
     from ..flops import matmul_peak_tflops, training_flops
 
     run_id = config.get("mlflow_run_id")
     evaluate, report_every_log = config.get("evaluate"), config.get("report_every_log", False)
-    s, o = cfg.schedule, cfg.optim
+    s = cfg.schedule
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if s.torch_threads:
@@ -173,12 +200,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     model = build_model(cfg.model)
     model.train()
     seq_cfg = model.config
-    ds_cfg = deepspeed_config(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                  **({"fused": True} if device.type == "cuda" else {}))
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, o.warmup_steps, s.total_steps, min_lr=o.min_lr)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_cfg, dist_init_required=False)
+    engine = make_engine(cfg, model, device, world)
 
     logger = make_logger(cfg, run_id, rank, system_metrics=device.type == "cuda")
     step = 0
@@ -188,14 +210,14 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(resume)) as d:
             if resume and checkpoint_step(resume) > checkpoint_step(d):
                 d = resume
-            engine.load_checkpoint(d, tag=DS_TAG)
+            engine.load(d)
             step = checkpoint_step(d)
         if rank == 0:
             _say(f"[condensation.train] resumed from {d} at step {step}")
     progress["step"] = step
-    resolved = {**cfg.to_dict(), "deepspeed_resolved": ds_cfg, "model_config": seq_cfg.to_dict(), "world_size": world}
+    resolved = {**cfg.to_dict(), **engine.resolved, "model_config": seq_cfg.to_dict(), "world_size": world}
     if step == 0:
-        logger.log_params({**cfg.to_dict(), "deepspeed_resolved": ds_cfg, "world_size": world,
+        logger.log_params({**cfg.to_dict(), **engine.resolved, "world_size": world,
                            "grad_accum": s.grad_accum, "n_params": sum(p.numel() for p in model.parameters())})
         logger.log_text(to_yaml(resolved), "resolved_config.yaml")
         if config.get("data_stats"):
@@ -204,9 +226,9 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             logger.log_text(json.dumps(stats, indent=2, default=str), "data_stats.json")
 
     shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, s.per_worker_batch, device)
     n_seg = -(-cfg.data.seq_len // seq_cfg.segment_length)
-    step_flops = training_flops(seq_cfg, cfg.data.seq_len, s.per_worker_batch * s.grad_accum, seq_cfg.segment_length)
+    lengths = segment_multiples(cfg.data.seq_len, seq_cfg.segment_length) if cfg.data.random_lengths else None
+    batches = _batches(shard, s.per_worker_batch, device, lengths, cfg.data.seed, rank, step * s.grad_accum)
     peak_tflops = None
     if rank == 0 and device.type == "cuda":
         peak_tflops = cfg.tracking.peak_tflops or matmul_peak_tflops(device, torch.bfloat16 if s.bf16() else torch.float32)
@@ -219,45 +241,46 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     def save(step: int, metrics: dict, final: bool) -> None:
         tmp = tempfile.mkdtemp(prefix=f"condensation-ckpt-r{rank}-")
         try:
-            engine.save_checkpoint(tmp, tag=DS_TAG)
+            engine_state = engine.save(tmp, rank)
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump({"step": step, "mlflow_run_id": run_id, "total_steps": s.total_steps, "world_size": world,
-                               "zero_stage": s.zero_stage}, f)
+                               **engine_state}, f)
                 with open(os.path.join(tmp, "resolved_config.yaml"), "w") as f:
                     f.write(to_yaml(resolved))
                 if cfg.checkpoint.export_hf and (final or cfg.checkpoint.export_hf_every):
                     engine.module.save_pretrained(os.path.join(tmp, HF_DIR), safe_serialization=True)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_{step:08d}")
+            checkpoint = Checkpoint.from_directory(tmp) if os.listdir(tmp) else None  # nothing of this rank's to add
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # [loss, segment losses..., non-finite flag, stop flag] summed over micro-steps and ranks, on the device until
-    # logged; the stop flag is rank 0's: a STOP_FILE in the run folder
-    window = torch.zeros(3 + n_seg, dtype=torch.float64, device=device)
+    # [loss, segment losses..., micro-batches that had each segment..., non-finite flag, stop flag] summed over
+    # micro-steps and ranks, on the device until logged; the stop flag is rank 0's: a STOP_FILE in the run folder
+    window = torch.zeros(3 + 2 * n_seg, dtype=torch.float64, device=device)
+    window_steps, window_tokens, window_flops, t_window = 0, 0, 0.0, time.perf_counter()
+    seg_index = torch.arange(n_seg, device=device)
     stop_path = os.path.join(cfg.run.run_dir, STOP_FILE)
-    window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
     metrics: dict = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while step < s.total_steps:
         step += 1
         progress["step"] = step
-        lr = optimizer.param_groups[0]["lr"]
-        acc = torch.zeros(3 + n_seg, dtype=torch.float64, device=device)
+        lr = engine.lr
+        acc = torch.zeros(3 + 2 * n_seg, dtype=torch.float64, device=device)
         for micro in range(s.grad_accum):
             epoch, b = next(batches)
             ids, labels = b["input_ids"], b["labels"]
-            out = engine(input_ids=ids, labels=labels, return_logits=False)
+            out = engine.forward_backward(ids, labels, poison=cfg.debug.nan_at_step == step)  # losses detached
             loss = out.loss
-            if cfg.debug.nan_at_step == step:
-                loss = loss * float("nan")
             seg = out.segment_losses.detach().double()[:n_seg]
-            seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))  # rows of another length: fixed width
+            present = (seg_index < seg.numel()).double()  # rows of another length: fixed width, counted apart
+            seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))
             l64 = loss.detach().double().reshape(1)
-            acc[:-1] += torch.cat([l64, seg, (~torch.isfinite(l64)).double()])
+            acc[:-1] += torch.cat([l64, seg, present, (~torch.isfinite(l64)).double()])
             window_tokens += ids.numel() * world
-            engine.backward(loss)
+            window_flops += training_flops(seq_cfg, ids.shape[1], ids.shape[0], seq_cfg.segment_length)
             if micro == s.grad_accum - 1:
                 if rank == 0 and os.path.exists(stop_path):
                     acc[-1] += 1.0
@@ -276,6 +299,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         ckpt_now = final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
         if log_now or ckpt_now:
             vals = (window / (world * s.grad_accum * window_steps)).tolist()  # waits for the GPU: once per interval
+            seg_means = [v / c if c else 0.0 for v, c in zip(vals[1 : 1 + n_seg], vals[1 + n_seg : 1 + 2 * n_seg])]
             dt = time.perf_counter() - t_window
             metrics = {
                 "step": step,
@@ -285,10 +309,10 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
                 "step_time_s": dt / window_steps,
                 "peak_memory_gib": _peak_memory_gib(device),
                 "epoch": epoch,
-                **{f"segment_loss_{i}": v for i, v in enumerate(vals[1:-2])},
+                **{f"segment_loss_{i}": v for i, v in enumerate(seg_means)},
             }
             if peak_tflops:
-                metrics["mfu"] = step_flops / metrics["step_time_s"] / 1e12 / peak_tflops
+                metrics["mfu"] = window_flops / dt / 1e12 / peak_tflops
             if evaluate is not None and rank == 0:  # the other ranks wait for it at the next step's all-reduce
                 metrics.update(_evaluate(evaluate, engine.module))
             logger.log_metrics(metrics, step=step)
@@ -299,7 +323,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             if report_every_log and not ckpt_now:  # with a checkpoint, `save` reports these metrics
                 ray.train.report(dict(metrics))
             window.zero_()
-            window_steps, window_tokens = 0, 0
+            window_steps, window_tokens, window_flops = 0, 0, 0.0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         if bar is not None:

@@ -11,9 +11,7 @@ from ..sizes import build_config
 
 def build_model(m: ModelConfig, dtype: torch.dtype = torch.float32) -> CondensationForCausalLM:
     """`CondensationForCausalLM` in `dtype` (fp32 master weights; DeepSpeed casts for bf16)."""
-    kw = dict(m.overrides)
-    if m.segment_length is not None:
-        kw["segment_length"] = m.segment_length
+    kw = m.model_kwargs()
     if m.init_from:
         from ..pretrained import resolve_pretrained  # a registered name (e.g. "smollm2-135m-instruct") -> its folder
 

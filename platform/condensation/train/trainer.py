@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import TrainConfig, resolve, to_yaml
-from .deepspeed_config import deepspeed_config
+from .engines import check_resume_engine, resolved as engine_resolved
 from .checkpoints import checkpoint_step, newest_complete_checkpoint
 from .loop import ERROR_FILE, HF_DIR, NONFINITE_FILE, STOPPED_FILE, train_loop_per_worker
 from .resources import worker_resources
@@ -96,14 +96,17 @@ class TrainResult:
 
 
 def prepare(cfg: TrainConfig, init_from: str | None = None) -> TrainConfig:
-    """The resolved config a run uses: `init_from` applied, validated, storage absolute. Raises ConfigError."""
+    """The resolved config a run uses: `init_from` applied, validated, storage absolute, its engine the one of the
+    run's checkpoints. Raises ConfigError."""
     if init_from is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(init_from)))
-    return resolve(cfg)
+    cfg = resolve(cfg)
+    check_resume_engine(cfg)
+    return cfg
 
 
 def resolved_config_dict(cfg: TrainConfig) -> dict:
-    return {**cfg.to_dict(), "deepspeed_resolved": deepspeed_config(cfg)}
+    return {**cfg.to_dict(), **engine_resolved(cfg)}
 
 
 def _vocab_size(cfg: TrainConfig) -> int:

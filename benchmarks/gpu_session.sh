@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU machine's side of a session: what ran there, step by step, so its results can be made again.
+#
+#   bash benchmarks/gpu_session.sh setup               # once: the offline bundle (../shared/offline-gpu), SmolLM2, corpus
+#   bash benchmarks/gpu_session.sh suite summarize     # then any steps, in order, each under its own time limit
+#   bash benchmarks/gpu_session.sh suite+summarize     # two steps at the same time
+#
+# Steps: setup, suite (the platform's GPU tests), engine-tests, summarize (issue 14), throughput (issue 11),
+# bench (issue 16), bench-smollm2, sweep (issue 13), ideas (issue 12). Each step's log goes to $OUT/logs/<step>.txt
+# (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_ARGS, SUMMARIZE_ARGS,
+# SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS; T overrides a step's time limit (s).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT/logs"
+export PYTHONPATH=/tmp/site:$PWD/platform RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+GGUF=/tmp/gpu-stage/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+setup() {
+  bash .gpu-bundle/p4/stage.sh && bash .gpu-bundle/p4/install.sh || return 1
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu-bundle/whl/*.whl
+  python3 -c "from condensation.pretrained import resolve_pretrained as r; print(r('smollm2-135m-instruct', gguf_file='$GGUF'))"
+  python3 workloads/make_corpus.py
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers, deepspeed, ray, mlflow; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"
+}
+
+suite() {  # the platform's GPU tests: DeepSpeed and torch engines, export, NaN, SIGKILL, repeated error, curriculum
+  timeout "${T:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests/train/test_fit_gpu.py tests/test_gpu.py} ${SUITE_ARGS:-}
+}
+
+summarize() {  # issue 14: three models on the man-page summaries (data/summaries, built by workloads/make_summaries.py)
+  timeout "${T:-420}" python3 workloads/summarize.py --preset h200-manpages ${SUMMARIZE_ARGS:-} \
+    data.train_sources=[$PWD/data/summaries/manpages/train.jsonl] data.eval_source=$PWD/data/summaries/manpages/test.jsonl
+  local r=$?; mkdir -p "$OUT/summarize"
+  cp -r runs/summarize-*/{rouge_table.md,*.png,results.json,eval_set.jsonl,eval} "$OUT/summarize/" 2>/dev/null
+  cp runs/summarize-*/resolved_config*.yaml "$OUT/summarize/" 2>/dev/null
+  return $r
+}
+
+throughput() {  # issue 11: Ray Train (both engines) against the benchmark's eager and graph cases, same run
+  mkdir -p "$OUT/throughput"
+  timeout "${T:-330}" python3 benchmarks/train_throughput.py --out "$OUT/throughput/h200_s6_train_throughput.json" ${THROUGHPUT_ARGS:-}
+}
+
+bench() {  # issue 16: Llama-1B shape MFU, generation, Table I lengths against Llama + Liger (+ checkpointing)
+  mkdir -p "$OUT/bench"
+  timeout 150 python3 workloads/benchmark.py --out "$OUT/bench/h200_s6_1b_generation.json" --budget-s 100 \
+    --sizes llama-3.2-1b --lengths 16384 --cases llama-liger,llama-sdpa,cond-sdpa-l512-deferred-compile-graph \
+    --target cond-sdpa-l512-deferred-compile-graph --baseline llama-liger --generation 32768,131072
+  timeout 170 python3 workloads/benchmark.py --out "$OUT/bench/h200_s6_table1.json" --budget-s 130 --steps 3 --warmup 1 \
+    --sizes table1 --lengths 16384,32768,65536,131072 --cases llama-liger-ckpt,cond-sdpa-l512-group8-compile-graph
+}
+
+bench-smollm2() {
+  mkdir -p "$OUT/bench"
+  timeout "${T:-290}" python3 workloads/benchmark.py --out "$OUT/bench/h200_s6_smollm2.json" --budget-s $(( ${T:-290} - 60 )) \
+    --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-group8-graph,cond-sdpa-l512-group8-compile-graph
+}
+
+sweep() {  # issue 13: 8 SmolLM2 trials, 4 at once on one GPU, segment length x learning rate, ASHA
+  timeout "${T:-420}" python3 workloads/sweep.py --preset h200 ${SWEEP_ARGS:-}
+  local r=$?; mkdir -p "$OUT/sweep"; cp -r runs/sweep-h200/*.{json,png,md,yaml} "$OUT/sweep/" 2>/dev/null; return $r
+}
+
+ideas() {  # issue 12: the ideas against the paper's recipe, as a sweep over config keys
+  timeout "${T:-420}" python3 workloads/sweep.py --preset h200-ideas ${IDEAS_ARGS:-}
+  local r=$?; mkdir -p "$OUT/ideas"; cp -r runs/sweep-h200-ideas/*.{json,png,md,yaml} "$OUT/ideas/" 2>/dev/null; return $r
+}
+
+run_step() {  # one step, its log in $OUT/logs
+  local step=$1 start=$(date +%s) r=0
+  "$step" > "$OUT/logs/$step.txt" 2>&1 || r=$?
+  echo "=== $step: exit $r after $(( $(date +%s) - start )) s"
+  grep -v "^\s*$" "$OUT/logs/$step.txt" | tail -n "${TAIL:-25}" | cut -c1-400
+  return $r
+}
+
+status=0
+for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
+  for step in ${group//+/ }; do
+    case "$step" in
+      setup|suite|summarize|throughput|bench|bench-smollm2|sweep|ideas) ;;
+      *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+  done
+  echo "=== $group $(date -u +%T)"
+  pids=()
+  for step in ${group//+/ }; do run_step "$step" > "$OUT/logs/.$step.summary" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  for step in ${group//+/ }; do cat "$OUT/logs/.$step.summary"; done
+done
+exit $status
