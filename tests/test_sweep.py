@@ -78,43 +78,47 @@ def test_h200_preset_packs_four_trials_on_one_gpu(small_corpus, tmp_path):
 
 
 def test_ideas_preset_is_a_grid_at_one_point(small_corpus, tmp_path):
-    from condensation.sweep import search_points, trial_train_config, trial_run_name
+    from condensation.sweep import search_points, trial_run_name, trial_train_config
 
     cfg = _gpu_preset("h200-ideas", small_corpus, tmp_path)
     points = search_points(cfg)
     assert not cfg.asha.enabled and len(points) == 4
-    assert [p["params"]["model.overrides.memory_grad_segments"] for p in points] == [None, 1, 2, 4]
+    assert [(p["params"]["model.memory_sink_tokens"], p["params"]["model.memory_norm"]) for p in points] == [
+        (0, "shared"), (0, "separate"), (4, "shared"), (4, "separate")]  # (0, shared): the paper's recipe
     assert {(p["segment_length"], p["lr"]) for p in points} == {(512, 1e-4)}
-    tcfg = trial_train_config(cfg, 512, 1e-4, params=points[2]["params"])
-    assert tcfg.model.overrides == {"loss_reduction": "token_mean", "memory_grad_segments": 2}
+    tcfg = trial_train_config(cfg, 512, 1e-4, params=points[3]["params"])
+    assert tcfg.model.memory_sink_tokens == 4 and tcfg.model.memory_norm == "separate"
     names = {trial_run_name(cfg.name, f"x_{i:05d}", p) for i, p in enumerate(points)}
-    assert len(names) == 4 and any(n.endswith("-memory_grad_segments2") for n in names), names
+    assert len(names) == 4 and any(n.endswith("-memory_sink_tokens4-memory_normseparate") for n in names), names
 
 
 def test_grid_on_the_command_line_crosses_every_point():
     from condensation.sweep import search_points, trial_train_config
 
-    cfg = load_sweep_config("debug", overrides=["search.grid.model.overrides.memory_grad_segments=[null,2]",
-                                                "search.grid.optim.weight_decay=[0.0,0.1]"])
+    cfg = load_sweep_config("debug", overrides=["search.grid.model.memory_grad_segments=[null,2]",
+                                                "search.grid.model.memory_sink_tokens=[0,4]",
+                                                "search.grid.data.random_lengths=[false,true]"])
     points = search_points(cfg)
-    assert cfg.num_trials() == len(points) == 4 * 4
-    assert len({(p["segment_length"], p["lr"]) for p in points}) == 4  # each (l, lr) with all 4 combinations
-    t = trial_train_config(cfg, 32, 1e-3, params=points[3]["params"])
-    assert t.model.overrides["memory_grad_segments"] == 2 and t.optim.weight_decay == 0.1
+    assert cfg.num_trials() == len(points) == 4 * 8
+    assert len({(p["segment_length"], p["lr"]) for p in points}) == 4  # each (l, lr) with all 8 combinations
+    t = trial_train_config(cfg, 32, 1e-3, params=points[7]["params"])
+    assert t.model.memory_grad_segments == 2 and t.model.memory_sink_tokens == 4 and t.data.random_lengths
 
 
 @pytest.mark.parametrize("override,key,words", [
-    ("search.grid.model.memory_grad_segments=[null,2]", "search.grid.model.memory_grad_segments",
-     "search.grid.model.overrides.memory_grad_segments"),  # the right spelling is in the message
-    ("search.grid.model.overrides.memory_sink_tokens=[0,4]", "search.grid.model.overrides.memory_sink_tokens",
+    ("search.grid.model.loss_chunk_tokens=[1024,2048]", "search.grid.model.loss_chunk_tokens",
+     "search.grid.model.overrides.loss_chunk_tokens"),  # the right spelling is in the message
+    ("search.grid.model.overrides.memory_sink=[0,4]", "search.grid.model.overrides.memory_sink",
      "not a CondensationConfig field"),
     ("search.grid.model.overrides.memory_grad_segments=[null,-2]", "search.grid.model.overrides.memory_grad_segments",
      "must be None or positive"),
+    ("search.grid.model.memory_sink_tokens=[0,-1]", "search.grid.model.memory_sink_tokens", "must be an int >= 0"),
+    ("search.grid.model.memory_norm=[shared,own]", "search.grid.model.memory_norm", "must be one of"),
+    ("search.grid.data.seq_len=[64,128]", "search.grid.data.seq_len", "same data"),
     ("search.grid.optim.nope=[1,2]", "search.grid.optim.nope", "unknown config key"),
     ("search.grid.optim.weight_decay=[0.0,abc]", "search.grid.optim.weight_decay", "expected a float"),
     ("search.grid.optim.warmup_steps=[1,100]", "search.grid.optim.warmup_steps", "exceeds schedule.total_steps"),
     ("search.grid.optim.lr=[1e-3,1e-4]", "search.grid.optim.lr", "search.lr_min"),
-    ("search.grid.data.seq_len=[64,128]", "search.grid.data.seq_len", "same data"),
     ("search.grid.optim=[1,2]", "search.grid.optim", "a section"),
     ("search.grid.optim.weight_decay=[]", "search.grid.optim.weight_decay", "non-empty list"),
     ("search.grid.optim.weight_decay=[0.1,0.1]", "search.grid.optim.weight_decay", "repeats"),

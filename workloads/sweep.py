@@ -5,10 +5,10 @@ DeepSpeed), ASHA stopping the worse ones early, a parent MLflow run with one nes
     python workloads/sweep.py --preset passkey                 # passkey stage 0, scored by the answer loss
     python workloads/sweep.py search.segment_lengths=[32,64,128] search.num_samples=3 name=my-sweep
     python workloads/sweep.py search.lrs=[1e-3] search.num_samples=1 asha.enabled=false \
-        search.grid.model.overrides.memory_grad_segments=[null,2]        # an idea against the recipe, same point
+        search.grid.model.memory_grad_segments=[0,2]        # an idea against the paper (0: full BPTT), same point
     python workloads/make_corpus.py && python workloads/sweep.py --preset h200   # one H200: 8 SmolLM2 trials, 4 at once
     python workloads/sweep.py --preset h200 gpus_per_trial=1   # 4 GPUs: one GPU per trial
-    python workloads/sweep.py --preset h200-ideas              # one H200: truncated vs full BPTT through the memory
+    python workloads/sweep.py --preset h200-ideas              # one H200: attention sink x memory norm against the paper
 
 Config: preset <- `--config file.yaml` <- `key.sub=value` overrides (fields in condensation.sweep.SweepConfig and,
 under `train.`, condensation.config). A bad config fails here, before Ray starts, naming the field. Started again

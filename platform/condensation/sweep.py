@@ -84,11 +84,11 @@ class SearchConfig:
         takes segment_lengths[i % len(segment_lengths)] and the i-th of `trials` stratified draws, e.g. 8 trials
         over 3 lengths (a grid would need 3, 6 or 9). Not with `lrs`.
     grid: further axes, crossed with every (segment length, lr) point: a config key of the trials' training config
-        (as under `train.`, e.g. `model.overrides.memory_grad_segments`) -> the list of values to try, e.g.
-        `{model.overrides.memory_grad_segments: [null, 2]}`; several keys give every combination. For comparing
-        a change with the paper's recipe at the same points (set asha.enabled=false to train each to the end).
-        Keys are checked against the config schema (`CondensationConfig` fields under model.overrides) before
-        anything starts. On the command line: `search.grid.model.overrides.memory_grad_segments=[null,2]`.
+        (as under `train.`, e.g. `model.memory_grad_segments`) -> the list of values to try, e.g.
+        `{model.memory_sink_tokens: [0, 4]}`; several keys give every combination. For comparing a change with the
+        paper's recipe at the same points (set asha.enabled=false to train each to the end). Keys are checked
+        against the config schema (`CondensationConfig` fields under model.overrides) before anything starts. On
+        the command line: `search.grid.model.memory_grad_segments=[0,2]`.
     seed: seed of the draws: the same seed draws the same learning rates.
     """
 
@@ -295,7 +295,9 @@ _FIXED_KEYS = {
     "model.overrides.segment_length": "the segment length is search.segment_lengths",
     "optim.lr": "the learning rate is search.lr_min / lr_max / lrs",
     "optim.min_lr": "it follows the trial's learning rate (same ratio as the base config's)",
-    "data": "every trial trains and is scored on the same data, or the objective does not compare",
+    # data.random_lengths (an issue-12 idea) changes only how batches are cut, so it may vary
+    **{f"data.{k}": "every trial trains and is scored on the same data, or the objective does not compare"
+       for k in ("source", "seq_len", "num_rows", "tokenizer", "dataset_options", "seed")},
     "run": "the sweep names and places its trials",
     "tracking": "the sweep sets where and how often trials report",
     "schedule.total_steps": "ASHA's rungs and the trials' last step are the same for all trials",
@@ -643,14 +645,16 @@ def h200_preset() -> SweepConfig:
 
 
 def h200_ideas_preset() -> SweepConfig:
-    """One H200, about 3 minutes: an issue-12 idea against the paper's recipe at one point (segment 512, lr 1e-4):
-    truncated backpropagation through the memory (`memory_grad_segments` 1, 2, 4) against full (null), 4 trials at
-    once, each trained to the end (no ASHA), held-out loss. Other ideas are other `search.grid` keys."""
+    """One H200, about 3 minutes (estimated): two issue-12 ideas against the paper's recipe at one point (segment
+    512, lr 1e-4), crossed: an attention sink in every memory (`model.memory_sink_tokens` 0 = the paper, 4) x the
+    memory's own norm (`model.memory_norm` shared = the paper, separate); 4 trials at once, each trained to the end
+    (no ASHA), held-out loss. Other ideas are other `search.grid` keys (`model.memory_grad_segments`,
+    `data.random_lengths`)."""
     cfg = h200_preset()
     return dataclasses.replace(
         cfg, name="sweep-h200-ideas",
         search=SearchConfig(segment_lengths=[512], lrs=[1e-4], num_samples=1,
-                            grid={"model.overrides.memory_grad_segments": [None, 1, 2, 4]}),
+                            grid={"model.memory_sink_tokens": [0, 4], "model.memory_norm": ["shared", "separate"]}),
         asha=AshaConfig(enabled=False))
 
 
