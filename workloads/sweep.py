@@ -33,7 +33,10 @@ from condensation.train.tracking import tracking_uri
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    """SIGTERM (`timeout`, `ray job stop`) as Ctrl-C: re-sent as SIGINT, it reaches Ray Tune's handler while the sweep
+    runs (the experiment is saved, the running trials' runs end, and the table of what finished is written), and is
+    a KeyboardInterrupt before or after."""
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if result.interrupted:  # Ctrl-C reaches Ray Tune first: it saves the experiment and ends the trials
-        print(f"\ninterrupted after {time.time() - t0:.0f} s; the same command resumes sweep {cfg.name!r}",
-              file=sys.stderr)
+        print(f"\n{result.format_table()}\ninterrupted after {time.time() - t0:.0f} s (table above and in {cfg.folder}); "
+              f"the same command resumes sweep {cfg.name!r}", file=sys.stderr)
         return 130
 
     if result.resumed and result.reported == 0:
