@@ -145,6 +145,9 @@ class ScheduleConfig:
     per_worker_batch: sequences per micro-batch on each worker.
     num_workers: Ray Train workers (one per GPU on GPU).
     use_gpu: one GPU per worker, NCCL; False runs on CPU with gloo.
+    gpus_per_worker: the GPU each worker reserves with `use_gpu`: 1, or a fraction (e.g. 0.25) so that several
+        one-worker runs share one GPU (a sweep's trials packed 4 to a GPU); a fraction needs num_workers=1, since
+        NCCL cannot place two ranks of one run on one GPU.
     cpus_per_worker: CPUs reserved per worker; None derives it from the cluster's CPUs when `fit` starts, leaving
         room for the data tasks (`condensation.train.resources`). An explicit value that leaves no CPU for the
         data tasks is an error at fit time.
@@ -170,6 +173,7 @@ class ScheduleConfig:
     per_worker_batch: int = 2
     num_workers: int = 2
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0
     cpus_per_worker: float | None = None
     precision: str = "auto"
     engine: str = "deepspeed"
@@ -576,6 +580,12 @@ def validate(cfg: TrainConfig) -> None:
             f"{s.global_batch} is not divisible by per_worker_batch x num_workers = "
             f"{s.per_worker_batch} x {s.num_workers} = {s.per_worker_batch * s.num_workers}",
         )
+    if not 0 < s.gpus_per_worker <= 1:
+        raise ConfigError("schedule.gpus_per_worker", f"must be in (0, 1], got {s.gpus_per_worker}")
+    if s.gpus_per_worker < 1 and s.num_workers > 1:
+        raise ConfigError("schedule.gpus_per_worker", f"a fraction of a GPU ({s.gpus_per_worker:g}) needs "
+                                                      f"schedule.num_workers=1, got {s.num_workers}: NCCL cannot place "
+                                                      "two ranks of one run on one GPU")
     if s.cpus_per_worker is not None and s.cpus_per_worker <= 0:
         raise ConfigError("schedule.cpus_per_worker", f"must be positive, got {s.cpus_per_worker}")
     if s.precision not in ("auto", "bf16", "fp32"):

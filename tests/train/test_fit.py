@@ -188,3 +188,19 @@ def test_newest_complete_checkpoint_needs_every_ranks_shard(tmp_path, prefix):
     ckpt(8, [0])  # rank 1's shard never arrived
     (tmp_path / "checkpoint_00000010" / "ds").mkdir(parents=True)  # no trainer state yet
     assert newest_complete_checkpoint(str(tmp_path)).endswith("checkpoint_00000006")
+
+
+def test_stop_file_ends_the_run_before_its_next_update(ray_session, tmp_path):
+    from condensation.train.loop import STOP_FILE, STOPPED_FILE
+
+    cfg = debug_cfg(tmp_path, "stopped", "checkpoint.every=0")
+    run_dir = os.path.join(tmp_path, "stopped")
+    os.makedirs(run_dir)
+    open(os.path.join(run_dir, STOP_FILE), "w").close()  # asked before the first step: no step is taken
+    res = fit(cfg)
+    assert res.stopped and res.step == 0 and res.checkpoint_path is None
+    assert not os.path.exists(os.path.join(run_dir, STOP_FILE))  # consumed: the next start trains
+    assert json.load(open(os.path.join(run_dir, STOPPED_FILE)))["step"] == 0
+    client, runs = mlflow_runs(res)
+    assert len(runs) == 1 and runs[0].info.status == "KILLED" and runs[0].data.tags["stopped_at_step"] == "0"
+    assert _loss_history(client, res.mlflow_run_id) == []

@@ -11,7 +11,12 @@ the device and all-reduced there (NCCL needs device tensors), and before the bou
 whether every rank's losses were finite. A non-finite loss therefore stops every rank at the same step before its
 update, and the last good checkpoint stays as it was. DeepSpeed's ZeRO-2 step itself reads the gradient norm on the
 host (`.item()`), so this flag costs no extra stall, and it is also why the step cannot be captured as a CUDA graph.
-Metrics (loss, tokens/s, MFU, peak memory) are read by the host once per `tracking.log_every` steps.
+Metrics (loss, tokens/s, MFU, peak memory) are read by the host once per `tracking.log_every` steps; an optional
+`evaluate(model)` from `fit` adds rank 0's evaluation to them, and with `report_every_log` (a run with Ray Train
+callbacks, e.g. inside a Ray Tune trial) every interval's metrics are also reported through `ray.train.report`.
+
+Stopping from outside: a file `stop` (STOP_FILE) in the run folder ends every rank before the current step's update
+(rank 0 looks for it at each step and the flag rides on the step's all-reduce, so it costs no extra wait).
 
 Failures: an exception raised here is recorded in `<run_dir>/last_error.json` (step, rank, message) before it
 propagates, so the driver (`trainer.fit`) can tell a bug that repeats at the same step from a lost worker.
@@ -45,6 +50,10 @@ from .tracking import make_logger
 
 HF_DIR = "hf"
 NONFINITE_FILE = "nonfinite_loss.json"
+# written by anyone who wants the run to end (e.g. a Ray Tune trial that ASHA stops); rank 0 checks for it at every
+# optimizer step, and every rank ends before that step's update; the run then records STOPPED_FILE
+STOP_FILE = "stop"
+STOPPED_FILE = "stopped.json"
 ERROR_FILE = "last_error.json"
 
 
@@ -177,6 +186,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     from ..flops import matmul_peak_tflops, training_flops
 
     run_id = config.get("mlflow_run_id")
+    evaluate, report_every_log = config.get("evaluate"), config.get("report_every_log", False)
     s = cfg.schedule
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -245,11 +255,12 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # [loss, segment losses..., micro-batches that had each segment..., finite flag] summed over micro-steps and
-    # ranks, on the device until logged
-    window = torch.zeros(2 + 2 * n_seg, dtype=torch.float64, device=device)
+    # [loss, segment losses..., micro-batches that had each segment..., non-finite flag, stop flag] summed over
+    # micro-steps and ranks, on the device until logged; the stop flag is rank 0's: a STOP_FILE in the run folder
+    window = torch.zeros(3 + 2 * n_seg, dtype=torch.float64, device=device)
     window_steps, window_tokens, window_flops, t_window = 0, 0, 0.0, time.perf_counter()
     seg_index = torch.arange(n_seg, device=device)
+    stop_path = os.path.join(cfg.run.run_dir, STOP_FILE)
     metrics: dict = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -257,7 +268,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         step += 1
         progress["step"] = step
         lr = engine.lr
-        acc = torch.zeros(2 + 2 * n_seg, dtype=torch.float64, device=device)
+        acc = torch.zeros(3 + 2 * n_seg, dtype=torch.float64, device=device)
         for micro in range(s.grad_accum):
             epoch, b = next(batches)
             ids, labels = b["input_ids"], b["labels"]
@@ -267,13 +278,18 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             present = (seg_index < seg.numel()).double()  # rows of another length: fixed width, counted apart
             seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))
             l64 = loss.detach().double().reshape(1)
-            acc += torch.cat([l64, seg, present, (~torch.isfinite(l64)).double()])
+            acc[:-1] += torch.cat([l64, seg, present, (~torch.isfinite(l64)).double()])
             window_tokens += ids.numel() * world
             window_flops += training_flops(seq_cfg, ids.shape[1], ids.shape[0], seq_cfg.segment_length)
             if micro == s.grad_accum - 1:
+                if rank == 0 and os.path.exists(stop_path):
+                    acc[-1] += 1.0
                 dist.all_reduce(acc)  # sum over ranks, on the device: a NaN on any rank is a NaN everywhere
-                if acc[-1].item() > 0:  # the one host wait per optimizer step, before the update
+                nonfinite, stop = acc[-2:].tolist()  # the one host wait per optimizer step, before the update
+                if nonfinite > 0:
                     return _stop_nonfinite(cfg, step, float(acc[0]) / (world * s.grad_accum), rank, logger)
+                if stop > 0:
+                    return _stop_requested(cfg, step - 1, rank, logger)
             engine.step()
         window += acc
         window_steps += 1
@@ -297,11 +313,15 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             }
             if peak_tflops:
                 metrics["mfu"] = window_flops / dt / 1e12 / peak_tflops
+            if evaluate is not None and rank == 0:  # the other ranks wait for it at the next step's all-reduce
+                metrics.update(_evaluate(evaluate, engine.module))
             logger.log_metrics(metrics, step=step)
             if rank == 0 and bar is None:
                 mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
                 _say(f"[condensation.train] step {step}/{s.total_steps} loss {metrics['loss']:.4f} lr {lr:.3g} "
                      f"tok/s {metrics['tokens_per_s']:.0f}{mfu} peak {metrics['peak_memory_gib']:.2f} GiB")
+            if report_every_log and not ckpt_now:  # with a checkpoint, `save` reports these metrics
+                ray.train.report(dict(metrics))
             window.zero_()
             window_steps, window_tokens, window_flops = 0, 0, 0.0
             if device.type == "cuda":
@@ -330,6 +350,31 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     if bar is not None:
         bar.close()
     logger.finish("FINISHED")
+
+
+def _evaluate(fn, module: torch.nn.Module) -> dict:
+    """`fn(module)` in eval mode without gradients, the module's training mode restored; float values only."""
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = fn(module)
+    finally:
+        module.train(was)
+    return {k: float(v) for k, v in (out or {}).items()}
+
+
+def _stop_requested(cfg: TrainConfig, step: int, rank: int, logger) -> None:
+    """A STOP_FILE appeared: every rank ends after `step` completed steps, without a checkpoint; rank 0 consumes the
+    file, records STOPPED_FILE for the driver and ends the MLflow run as KILLED (stopped from outside)."""
+    if rank == 0:
+        _say(f"[condensation.train] stopped on request after step {step} of run {cfg.run.name!r}")
+        with open(os.path.join(cfg.run.run_dir, STOPPED_FILE), "w") as f:
+            json.dump({"step": step}, f)
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(cfg.run.run_dir, STOP_FILE))
+        logger.set_tags({"stopped_at_step": step})
+        logger.finish("KILLED")
 
 
 def _stop_nonfinite(cfg: TrainConfig, step: int, bad: float, rank: int, logger) -> None:

@@ -5,7 +5,7 @@ the workers take so much that not even one data task fits (two workers at 0.9 CP
 task asks 0.25), the run waits forever without a word. So the workers' share is derived from the cluster, leaving
 room for the largest data task, and an explicit share that leaves none is an error naming the numbers.
 
-    resources = worker_resources(cfg, datasets)   # {"CPU": c} (+ {"GPU": 1}); raises ConfigError if it cannot fit
+    resources = worker_resources(cfg, datasets)   # {"CPU": c} (+ {"GPU": g}); raises ConfigError if it cannot fit
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def plan_resources(cfg: TrainConfig, cluster: dict, data_cpus: float, gpu_nodes:
     if s.use_gpu:
         if per is None:
             room = max(MIN_DATA_ROOM, data_cpus)
-            shares = [math.floor((c - room) / g) for c, g in (gpu_nodes or []) if g > 0]
+            # a node holds GPUs / gpus_per_worker workers (4 per GPU at 0.25)
+            shares = [math.floor((c - room) / (g / s.gpus_per_worker)) for c, g in (gpu_nodes or []) if g > 0]
             per = float(max(1, min(shares))) if shares else 1.0
-        return {"CPU": per, "GPU": 1}
+        return {"CPU": per, "GPU": s.gpus_per_worker}
     cpus = float(cluster.get("CPU", 0))
     if per is None:
         per = derive_cpus_per_worker(cpus, s.num_workers, data_cpus)
@@ -98,11 +99,12 @@ def worker_resources(cfg: TrainConfig, datasets: dict | None) -> dict:
     free = ray.available_resources().get("CPU", 0.0)
     need = cfg.schedule.num_workers * resources["CPU"] + data_cpus
     note = "" if free + _EPS >= need else f"; only {free:g} CPUs are free now, so it waits for other work to finish"
-    if cfg.schedule.use_gpu and cluster.get("GPU", 0) < cfg.schedule.num_workers:
+    gpu = f" + {resources['GPU']:g} GPU" if cfg.schedule.use_gpu else ""
+    if cfg.schedule.use_gpu and cluster.get("GPU", 0) < cfg.schedule.num_workers * cfg.schedule.gpus_per_worker:
         note += (f"; the cluster has {cluster.get('GPU', 0):g} GPUs now, so it waits for an autoscaler to add "
                  f"{cfg.schedule.num_workers}")
     print(f"[condensation.train] {cfg.schedule.num_workers} workers x {resources['CPU']:g} CPU"
-          f"{' + 1 GPU' if cfg.schedule.use_gpu else ''}"
+          f"{gpu}"
           f"{' (derived from the cluster)' if cfg.schedule.cpus_per_worker is None else ''}, "
           f"data tasks {data_cpus:g} CPU each, cluster {ray.cluster_resources().get('CPU', 0):g} CPUs{note}", flush=True)
     return resources

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..config import TrainConfig, resolve, to_yaml
 from .engines import check_resume_engine, resolved as engine_resolved
 from .checkpoints import checkpoint_step, newest_complete_checkpoint
-from .loop import ERROR_FILE, HF_DIR, NONFINITE_FILE, train_loop_per_worker
+from .loop import ERROR_FILE, HF_DIR, NONFINITE_FILE, STOPPED_FILE, train_loop_per_worker
 from .resources import worker_resources
 from .tracking import ensure_run, tracking_uri
 
@@ -81,15 +81,18 @@ def _mark_failed(cfg: TrainConfig, run_id: str | None) -> None:
 
 @dataclass
 class TrainResult:
-    """What a finished run leaves: the last Ray checkpoint (DeepSpeed state) and its HF export."""
+    """What a finished run leaves: the last Ray checkpoint (DeepSpeed state) and its HF export. `stopped`: the run
+    ended early on a stop request (a `stop` file in its run folder) after `step` steps; `checkpoint_path` is then
+    its newest checkpoint, if any (None before the first one)."""
 
-    checkpoint_path: str
+    checkpoint_path: str | None
     hf_path: str | None
     step: int
     run_dir: str
     mlflow_run_id: str | None
     tracking_uri: str | None
     metrics: dict | None
+    stopped: bool = False
 
 
 def prepare(cfg: TrainConfig, init_from: str | None = None) -> TrainConfig:
@@ -119,14 +122,24 @@ def _vocab_size(cfg: TrainConfig) -> int:
 
 
 def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None = None,
-        data_stats=None) -> TrainResult:
+        data_stats=None, callbacks: list | None = None, evaluate=None) -> TrainResult:
     """Train with Ray Train + DeepSpeed as `cfg` says. `datasets`: {"train": ray.data.Dataset} of rows
     {"input_ids": int64[L], "labels": int64[L]} (None builds them from `cfg.data`). `init_from`: a HF folder
     (e.g. the previous stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data
     pipeline's counts: a dict (logged by rank 0 at the start) or a `condensation.data.DataReport` (its counts are
-    logged after the run, when the data has streamed through). Raises ConfigError before Ray starts,
+    logged after the run, when the data has streamed through).
+
+    `callbacks`: Ray Train `UserCallback`s for the run (e.g. `ray.tune.integration.ray_train.TuneReportCallback()`
+    from a Ray Tune trainable); with any, the workers report their metrics to Ray Train at every log interval
+    (`tracking.log_every`), not only with checkpoints, so a callback's `after_report` sees the whole curve (rank 0's
+    metrics first). `evaluate`: a picklable `fn(model) -> {name: float}` that rank 0 runs at every log interval (the
+    unwrapped model, in eval mode, without gradients; ZeRO-2 or lower keeps whole weights on every rank); its values
+    join that interval's metrics in MLflow and in the reports. Raises ConfigError before Ray starts,
     NonFiniteLossError when the loss stops being finite, RepeatedFailureError when the same error comes back at the
     same step after a restart, ray.train.TrainingFailedError when failures exceed `checkpoint.max_failures`.
+
+    Stopping: a file `stop` in the run folder (`loop.STOP_FILE`, e.g. written when Ray Tune stops a trial) ends every
+    worker before the current step's update; `fit` then returns at once with `stopped=True` (no new checkpoint).
 
     Retries: a lost worker (killed, out of host memory, node gone) or an error seen for the first time restarts the
     whole worker group from the last checkpoint, up to `checkpoint.max_failures` times."""
@@ -137,9 +150,10 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
 
     run_dir = cfg.run.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    marker = os.path.join(run_dir, NONFINITE_FILE)
-    if os.path.exists(marker):
-        os.remove(marker)
+    marker, stopped_marker = os.path.join(run_dir, NONFINITE_FILE), os.path.join(run_dir, STOPPED_FILE)
+    for old in (marker, stopped_marker):
+        if os.path.exists(old):
+            os.remove(old)
     with open(os.path.join(run_dir, "resolved_config.yaml"), "w") as f:
         f.write(to_yaml(resolved_config_dict(cfg)))
     run_id = ensure_run(cfg) if cfg.tracking.enabled else None
@@ -162,7 +176,8 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "data_stats": data_stats,
-                               "resume_from": newest_complete_checkpoint(run_dir)},
+                               "resume_from": newest_complete_checkpoint(run_dir),
+                               "report_every_log": bool(callbacks), "evaluate": evaluate},
             torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                    resources_per_worker=resources),
@@ -175,6 +190,7 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
                 # Ray Train's own INFO lines would drown the one progress line per interval that rank 0 prints
                 # (its per-report echo has a logger of its own, silenced in the worker loop)
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                callbacks=list(callbacks or []),
             ),
             datasets=datasets,
         )
@@ -219,6 +235,13 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
         with open(marker) as f:
             info = json.load(f)
         raise NonFiniteLossError(f"{info['message']} (last good checkpoint: {last})", info["step"], last)
+    if os.path.exists(stopped_marker):
+        with open(stopped_marker) as f:
+            info = json.load(f)
+        newest = last or newest_complete_checkpoint(run_dir)
+        return TrainResult(checkpoint_path=newest, hf_path=None, step=info["step"], run_dir=run_dir,
+                           mlflow_run_id=run_id, tracking_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
+                           metrics=result.metrics, stopped=True)
     if last is None:
         raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
     step = checkpoint_step(last)
