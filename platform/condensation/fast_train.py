@@ -5,6 +5,8 @@ its model apart from its parallelisms and kernels. None of this changes what the
   serves a whole wavefront diagonal of cells; StackedLayers stacks them once per forward and serves layer ranges.
 - Weight sinks (weight_grads="accumulate" | "deferred"): SlicedWeight / _SlicedBmm hand each step's (x, g) to a
   WeightSink instead of autograd; _StackWeights returns the sink's gradients to the per-layer parameters.
+- Compiled cells (compile_cells): compiled_step compiles a whole scheduled step, compiled_pointwise only a cell's
+  elementwise pieces (with weight_grads other than "autograd", whose matmuls stay eager).
 - The fused loss: NormLinearCrossEntropy (final norm + lm-head + cross-entropy in chunks, gradients computed in the
   forward pass; loss_chunk_tokens).
 - The embedding sink: inside group checkpoints each group embeds its own segments (_SinkEmbedding) and their
@@ -16,7 +18,7 @@ Shapes as in modeling.py: k layers (cells) of a step, M rows, d hidden, V vocab.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +211,44 @@ def _linear(x: torch.Tensor, w: torch.Tensor | SlicedWeight) -> torch.Tensor:
     x = x.reshape(shape[0], -1, shape[-1])
     y = _SlicedBmm.apply(x, w.full, w) if isinstance(w, SlicedWeight) else torch.bmm(x, w)
     return y.view(*shape[:-1], y.shape[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled cells (compile_cells)
+
+
+_COMPILED_POINTWISE: dict[tuple, tuple] = {}
+
+
+def compiled_pointwise(cfg, eager: tuple) -> tuple:
+    """A cell's elementwise pieces (modeling.Pointwise), compiled (fused kernels, shapes dynamic) when a cell is
+    compiled piecewise: compile_cells with weight_grads other than "autograd", whose matmuls stay eager. Otherwise
+    plain: either eager, or traced inside the compiled step."""
+    if not cfg.compile_cells or cfg.weight_grads == "autograd":
+        return eager
+    if eager not in _COMPILED_POINTWISE:
+        _COMPILED_POINTWISE[eager] = type(eager)(*(torch.compile(f) for f in eager))
+    return _COMPILED_POINTWISE[eager]
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled_step(cfg, step: Callable) -> Callable:
+    """A scheduled step (modeling._cells_step) through torch.compile when compile_cells and weight_grads="autograd";
+    otherwise step itself (the latter compiles only the pieces: compiled_pointwise)."""
+    if not cfg.compile_cells or cfg.weight_grads != "autograd":
+        return step
+    mode = None if cfg.compile_cells is True else cfg.compile_cells
+    # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's default
+    # limit of 8 variants it silently runs the rest eagerly, and a checkpoint's recomputation can then differ from its
+    # forward (one compiled, one eager): allow them all, for the deepest model seen so far. With an attention sink,
+    # cells with and without a sink double the variants.
+    per_k = 4 if cfg.memory_sink_tokens == 0 else 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, per_k * cfg.num_hidden_layers + 8)
+    if (step, mode) not in _COMPILED:  # one compiled function per mode; dynamo re-specialises on k and on memory
+        _COMPILED[step, mode] = torch.compile(step, mode=mode, dynamic=False)  # presence
+    return _COMPILED[step, mode]
 
 
 # ----------------------------------------------------------------------------------------------------------------

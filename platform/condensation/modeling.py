@@ -4,7 +4,8 @@ Read top to bottom: the config, the attention functions (eager reference beside 
 (segment, layer) cell, the schedules over cells (sequential as in the paper, and the wavefront), the bounded
 generation cache, the loss (eq. 17), and the HF model classes. The rules referenced below are those of
 docs/model.md (Rules 1-10). How it is made fast to train (stacked weights and their sinks, the fused chunked loss,
-the embedding sink of group checkpoints) lives beside it in fast_train.py; none of it changes what is computed.
+the embedding sink of group checkpoints, torch.compile of the cells) lives beside it in fast_train.py; none of it
+changes what is computed.
 
 Shapes: B batch, L tokens, l segment length, c tokens of a chunk (<= l), d hidden, H query heads, Hkv key/value
 heads, D head dim, k cells processed together (one per layer on a wavefront diagonal), V vocab.
@@ -36,7 +37,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding
 
-# the training-speed machinery (stacked weights, weight and embedding sinks, the fused loss): fast_train.py
+# the training-speed machinery (stacked weights, weight and embedding sinks, the fused loss, compiled cells):
+# fast_train.py
 from .fast_train import (
     EmbeddingSink,
     LayerWeights,
@@ -48,6 +50,8 @@ from .fast_train import (
     _GradFromEmbeddingSink,
     _linear,
     _SinkEmbedding,
+    compiled_pointwise,
+    compiled_step,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,18 +278,11 @@ class Pointwise(NamedTuple):
 
 
 _EAGER_POINTWISE = Pointwise(_rms_norm, _heads, _swiglu)
-_COMPILED_POINTWISE: list[Pointwise] = []
 
 
 def _pointwise(cfg: CondensationConfig) -> Pointwise:
-    """Compiled (fused kernels, shapes dynamic) when a cell is compiled piecewise: compile_cells with weight_grads
-    other than "autograd", whose matmuls stay eager. Otherwise plain: either eager, or traced inside the compiled
-    step."""
-    if not cfg.compile_cells or cfg.weight_grads == "autograd":
-        return _EAGER_POINTWISE
-    if not _COMPILED_POINTWISE:
-        _COMPILED_POINTWISE.append(Pointwise(*(torch.compile(f) for f in _EAGER_POINTWISE)))
-    return _COMPILED_POINTWISE[0]
+    """The pieces as written, or compiled when a cell is compiled piecewise (fast_train.compiled_pointwise)."""
+    return compiled_pointwise(cfg, _EAGER_POINTWISE)
 
 
 class Rope(NamedTuple):
@@ -374,28 +371,10 @@ def _cells_step(xs, mems, sinks, w: LayerWeights, rope: Rope, cfg: CondensationC
     return cell_forward(w, x, prefix, 0, rope, cfg, attention, sink)[0]
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
-def _step_fn(cfg: CondensationConfig) -> Callable:
-    if not cfg.compile_cells or cfg.weight_grads != "autograd":  # the latter compiles only the pieces (_pointwise)
-        return _cells_step
-    mode = None if cfg.compile_cells is True else cfg.compile_cells
-    # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's default
-    # limit of 8 variants it silently runs the rest eagerly, and a checkpoint's recomputation can then differ from its
-    # forward (one compiled, one eager): allow them all, for the deepest model seen so far. With an attention sink,
-    # cells with and without a sink double the variants.
-    per_k = 4 if cfg.memory_sink_tokens == 0 else 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, per_k * cfg.num_hidden_layers + 8)
-    if mode not in _COMPILED:  # one compiled function per mode; dynamo re-specialises on k and on memory presence
-        _COMPILED[mode] = torch.compile(_cells_step, mode=mode, dynamic=False)
-    return _COMPILED[mode]
-
-
 def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> torch.Tensor:
     """One scheduled step. Under checkpointing the saved inputs are the cell outputs themselves (each y[s, n] is the
     input of (s, n+1) and the memory of (s+1, n), and is kept once), not stacked copies."""
-    fn = _step_fn(cfg)
+    fn = compiled_step(cfg, _cells_step)  # _cells_step itself unless compile_cells
     if not ckpt:
         return fn(xs, mems, sinks, w, rope, cfg, attention)
     k, m, ms = len(xs), len(mems), len(sinks)
