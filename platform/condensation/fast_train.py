@@ -1,0 +1,370 @@
+"""How the Condensation model is made fast to train, kept apart from the model (modeling.py), as torchtitan keeps
+its model apart from its parallelisms and kernels. None of this changes what the model computes.
+
+- Stacked weights: LayerWeights holds k layers' weights stacked ([k, in, out] projections) so that one batched matmul
+  serves a whole wavefront diagonal of cells; StackedLayers stacks them once per forward and serves layer ranges.
+- Weight sinks (weight_grads="accumulate" | "deferred"): SlicedWeight / _SlicedBmm hand each step's (x, g) to a
+  WeightSink instead of autograd; _StackWeights returns the sink's gradients to the per-layer parameters.
+- Compiled cells (compile_cells): compiled_step compiles a whole scheduled step, compiled_pointwise only a cell's
+  elementwise pieces (with weight_grads other than "autograd", whose matmuls stay eager).
+- The fused loss: NormLinearCrossEntropy (final norm + lm-head + cross-entropy in chunks, gradients computed in the
+  forward pass; loss_chunk_tokens).
+- The embedding sink: inside group checkpoints each group embeds its own segments (_SinkEmbedding) and their
+  gradient rows go into one [V, d] buffer (EmbeddingSink), returned as the weight's gradient by
+  _GradFromEmbeddingSink.
+
+Shapes as in modeling.py: k layers (cells) of a step, M rows, d hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import cross_entropy_grad_
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stacked weights. Weights of k consecutive layers are stacked so that one batched matmul serves a whole wavefront
+# diagonal; a single layer is a [1, ...] view (no copy).
+
+
+class LayerWeights(NamedTuple):
+    """Weights of k layers, projections stored transposed ([k, in, out]) so that a cell's weight gradients come out
+    of bmm contiguous; with [k, out, in] they are transposed views, and every scheduled step then paid a strided
+    copy of all its weights' gradients (the largest kernel of a 1B-size step)."""
+
+    input_norm: torch.Tensor  # [k, d]
+    q: torch.Tensor  # [k, d, H*D]
+    k: torch.Tensor  # [k, d, Hkv*D]
+    v: torch.Tensor  # [k, d, Hkv*D]
+    o: torch.Tensor  # [k, H*D, d]
+    post_norm: torch.Tensor  # [k, d]
+    gate: torch.Tensor  # [k, d, I]
+    up: torch.Tensor  # [k, d, I]
+    down: torch.Tensor  # [k, I, d]
+    memory_norm: torch.Tensor | None = None  # [k, d] with memory_norm="separate"; None: the memory uses input_norm
+
+    @staticmethod
+    def params(layer) -> list[torch.Tensor]:
+        """A decoder layer's parameters in field order (projections as stored: [out, in]); memory_layernorm last, when
+        the layer has one."""
+        params = [layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                  layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
+                  layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
+        if getattr(layer, "memory_layernorm", None) is not None:
+            params.append(layer.memory_layernorm.weight)
+        return params
+
+    @classmethod
+    def of(cls, layers) -> "LayerWeights":
+        tensors = [[t.T if t.dim() == 2 else t for t in cls.params(layer)] for layer in layers]
+        if len(tensors) == 1:
+            return cls(*(t.unsqueeze(0) for t in tensors[0]))
+        return cls(*(torch.stack(ts) for ts in zip(*tensors)))
+
+    def present(self) -> tuple:
+        """The fields that hold weights (memory_norm, the one optional field, is last)."""
+        return tuple(self) if self.memory_norm is not None else tuple(self)[:-1]
+
+    def first(self, m: int) -> "LayerWeights":
+        """The first m layers."""
+        return LayerWeights(*(t[:m] for t in self.present()))
+
+    def memory_norm_weight(self) -> torch.Tensor:
+        return self.input_norm if self.memory_norm is None else self.memory_norm
+
+
+class StackedLayers:
+    """All layers' weights stacked once per forward, served to scheduled steps as layer ranges [lo, hi).
+
+    weight_grads="autograd": the full range is the stack itself; a partial one is stacked from per-layer views.
+    (Slicing the stack instead would make each step's backward allocate and fill a gradient the size of all layers.)
+    Otherwise projections are served as SlicedWeight (a view of the stack; the gradient goes to a WeightSink)."""
+
+    def __init__(self, layers, weight_grads: str = "autograd"):
+        self.n = len(layers)
+        self.sink = None
+        if weight_grads == "autograd":
+            self.all = LayerWeights.of(layers)
+            self._layers = list(zip(*(t.unbind(0) for t in self.all.present())))  # per layer: contiguous views
+        else:
+            self.sink = WeightSink(weight_grads)
+            n_fields = len(LayerWeights.params(layers[0]))
+            params = (t for layer in layers for t in LayerWeights.params(layer))
+            self.all = LayerWeights(*_StackWeights.apply(self.sink, n_fields, *params))
+
+    def range(self, lo: int, hi: int) -> LayerWeights:
+        if self.sink is not None:
+            return LayerWeights(*(t[lo:hi] if name.endswith("norm") else SlicedWeight(t, lo, hi, self.sink, name)
+                                  for name, t in zip(LayerWeights._fields, self.all.present())))
+        if (lo, hi) == (0, self.n):
+            return self.all
+        if hi - lo == 1:
+            return LayerWeights(*(t.unsqueeze(0) for t in self._layers[lo]))
+        return LayerWeights(*(torch.stack(ts) for ts in zip(*self._layers[lo:hi])))
+
+
+class SlicedWeight:
+    """Layers [lo, hi) of one projection stacked over all layers (full [N, in, out]); _linear's weight gradient goes
+    to the sink instead of through autograd."""
+
+    __slots__ = ("full", "lo", "hi", "sink", "name")
+
+    def __init__(self, full: torch.Tensor, lo: int, hi: int, sink: "WeightSink", name: str):
+        self.full, self.lo, self.hi, self.sink, self.name = full, lo, hi, sink, name
+
+    def __getitem__(self, item: slice) -> "SlicedWeight":  # w[:m]: the first m layers of the range
+        if not (isinstance(item, slice) and item.start is None and item.step is None and item.stop is not None):
+            raise TypeError(f"SlicedWeight supports [:m] only, got {item!r}")
+        return SlicedWeight(self.full, self.lo, self.lo + min(item.stop, self.hi - self.lo), self.sink, self.name)
+
+
+class WeightSink:
+    """Weight gradients of a forward's SlicedWeight matmuls (StackedLayers with weight_grads != "autograd").
+
+    "accumulate": x^T g of each step goes into one [N, in, out] buffer per projection with baddbmm.
+    "deferred": each step's (x, g) is kept per layer; at the end of backward, layer n's gradient is one GEMM over all
+    its rows, cat(g)^T cat(x), in the parameter's own [out, in] layout."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.rows: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(self, name: str, lo: int, x: torch.Tensor, g: torch.Tensor, full: torch.Tensor) -> None:
+        # x [k, M, in], g [k, M, out]: layers lo .. lo + k - 1
+        if self.mode == "accumulate":
+            if name not in self.buffers:
+                self.buffers[name] = torch.zeros_like(full)
+            self.buffers[name][lo : lo + x.shape[0]].baddbmm_(x.transpose(1, 2), g)
+        else:
+            for i in range(x.shape[0]):
+                self.rows.setdefault((name, lo + i), []).append((x[i], g[i]))
+
+    def grad(self, name: str, n: int, cache: dict) -> torch.Tensor | None:
+        """The gradient of layer n's `name` projection weight ([out, in]), or None if it had none."""
+        if self.mode == "accumulate":
+            return None if name not in self.buffers else self.buffers[name][n].T
+        rows = self.rows.pop((name, n), None)
+        if rows is None:
+            return None
+        # q, k and v share their input rows: concatenate them once
+        key = tuple((x.data_ptr(), x.shape[0]) for x, _ in rows)
+        if key not in cache:
+            cache.clear()
+            cache[key] = rows[0][0] if len(rows) == 1 else torch.cat([x for x, _ in rows])
+        g = rows[0][1] if len(rows) == 1 else torch.cat([g for _, g in rows])
+        return g.T @ cache[key]  # [out, T] @ [T, in]
+
+
+class _StackWeights(torch.autograd.Function):
+    """Per-layer parameters -> LayerWeights stacked over layers (projections transposed to [N, in, out]). In
+    backward, the projections' gradients come from the sink; the norms' flow in through autograd."""
+
+    @staticmethod
+    def forward(ctx, sink: WeightSink, n_fields: int, *params):
+        per_field = [params[j::n_fields] for j in range(n_fields)]
+        ctx.sink, ctx.n_layers = sink, len(params) // n_fields
+        ctx.set_materialize_grads(False)
+        return tuple(torch.stack([t.T if t.dim() == 2 else t for t in ts]) for ts in per_field)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        out, cache = [], {}
+        for n in range(ctx.n_layers):
+            for name, g in zip(LayerWeights._fields, grads):
+                if name.endswith("norm"):  # served as plain slices: autograd brings their gradients
+                    out.append(None if g is None else g[n])
+                else:
+                    gw = ctx.sink.grad(name, n, cache)
+                    if g is not None:  # not reached by _linear, but counted all the same
+                        gw = g[n].T if gw is None else gw + g[n].T
+                    out.append(gw)
+        return (None, None, *out)
+
+
+class _SlicedBmm(torch.autograd.Function):
+    """x [k, M, in] @ w.full[lo:hi]; backward returns the input gradient and hands (x, g) to the sink."""
+
+    @staticmethod
+    def forward(ctx, x, full, w: SlicedWeight):
+        ctx.save_for_backward(x, full)
+        ctx.w = w
+        return torch.bmm(x, full[w.lo : w.hi])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, full = ctx.saved_tensors
+        w = ctx.w
+        w.sink.add(w.name, w.lo, x, g, full)
+        return torch.bmm(g, full[w.lo : w.hi].transpose(1, 2)), None, None
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor | SlicedWeight) -> torch.Tensor:
+    # x [k, ..., in], w [k, in, out] -> [k, ..., out]
+    shape = x.shape
+    x = x.reshape(shape[0], -1, shape[-1])
+    y = _SlicedBmm.apply(x, w.full, w) if isinstance(w, SlicedWeight) else torch.bmm(x, w)
+    return y.view(*shape[:-1], y.shape[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled cells (compile_cells)
+
+
+_COMPILED_POINTWISE: dict[tuple, tuple] = {}
+
+
+def compiled_pointwise(cfg, eager: tuple) -> tuple:
+    """A cell's elementwise pieces (modeling.Pointwise), compiled (fused kernels, shapes dynamic) when a cell is
+    compiled piecewise: compile_cells with weight_grads other than "autograd", whose matmuls stay eager. Otherwise
+    plain: either eager, or traced inside the compiled step."""
+    if not cfg.compile_cells or cfg.weight_grads == "autograd":
+        return eager
+    if eager not in _COMPILED_POINTWISE:
+        _COMPILED_POINTWISE[eager] = type(eager)(*(torch.compile(f) for f in eager))
+    return _COMPILED_POINTWISE[eager]
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled_step(cfg, step: Callable) -> Callable:
+    """A scheduled step (modeling._cells_step) through torch.compile when compile_cells and weight_grads="autograd";
+    otherwise step itself (the latter compiles only the pieces: compiled_pointwise)."""
+    if not cfg.compile_cells or cfg.weight_grads != "autograd":
+        return step
+    mode = None if cfg.compile_cells is True else cfg.compile_cells
+    # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's default
+    # limit of 8 variants it silently runs the rest eagerly, and a checkpoint's recomputation can then differ from its
+    # forward (one compiled, one eager): allow them all, for the deepest model seen so far. With an attention sink,
+    # cells with and without a sink double the variants.
+    per_k = 4 if cfg.memory_sink_tokens == 0 else 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, per_k * cfg.num_hidden_layers + 8)
+    if (step, mode) not in _COMPILED:  # one compiled function per mode; dynamo re-specialises on k and on memory
+        _COMPILED[step, mode] = torch.compile(step, mode=mode, dynamic=False)  # presence
+    return _COMPILED[step, mode]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused loss (the training path of eq. 17 in modeling.condensation_loss)
+
+
+def _final_rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # y [c, d], weight [d]: float32 statistics, exactly LlamaRMSNorm (and modeling._rms_norm for one layer)
+    yf = y.float()
+    yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * yf.to(y.dtype)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class NormLinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_t w_t * CE(lm_head(final_norm(y_t)), target_t), and each token's CE (no gradient).
+
+    Runs over chunks of tokens and computes the gradients of y, the norm weight and the lm-head weight inside the
+    forward pass, chunk by chunk; backward only scales them. So [n, V] logits never exist beyond one chunk, the
+    lm-head matmul is not recomputed (checkpointing it costs a third more lm-head FLOPs), and nothing of size
+    [n, d] is saved but the gradient of y. With the paper's 128K vocabulary the lm-head is half the model's FLOPs."""
+
+    @staticmethod
+    def forward(ctx, y, norm_weight, lm_weight, targets, token_weights, eps: float, chunk: int):
+        # y [n, d] (pre-norm), targets [n] (-100 ignored), token_weights [n]
+        acc = torch.promote_types(lm_weight.dtype, torch.float32)
+        grad_y = torch.empty_like(y)
+        grad_norm = torch.zeros(norm_weight.shape, dtype=acc, device=y.device)
+        grad_lm = torch.zeros(lm_weight.shape, dtype=acc, device=y.device)
+        ce = torch.empty(y.shape[0], dtype=acc, device=y.device)
+        for i in range(0, y.shape[0], chunk):
+            t = targets[i : i + chunk]
+            with torch.enable_grad():
+                yc, nw = y[i : i + chunk].detach().requires_grad_(), norm_weight.detach().requires_grad_()
+                h = _final_rms_norm(yc, nw, eps)  # [c, d], exactly LlamaRMSNorm
+            g = h.detach() @ lm_weight.T  # [c, V] logits, then in place d loss / d logits = w_t * (softmax - onehot)
+            ce[i : i + chunk] = cross_entropy_grad_(g, t, token_weights[i : i + chunk])
+            grad_lm += g.T @ h.detach()
+            with torch.enable_grad():
+                gy, gn = torch.autograd.grad(h, (yc, nw), g @ lm_weight)
+            grad_y[i : i + chunk] = gy
+            grad_norm += gn
+        ctx.save_for_backward(grad_y, grad_norm, grad_lm)
+        ctx.dtypes, ctx.used = (norm_weight.dtype, lm_weight.dtype), False
+        ctx.mark_non_differentiable(ce)
+        return (ce * token_weights.to(acc)).sum(), ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, g_ce):
+        grad_y, grad_norm, grad_lm = ctx.saved_tensors
+        if ctx.used:
+            raise RuntimeError("NormLinearCrossEntropy's saved gradients were scaled in place by a first backward; "
+                               "it cannot run backward twice (retain_graph=True)")
+        ctx.used = True
+        # in place: a second [n, d] buffer would be 1 GiB at 1M tokens
+        return (grad_y.mul_(g_loss.to(grad_y.dtype)), (grad_norm * g_loss).to(ctx.dtypes[0]),
+                (grad_lm * g_loss).to(ctx.dtypes[1]), None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedding inside group checkpoints
+
+
+class EmbeddingSink:
+    """An nn.Embedding's weight gradient, gathered row by row from many small lookups into one float32 [V, d]
+    buffer."""
+
+    def __init__(self, embedding: nn.Embedding):
+        self.weight, self.padding_idx = embedding.weight, embedding.padding_idx
+        self.grad: torch.Tensor | None = None
+
+    def add(self, ids: torch.Tensor, g: torch.Tensor) -> None:
+        if self.grad is None:
+            self.grad = torch.zeros(self.weight.shape, dtype=torch.promote_types(self.weight.dtype, torch.float32),
+                                    device=self.weight.device)
+        self.grad.index_add_(0, ids.flatten(), g.reshape(-1, g.shape[-1]).to(self.grad.dtype))
+
+
+class _SinkEmbedding(torch.autograd.Function):
+    """F.embedding(ids, weight) whose weight gradient rows go to the sink (returned by _GradFromEmbeddingSink)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, sink: EmbeddingSink):
+        ctx.save_for_backward(ids)
+        ctx.sink = sink
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        ctx.sink.add(ctx.saved_tensors[0], g)
+        return None, None, None
+
+
+class _GradFromEmbeddingSink(torch.autograd.Function):
+    """Identity on the embedding weight; in backward (after every _SinkEmbedding that used its output) it returns the
+    sink's rows as the weight's gradient, with nn.Embedding's padding_idx row kept at zero."""
+
+    @staticmethod
+    def forward(ctx, weight, sink: EmbeddingSink):
+        ctx.sink = sink
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        sink_grad = ctx.sink.grad
+        if sink_grad is None:
+            return g, None
+        if ctx.sink.padding_idx is not None:
+            sink_grad[ctx.sink.padding_idx] = 0
+        ctx.sink.grad = None
+        grad = sink_grad.to(ctx.sink.weight.dtype)
+        return (grad if g is None else grad + g), None
