@@ -1,17 +1,13 @@
 """Fixtures shared by the top-level test modules (tests/train and tests/data keep their own)."""
 
-import os
-
 import pytest
+
+from private_ray import private_ray
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """A private local Ray for one module (2 CPUs, no dashboard), shut down after it."""
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    """A private local Ray for one module (2 CPUs), shut down after it; with its own dashboard on 127.0.0.1, so that
+    each Ray Train run ends without waiting (tests/private_ray.py)."""
+    with private_ray(2) as ray:
+        yield ray

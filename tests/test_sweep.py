@@ -11,6 +11,7 @@ import signal
 from dataclasses import dataclass
 
 import pytest
+from private_ray import private_ray
 
 from condensation.config import ConfigError
 from condensation.sweep import PRESETS, TRIAL_DONE_FILE, format_trials_table, load_sweep_config, run_sweep
@@ -213,29 +214,11 @@ def _loss_steps(client, run_id):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """This module's local Ray (2 CPUs, as CI), as tests/conftest.py's but with settings for the trials' Ray Train
-    runs, passed as env vars (Ray Train's only interface for them; a trial hands them on to its Train controller):
-    - the controller collects the workers' reports every 0.25 s instead of 2 s, so that a tiny trial's reports and
-      its end do not each wait seconds, and an ASHA stop reaches a run that takes milliseconds a step;
-    - every run's placement-group cleaner asks this Ray's own dashboard (state API) whether its controller lives:
-      left to find one, it picks the newest Ray on the host (other test sessions'), and each run's end waits its
-      12 s stop timeout; the dashboard listens on 127.0.0.1 only;
-    - no preemption-watcher actor per run (a single local node is never drained)."""
-    import socket
-
-    import ray
-
-    with socket.socket() as s:  # a free port for the dashboard, known before Ray starts
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {
-                 "DS_ACCELERATOR": "cpu", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    """This module's local Ray (2 CPUs, as CI), as tests/conftest.py's (its own dashboard, so that each trial's Ray
+    Train run ends without waiting; the controller polls its workers every 0.25 s, so that an ASHA stop reaches a run
+    that takes milliseconds a step: tests/private_ray.py), with DeepSpeed told it runs on CPU."""
+    with private_ray(2, env_vars={"DS_ACCELERATOR": "cpu"}) as ray:
+        yield ray
 
 
 @dataclass

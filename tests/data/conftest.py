@@ -4,10 +4,10 @@ small generated corpora (real English from `pydoc_data.topics`) with deliberatel
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
+from private_ray import private_ray
 
 from condensation.tokenizer import load_tokenizer
 
@@ -22,17 +22,12 @@ def ray_session():
     """
     import ray
 
-    # address="local": always a fresh private Ray, never a cluster another job started with `ray start`
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    yield ray
-    if started:
-        ray.shutdown()
+    if ray.is_initialized():
+        yield ray
+        return
+    # no dashboard: no Ray Train run here (tests/private_ray.py)
+    with private_ray(1, dashboard=False, quiet=True) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="session")

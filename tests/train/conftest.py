@@ -1,6 +1,6 @@
-import os
-
 import pytest
+
+from private_ray import private_ray
 
 
 def debug_cfg(tmp_path, name: str, *overrides: str):
@@ -18,14 +18,10 @@ def debug_cfg(tmp_path, name: str, *overrides: str):
 
 
 def local_ray(num_cpus: int, num_gpus: int = 0):
-    """A fresh local Ray of the test's own (address="local": never another session's cluster found via /tmp/ray)."""
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    """A fresh local Ray of the test's own (address="local": never another session's cluster found via /tmp/ray),
+    with its own dashboard on 127.0.0.1, so that each `fit()` ends without waiting (tests/private_ray.py)."""
+    with private_ray(num_cpus, num_gpus, log_to_driver=True) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")
