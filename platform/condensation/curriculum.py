@@ -499,20 +499,14 @@ def _client(cfg: CurriculumConfig):
 
 def ensure_parent_run(cfg: CurriculumConfig) -> str:
     """The curriculum's MLflow parent run, created once and found again from its id file in the storage folder."""
-    from .train.tracking import artifact_location, ensure_experiment
+    from .train.tracking import artifact_location, ensure_experiment, reopen_parent_run
 
     folder = os.path.join(cfg.train.run.storage, cfg.name)
     os.makedirs(folder, exist_ok=True)
     id_file = os.path.join(folder, PARENT_ID_FILE)
     client = _client(cfg)
-    if os.path.exists(id_file):
-        run_id = open(id_file).read().strip()
-        try:
-            if client.get_run(run_id).info.status != "RUNNING":  # continued after an interrupt (KILLED)
-                client.update_run(run_id, status="RUNNING")
-            return run_id
-        except Exception:  # the store was wiped: start over in a new parent run
-            pass
+    if (run_id := reopen_parent_run(client, id_file)) is not None:
+        return run_id
     exp_id = ensure_experiment(client, cfg.train.tracking.experiment, artifact_location(cfg.train))
     run = client.create_run(exp_id, run_name=cfg.name, tags={"curriculum": cfg.name})
     client.log_text(run.info.run_id, to_yaml(cfg), "curriculum_config.yaml")

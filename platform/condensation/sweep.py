@@ -1102,19 +1102,13 @@ def stop_runs(run_dirs: list[str], wait_s: float = 120.0, ask: bool = True) -> b
 
 def ensure_parent_run(cfg: SweepConfig) -> str:
     """The sweep's MLflow parent run, created once and found again from its id file in the sweep's folder."""
-    from .train.tracking import artifact_location, ensure_experiment
+    from .train.tracking import artifact_location, ensure_experiment, reopen_parent_run
 
     os.makedirs(cfg.folder, exist_ok=True)
     id_file = os.path.join(cfg.folder, PARENT_ID_FILE)
     client = _client(cfg)
-    if os.path.exists(id_file):
-        run_id = open(id_file).read().strip()
-        try:
-            if client.get_run(run_id).info.status != "RUNNING":
-                client.update_run(run_id, status="RUNNING")
-            return run_id
-        except Exception:  # the store was wiped: a new parent run
-            pass
+    if (run_id := reopen_parent_run(client, id_file)) is not None:
+        return run_id
     exp_id = ensure_experiment(client, cfg.train.tracking.experiment, artifact_location(cfg.train))
     run = client.create_run(exp_id, run_name=cfg.name, tags={"sweep": cfg.name, "sweep.role": "parent"})
     client.log_text(run.info.run_id, to_yaml(cfg), "sweep_config.yaml")

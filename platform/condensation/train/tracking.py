@@ -36,6 +36,21 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+def reopen_parent_run(client, id_file: str) -> str | None:
+    """The parent run of a workload (curriculum, sweep, summarization) whose id `id_file` recorded, set RUNNING again
+    when it was continued after an interrupt (KILLED); None when there is no such file or the store lost the run (a
+    wiped store starts over in a new parent run)."""
+    if not os.path.exists(id_file):
+        return None
+    run_id = open(id_file).read().strip()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return run_id
+    except Exception:
+        return None
+
+
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
     """The id of experiment `name`, created the first time, marked as a model-training experiment (an existing
     experiment's kind is set only when it has none, so a user's choice stays)."""
