@@ -7,8 +7,8 @@
 #
 # Steps: setup, suite (the platform's GPU tests), engine-tests, summarize (issue 14), throughput (issue 11),
 # bench (issue 16), bench-smollm2, sweep (issue 13), ideas (issue 12). Each step's log goes to $OUT/logs/<step>.txt
-# (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_ARGS, SUMMARIZE_ARGS,
-# SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS; T overrides a step's time limit (s).
+# (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_K (a pytest -k
+# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS; T overrides a step's time limit (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -26,7 +26,7 @@ setup() {
 }
 
 suite() {  # the platform's GPU tests: DeepSpeed and torch engines, export, NaN, SIGKILL, repeated error, curriculum
-  timeout "${T:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests/train/test_fit_gpu.py tests/test_gpu.py} ${SUITE_ARGS:-}
+  timeout "${T:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests/train/test_fit_gpu.py tests/test_gpu.py} ${SUITE_K:+-k "$SUITE_K"}
 }
 
 summarize() {  # issue 14: three models on the man-page summaries (data/summaries, built by workloads/make_summaries.py)

@@ -474,16 +474,21 @@ def build_corpus(out_dir: str | os.PathLike, sources: Sequence[str] = DEFAULT_SO
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")  # written last: marks it complete
         tmp.chmod(0o755)
-        if out.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, stale / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**manifest, "rebuilt": True}
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`, replacing an older one by renames, so a reader never sees half of it."""
+    if out.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, stale / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def _source_summary(source: str, docs: Sequence[Document], note: dict) -> dict:

@@ -48,7 +48,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpora import CorpusError, deb_tree, heldout_by_hash
+from .corpora import CorpusError, deb_tree, heldout_by_hash, replace_folder
 from .roff import RoffError, render
 
 FORMAT = 1  # of the folder; part of the manifest, so a format change rebuilds
@@ -287,13 +287,7 @@ def build_manpage_summaries(out_dir: str | os.PathLike, debs: Sequence[str | os.
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")  # last
         tmp.chmod(0o755)
-        if out.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, stale / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**manifest, "rebuilt": True}
