@@ -5,10 +5,11 @@
 #   bash benchmarks/gpu_session.sh suite summarize     # then any steps, in order, each under its own time limit
 #   bash benchmarks/gpu_session.sh suite+summarize     # two steps at the same time
 #
-# Steps: setup, suite (the platform's GPU tests), engine-tests, summarize (issue 14), throughput (issue 11),
-# bench (issue 16), bench-smollm2, sweep (issue 13), ideas (issue 12). Each step's log goes to $OUT/logs/<step>.txt
+# Steps: setup, suite (the platform's GPU tests), summarize (issue 14), throughput (issue 11), bench (issue 16),
+# bench-smollm2, sweep (issue 13), ideas (issue 12), chain (issue 12: the SmolLM2 passkey chain; run it again after a
+# cut and it continues). Each step's log goes to $OUT/logs/<step>.txt
 # (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_K (a pytest -k
-# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS; T overrides a step's time limit (s).
+# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, CHAIN_ARGS; T overrides a step's time limit (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -69,6 +70,15 @@ ideas() {  # issue 12: the ideas against the paper's recipe, as a sweep over con
   local r=$?; mkdir -p "$OUT/ideas"; cp -r runs/sweep-h200-ideas/*.{json,png,md,yaml} "$OUT/ideas/" 2>/dev/null; return $r
 }
 
+chain() {  # issue 12: continual pretraining -> passkey stages -> grid and loss by position (README's smollm2 chain)
+  timeout "${T:-540}" python3 workloads/curriculum.py --preset smollm2 ${CHAIN_ARGS:-}
+  local r=$?
+  # the results without checkpoints or weights, one file (the device tool brings back no nested folders)
+  find runs -name 'checkpoint*' -prune -o -type f \( -name '*.png' -o -name '*.json' -o -name '*.md' -o -name '*.yaml' \) \
+    -size -4M -print | tar czf "$OUT/chain.tgz" -T -
+  return $r
+}
+
 run_step() {  # one step, its log in $OUT/logs
   local step=$1 start=$(date +%s) r=0
   "$step" > "$OUT/logs/$step.txt" 2>&1 || r=$?
@@ -81,7 +91,7 @@ status=0
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|summarize|throughput|bench|bench-smollm2|sweep|ideas) ;;
+      setup|suite|summarize|throughput|bench|bench-smollm2|sweep|ideas|chain) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;
     esac
   done

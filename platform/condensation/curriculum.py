@@ -345,14 +345,18 @@ def smollm2_preset() -> CurriculumConfig:
         "run": {"storage": "runs"},
     })
     return CurriculumConfig(
-        name="passkey-smollm2", train_rows=16 * 80, full_lm_loss=False, cache_rows=True, train=train,
+        # as many rows as the longest stage's steps x batch: no row trained on twice in a stage
+        name="passkey-smollm2", train_rows=16 * 240, full_lm_loss=False, cache_rows=True, train=train,
         # 3.3M tokens of text: 60 steps of 16 x 8K are about 2.4 epochs; documents are packed (eos between them),
         # so the library's short files count too
         pretraining=PretrainingConfig(steps=60, source="data/corpus/train.jsonl", total_tokens=8192, lr=1e-4,
                                       min_lr=3e-5, dataset_options={"mode": "pack", "min_tokens": 256}),
-        stages=[StageConfig(total_tokens=2048, steps=60, lr=1e-4, min_lr=3e-5, per_worker_batch=16),
-                StageConfig(total_tokens=4096, steps=60, lr=1e-4, min_lr=3e-5, per_worker_batch=16),
-                StageConfig(total_tokens=8192, steps=70, lr=1e-4, min_lr=3e-5, per_worker_batch=8)],
+        # session 5 trained 60/60/70 steps: the needle was found from the question's segment and the one before, never
+        # from two or more segments back. 2K rows (4 segments, half of them with the needle 2-3 segments back) teach
+        # carrying it through a segment at a quarter of an 8K row's cost, so the added steps go there first
+        stages=[StageConfig(total_tokens=2048, steps=240, lr=1e-4, min_lr=3e-5, per_worker_batch=16),
+                StageConfig(total_tokens=4096, steps=120, lr=1e-4, min_lr=3e-5, per_worker_batch=16),
+                StageConfig(total_tokens=8192, steps=80, lr=1e-4, min_lr=3e-5, per_worker_batch=8)],
         evaluation=EvalConfig(lengths=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
                               depths=[0.0, 0.25, 0.5, 0.75, 1.0], n_per_cell=20, batch_size=20, final_only=True),
         long_context=LongContextConfig(text="data/corpus/heldout_long.jsonl", length=65536, windows=4, bin_tokens=1024),
