@@ -641,15 +641,17 @@ class CondensationModel(CondensationPreTrainedModel):
         return Rope(cos[0], sin[0])
 
     def forward(self, input_ids=None, inputs_embeds=None, cache: CondensationCache | None = None,
-                final_norm: bool = True) -> torch.Tensor:
+                final_norm: bool = True, keep_last: int = 0) -> torch.Tensor:
         """Final-norm hidden states [B, L, d] (the last layer's outputs with final_norm=False). With a cache, advances
-        it by these tokens (generation)."""
+        it by these tokens (generation) and returns only the last `keep_last` positions when keep_last > 0."""
+        if cache is not None:
+            return self.advance_cache(input_ids, inputs_embeds, cache, final_norm, keep_last)
         cfg, l = self.config, self.config.segment_length
         # Under group checkpoints each group embeds its own segments (recomputed in backward): no [L, d] embeddings
         # are kept, and each group's gradient rows are added into one [V, d] buffer (EmbeddingSink) instead of being
         # gathered into an [L, d] tensor at the end of backward (2-3 GiB at 1M tokens on the Table I model) or
         # costing a dense [V, d] embedding gradient per group.
-        embed_in_groups = (inputs_embeds is None and cache is None and cfg.checkpoint_group_steps > 0
+        embed_in_groups = (inputs_embeds is None and cfg.checkpoint_group_steps > 0
                            and cfg.segment_schedule == "wavefront" and torch.is_grad_enabled())
         if embed_in_groups:
             x = None
@@ -658,14 +660,6 @@ class CondensationModel(CondensationPreTrainedModel):
             x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, d]
             B, L, d = x.shape
         rope = self.rope(self.embed_tokens.weight if x is None else x)
-        if cache is not None:
-            outs, i = [], 0
-            while i < L:  # split the chunk at segment boundaries
-                c = min(L - i, l - cache.current_length())
-                outs.append(decode_chunk(self.layers, x[:, i : i + c], cache, rope, self.config))
-                i += c
-            y = torch.cat(outs, 1)
-            return self.norm(y) if final_norm else y
         n_seg = math.ceil(L / l)
         if embed_in_groups:
             sink = EmbeddingSink(self.embed_tokens)
@@ -686,6 +680,26 @@ class CondensationModel(CondensationPreTrainedModel):
         y = y.reshape(B, n_seg * l, d)
         if n_seg * l != L:  # even a full-length slice's backward allocates and copies a [B, L, d] gradient
             y = y[:, :L]
+        return self.norm(y) if final_norm else y
+
+    def advance_cache(self, input_ids, inputs_embeds, cache: CondensationCache, final_norm: bool = True,
+                      keep_last: int = 0) -> torch.Tensor:
+        """Generation: advance the cache by these tokens (a prompt or new tokens) one segment-bounded chunk at a time.
+        Each chunk is embedded only when it is processed and only the outputs of the last `keep_last` positions are
+        kept (all with 0), so that a prefill's working memory does not grow with the prompt. Returns [B, min(keep_last,
+        L) or L, d]."""
+        L = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        start = 0 if keep_last <= 0 else max(0, L - keep_last)  # first position returned
+        rope = self.rope(self.embed_tokens.weight if inputs_embeds is None else inputs_embeds)
+        kept, i = [], 0
+        while i < L:  # split at segment boundaries
+            c = min(L - i, self.config.segment_length - cache.current_length())
+            x = self.embed_tokens(input_ids[:, i : i + c]) if inputs_embeds is None else inputs_embeds[:, i : i + c]
+            y = decode_chunk(self.layers, x, cache, rope, self.config)  # [B, c, d]
+            if i + c > start:
+                kept.append(y[:, max(0, start - i) :])
+            i += c
+        y = torch.cat(kept, 1)  # [B, L - start, d]
         return self.norm(y) if final_norm else y
 
 
@@ -724,7 +738,10 @@ class CondensationForCausalLM(CondensationPreTrainedModel, GenerationMixin):
             cache = CondensationCache(self.config.num_hidden_layers)
         # the loss without logits runs the final norm inside the fused lm-head + cross-entropy
         fused = labels is not None and not return_logits
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, final_norm=not fused)
+        # a prefill through the cache then returns only the hidden states that get logits
+        keep_last = logits_to_keep if cache is not None and labels is None else 0
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, final_norm=not fused,
+                            keep_last=keep_last)
 
         logits = loss = segment_losses = None
         if fused:
