@@ -1449,6 +1449,7 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
 
     from .evaluate.plots import _figure, _save
 
@@ -1483,6 +1484,8 @@ def plot_sweep(trials: list[TrialRecord], path: str, objective: str, mode: str, 
                      linestyle="-" if t.status == "completed" else "--",
                      label=f"{point_label(t.point, 1)} ({t.status})")
     ax.set_xscale("log")
+    # a range under one decade gets labelled minor ticks (2x10^-5, 3x10^-5, ...) that run into each other
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(range(len(rows)), rows, fontsize=8 if len(rows) > len({t.segment_length for t in trials}) else None)
     ax.set_ylim(-0.6, len(rows) - 0.4)
     lrs = [t.lr for t in trials if t.lr > 0]
