@@ -255,6 +255,10 @@ def compiled_step(cfg, step: Callable) -> Callable:
 # The fused loss (the training path of eq. 17 in modeling.condensation_loss)
 
 
+# rows of the lm-head weight gradient computed per matmul in NormLinearCrossEntropy's forward (see there)
+_LM_GRAD_ROWS = 16384
+
+
 def _final_rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # y [c, d], weight [d]: float32 statistics, exactly LlamaRMSNorm (and modeling._rms_norm for one layer)
     yf = y.float()
@@ -289,7 +293,11 @@ class NormLinearCrossEntropy(torch.autograd.Function):
                 h = _final_rms_norm(yc, nw, eps)  # [c, d], exactly LlamaRMSNorm
             g = h.detach() @ lm_weight.T  # [c, V] logits, then in place d loss / d logits = w_t * (softmax - onehot)
             ce[i : i + chunk] = cross_entropy_grad_(g, t, token_weights[i : i + chunk])
-            grad_lm += g.T @ h.detach()
+            # the lm-head gradient g^T h in vocabulary slices: added into the float32 buffer without a [V, d] temporary
+            # of its own (131 MB in bf16 on the Table I model); the same sums as one matmul, in the same order
+            hd = h.detach()
+            for v in range(0, g.shape[1], _LM_GRAD_ROWS):
+                grad_lm[v : v + _LM_GRAD_ROWS] += g[:, v : v + _LM_GRAD_ROWS].T @ hd
             with torch.enable_grad():
                 gy, gn = torch.autograd.grad(h, (yc, nw), g @ lm_weight)
             grad_y[i : i + chunk] = gy
@@ -307,9 +315,9 @@ class NormLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("NormLinearCrossEntropy's saved gradients were scaled in place by a first backward; "
                                "it cannot run backward twice (retain_graph=True)")
         ctx.used = True
-        # in place: a second [n, d] buffer would be 1 GiB at 1M tokens
-        return (grad_y.mul_(g_loss.to(grad_y.dtype)), (grad_norm * g_loss).to(ctx.dtypes[0]),
-                (grad_lm * g_loss).to(ctx.dtypes[1]), None, None, None, None)
+        # in place: a second [n, d] buffer would be 1 GiB at 1M tokens, a second float32 [V, d] one 263 MB at 128K vocab
+        return (grad_y.mul_(g_loss.to(grad_y.dtype)), grad_norm.mul_(g_loss).to(ctx.dtypes[0]),
+                grad_lm.mul_(g_loss).to(ctx.dtypes[1]), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,18 +325,55 @@ class NormLinearCrossEntropy(torch.autograd.Function):
 
 
 class EmbeddingSink:
-    """An nn.Embedding's weight gradient, gathered row by row from many small lookups into one float32 [V, d]
-    buffer."""
+    """An nn.Embedding's weight gradient, gathered from many small lookups (the groups of a checkpointed forward) and
+    summed in float32; the padding_idx row gets none (nn.Embedding's rule).
 
-    def __init__(self, embedding: nn.Embedding):
+    The rows each lookup's backward brings are kept as they come and summed into the float32 [V, d] buffer only when
+    the gradient is taken (the end of backward), when every group's recomputed activations are gone. Adding each
+    group's rows on arrival kept that buffer alive through the whole backward, beside the activations of the group
+    being recomputed: 263 MB on the Table I model (128K vocabulary), while all rows of 16K tokens are 16 MB. Past
+    `row_bytes_limit` bytes of rows (default: the buffer's own size, 256K tokens of that model in bf16) the rows are
+    summed on arrival as before, so that rows never take more memory than the buffer would. Either way each element
+    is the same float32 sum in the same order."""
+
+    def __init__(self, embedding: nn.Embedding, row_bytes_limit: int | None = None):
         self.weight, self.padding_idx = embedding.weight, embedding.padding_idx
-        self.grad: torch.Tensor | None = None
+        self.dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        self.row_bytes_limit = (self.weight.numel() * self.dtype.itemsize if row_bytes_limit is None
+                                else row_bytes_limit)
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids [r], gradient rows [r, d])
+        self.row_bytes = 0
+        self.grad: torch.Tensor | None = None  # the float32 sum, once rows were summed
 
     def add(self, ids: torch.Tensor, g: torch.Tensor) -> None:
+        g = g.reshape(-1, g.shape[-1])
+        if g.untyped_storage().nbytes() > g.numel() * g.element_size():
+            g = g.clone()  # a view would keep its whole base (e.g. a stack of several cells' gradients) alive
+        self.rows.append((ids.flatten(), g))
+        self.row_bytes += g.numel() * g.element_size()
+        if self.grad is not None or self.row_bytes > self.row_bytes_limit:
+            self._sum_rows()
+
+    def _sum_rows(self) -> None:
         if self.grad is None:
-            self.grad = torch.zeros(self.weight.shape, dtype=torch.promote_types(self.weight.dtype, torch.float32),
-                                    device=self.weight.device)
-        self.grad.index_add_(0, ids.flatten(), g.reshape(-1, g.shape[-1]).to(self.grad.dtype))
+            self.grad = torch.zeros(self.weight.shape, dtype=self.dtype, device=self.weight.device)
+        while self.rows:  # popped one by one: each is freed once summed
+            ids, g = self.rows.pop(0)
+            self.grad.index_add_(0, ids, g.to(self.dtype))
+        self.row_bytes = 0
+
+    def take(self, other: torch.Tensor | None) -> torch.Tensor | None:
+        """The weight's gradient in its dtype: the rows' float32 sum (padding row zero) plus `other` (the gradient of
+        the weight's other uses, or None), added in float32 before the one rounding; None if no rows came."""
+        if not self.rows and self.grad is None:
+            return other
+        self._sum_rows()
+        grad, self.grad = self.grad, None
+        if self.padding_idx is not None:
+            grad[self.padding_idx] = 0
+        if other is not None:
+            grad += other
+        return grad.to(self.weight.dtype)
 
 
 class _SinkEmbedding(torch.autograd.Function):
@@ -360,11 +405,4 @@ class _GradFromEmbeddingSink(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        sink_grad = ctx.sink.grad
-        if sink_grad is None:
-            return g, None
-        if ctx.sink.padding_idx is not None:
-            sink_grad[ctx.sink.padding_idx] = 0
-        ctx.sink.grad = None
-        grad = sink_grad.to(ctx.sink.weight.dtype)
-        return (grad if g is None else grad + g), None
+        return ctx.sink.take(g), None

@@ -1,0 +1,79 @@
+"""The fused loss and the embedding sink under group checkpoints (issue 16): the embedding's float32 [V, d] gradient
+buffer is not alive during the groups' backward, the lm-head gradient has no [V, d] temporaries, and the gradients
+are those of plain autograd through the full logits (float64, tied and untied embeddings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from condensation import CondensationConfig, CondensationForCausalLM
+from condensation import fast_train
+from test_modeling import ARCH, max_diff, randomize_
+
+
+def grads_of(model, ids, return_logits: bool) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    (2.0 * model(ids, labels=ids, return_logits=return_logits).loss).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("group", [0, 2])
+@pytest.mark.parametrize("row_bytes_limit", [None, 0, 3000])  # rows summed at the end / on arrival / switching over
+def test_fused_loss_and_sink_gradients_equal_autograd_through_logits(tied, group, row_bytes_limit, monkeypatch):
+    monkeypatch.setattr(fast_train, "_LM_GRAD_ROWS", 10)  # lm-head gradient in 10 slices of the 97-row vocabulary
+    if row_bytes_limit is not None:
+        init = fast_train.EmbeddingSink.__init__
+        monkeypatch.setattr(fast_train.EmbeddingSink, "__init__",
+                            lambda self, emb, limit=None: init(self, emb, row_bytes_limit))
+    cfg = CondensationConfig(**ARCH, segment_length=8, tie_word_embeddings=tied, pad_token_id=3,
+                             checkpoint_group_steps=group, loss_chunk_tokens=11)
+    model = CondensationForCausalLM(cfg)
+    randomize_(model)
+    model = model.to(torch.float64)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, ARCH["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(4))
+    ids[:, ::7] = 3
+    ref, fused = grads_of(model, ids, True), grads_of(model, ids, False)
+    assert ref["model.embed_tokens.weight"][3].abs().max() == 0 or tied  # padding row: no embedding gradient
+    for name, g in ref.items():
+        assert g.abs().max() > 0, name
+        assert max_diff(g, fused[name]) < 1e-10 * max(1.0, g.abs().max().item()), name
+
+
+def peak_live_bytes(fn) -> int:
+    """Most bytes the CPU allocator held at once while fn ran, beyond what was allocated before it."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
+def test_group_backward_runs_without_the_float32_embedding_buffer(monkeypatch):
+    """A vocabulary-heavy toy (V = 32000, d = 64, tied, float32: [V, d] is 8.2 MB) whose peak falls in the groups'
+    backward. The old sink (rows summed on arrival: row_bytes_limit=0, the old code path) held the float32 [V, d]
+    buffer there; the new one holds only the rows (4 KB here), so its peak is lower by about that buffer."""
+    cfg = CondensationConfig(vocab_size=32000, hidden_size=64, intermediate_size=4096, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, segment_length=16,
+                             tie_word_embeddings=True, checkpoint_group_steps=4, loss_chunk_tokens=16)
+    model = CondensationForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # as in a graphed training step: the gradients exist before it
+
+    def step():
+        model(ids, labels=ids, return_logits=False).loss.backward()
+
+    buffer = cfg.vocab_size * cfg.hidden_size * 4
+    new = peak_live_bytes(step)
+    init = fast_train.EmbeddingSink.__init__
+    monkeypatch.setattr(fast_train.EmbeddingSink, "__init__", lambda self, emb, limit=None: init(self, emb, 0))
+    old = peak_live_bytes(step)
+    assert old - new >= 0.9 * buffer, (old, new, buffer)
