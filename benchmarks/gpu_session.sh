@@ -50,7 +50,7 @@ bench() {  # issue 16: Llama-1B shape MFU, generation, Table I lengths against L
     --sizes llama-3.2-1b --lengths 16384 --cases llama-liger,llama-sdpa,cond-sdpa-l512-deferred-compile-graph \
     --target cond-sdpa-l512-deferred-compile-graph --baseline llama-liger --generation 32768,131072
   timeout 170 python3 workloads/benchmark.py --out "$OUT/bench/h200_s6_table1.json" --budget-s 130 --steps 3 --warmup 1 \
-    --sizes table1 --lengths 16384,32768,65536,131072 --cases llama-liger-ckpt,cond-sdpa-l512-group8-compile-graph
+    --sizes table1 --lengths 16384,32768,65536,131072 --cases llama-liger-ckpt,cond-sdpa-l512-group8-compile-graph,cond-sdpa-l512-group4-compile-graph
 }
 
 bench-smollm2() {

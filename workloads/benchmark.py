@@ -147,6 +147,10 @@ def default_cases(smoke: bool) -> list[Case]:
              compile_cells=True, graph=True, lengths=short[:6]),
         Case("cond-sdpa-l512-group8-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8,
              compile_cells=True, graph=True, lengths=long),
+        # groups of 4 diagonals: the backward of one group's recomputed cells is the step's peak (tests/test_loss_memory.py's
+        # attribution), so halving the group lowers the constant part of the memory; cells still run forward twice
+        Case("cond-sdpa-l512-group4-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=4,
+             compile_cells=True, graph=True, lengths=long),
         # the same without compiled cells: on deep models (SmolLM2's 30 layers) compile_cells compiles one graph per
         # (cells in a diagonal, with or without memory), about 60 forward + backward graphs, minutes on a bare machine
         Case("cond-sdpa-l512-group8-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8, graph=True,
