@@ -46,16 +46,16 @@ throughput() {  # issue 11: Ray Train (both engines) against the benchmark's eag
 
 bench() {  # issue 16: Llama-1B shape MFU, generation, Table I lengths against Llama + Liger (+ checkpointing)
   mkdir -p "$OUT/bench"
-  timeout 150 python3 workloads/benchmark.py --out "$OUT/bench/h200_s6_1b_generation.json" --budget-s 100 \
+  timeout 150 python3 workloads/benchmark.py --out "$OUT/bench/1b_generation.json" --budget-s 100 \
     --sizes llama-3.2-1b --lengths 16384 --cases llama-liger,llama-sdpa,cond-sdpa-l512-deferred-compile-graph \
     --target cond-sdpa-l512-deferred-compile-graph --baseline llama-liger --generation 32768,131072
-  timeout 170 python3 workloads/benchmark.py --out "$OUT/bench/h200_s6_table1.json" --budget-s 130 --steps 3 --warmup 1 \
+  timeout 230 python3 workloads/benchmark.py --out "$OUT/bench/table1.json" --budget-s 190 --steps 3 --warmup 1 \
     --sizes table1 --lengths 16384,32768,65536,131072 --cases llama-liger-ckpt,cond-sdpa-l512-group8-compile-graph,cond-sdpa-l512-group4-compile-graph
 }
 
 bench-smollm2() {
   mkdir -p "$OUT/bench"
-  timeout "${T:-290}" python3 workloads/benchmark.py --out "$OUT/bench/h200_s6_smollm2.json" --budget-s $(( ${T:-290} - 60 )) \
+  timeout "${T:-290}" python3 workloads/benchmark.py --out "$OUT/bench/smollm2.json" --budget-s $(( ${T:-290} - 60 )) \
     --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
     --cases llama-liger-ckpt,cond-sdpa-l512-group8-graph,cond-sdpa-l512-group8-compile-graph
 }
