@@ -142,8 +142,9 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
     {"input_ids": int64[L], "labels": int64[L]} (None builds them from `cfg.data`), and with
     `schedule.replay_micro_batches` > 0 (only then) also "replay" rows of the same schema and length, whose
     micro-batches join every optimizer step's (see `ScheduleConfig`). `init_from`: a HF folder (e.g. the previous
-    stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data pipeline's counts: a dict (logged by rank 0 at the start) or a `condensation.data.DataReport` (its counts are
-    logged after the run, when the data has streamed through).
+    stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data pipeline's counts: a dict
+    (logged by rank 0 at the start) or a `condensation.data.DataReport` (its counts are logged after the run, when the
+    data has streamed through).
 
     `callbacks`: Ray Train `UserCallback`s for the run (e.g. `ray.tune.integration.ray_train.TuneReportCallback()`
     from a Ray Tune trainable); with any, the workers report their metrics to Ray Train at every log interval
