@@ -89,8 +89,8 @@ class ReplayConfig:
     source: the text (a `data.source`: a hub id, a known name or a local jsonl/parquet path; not "passkey" or
         "synthetic"); None (default): `pretraining.source`, the text the continual pretraining trained on (whether
         or not pretraining.steps is 0).
-    dataset_options: its options (`data.dataset_options`, e.g. {"mode": "pack"}); None (default): `pretraining.
-        dataset_options` when the source is the pretraining's, else none.
+    dataset_options: its options (`data.dataset_options`, e.g. {"mode": "pack"}); None (default):
+        `pretraining.dataset_options` when the source is the pretraining's, else none.
     """
 
     source: str | None = None
@@ -225,7 +225,6 @@ class CurriculumConfig:
                 where = f"pretraining.{key}" if not key.startswith(("model.", "schedule.", "optim.")) else f"pretraining -> train.{key}"
                 raise ConfigError(where, str(e).split(": ", 1)[-1]) from None
         return self
-
 
     def _validate_replay(self) -> None:
         """The replay text of the first stage that replays (the others differ only in length): a source that is
@@ -540,7 +539,7 @@ def stage_dataset(cfg: CurriculumConfig, i: int, tokenizer, init_from: str | Non
 def stage_replay_dataset(cfg: CurriculumConfig, i: int):
     """Ray Dataset of stage i's replay rows: text of `replay_source`, {"input_ids", "labels"} int64[total_tokens],
     labels everywhere (next-token loss), streamed (epochs re-read it, so that no text has to fit in memory)."""
-    from .train.data import local_text_rows, rows_dataset, data_layer_datasets
+    from .train.data import data_layer_datasets, local_text_rows, rows_dataset
 
     d = replay_train_config(cfg, i).data
     if d.source == "local":

@@ -7,7 +7,7 @@ Ray Data), each `engine.forward_backward` (the fused chunked loss, `return_logit
 (at the accumulation boundary: clipping, AdamW and the cosine schedule). With `schedule.replay_micro_batches` the
 step then takes that many more micro-batches from `get_dataset_shard("replay")` (e.g. text during passkey stages):
 the update follows the mean gradient over all the step's micro-batches, `loss` and the segment losses stay the train
-rows', and `replay_loss` is the replay rows' mean.
+rows', and `replay_loss` is the replay rows' mean (tokens/s and MFU count both kinds of micro-batch: both are work).
 
 The host waits on the GPU once per optimizer step, not per micro-step: the loss and segment losses are summed on
 the device and all-reduced there (NCCL needs device tensors), and before the boundary `engine.step` one flag says
