@@ -73,6 +73,11 @@ def test_override_parsing():
     (["data.random_lengths=maybe"], "data.random_lengths"),
     (["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.use_gpu=true", "schedule.global_batch=4",
       "data.random_lengths=true"], "data.random_lengths"),  # a graph replays one shape
+    # text replay: extra micro-batches per step
+    (["schedule.replay_micro_batches=-1"], "schedule.replay_micro_batches"),
+    (["schedule.replay_micro_batches=1.5"], "schedule.replay_micro_batches"),
+    (["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.use_gpu=true", "schedule.global_batch=4",
+      "schedule.replay_micro_batches=1"], "schedule.replay_micro_batches"),  # a graph takes one micro-batch a step
 ])
 def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
@@ -125,6 +130,32 @@ def test_deepspeed_dict_merges_user_keys():
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 1000 and ds["zero_optimization"]["stage"] == 2
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
+
+
+def test_replay_micro_batches_count_in_deepspeeds_accumulation():
+    from condensation.train import deepspeed_config
+
+    cfg = load_config(overrides=["schedule.global_batch=8", "schedule.per_worker_batch=2", "schedule.num_workers=2",
+                                 "schedule.replay_micro_batches=3"])
+    assert cfg.schedule.grad_accum == 2 and cfg.schedule.micro_batches == 5
+    ds = deepspeed_config(cfg)
+    # DeepSpeed scales every backward by 1 / gradient_accumulation_steps and checks the batch product
+    assert ds["gradient_accumulation_steps"] == 5 and ds["train_batch_size"] == 2 * 2 * 5
+    assert deepspeed_config(load_config())["train_batch_size"] == TrainConfig().schedule.global_batch
+
+
+def test_replay_dataset_and_replay_micro_batches_go_together(monkeypatch, tmp_path):
+    import ray
+
+    from condensation.train import fit
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray was started")))
+    base = merge(TrainConfig(), {"run": {"storage": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=r"^schedule\.replay_micro_batches: 1 replay micro-batches per step need"):
+        fit(load_config(base, overrides=["schedule.replay_micro_batches=1"]))
+    with pytest.raises(ConfigError, match=r"^schedule\.replay_micro_batches: a 'replay' dataset was given"):
+        fit(base, {"train": object(), "replay": object()})
+    assert not os.listdir(tmp_path)
 
 
 def test_bad_config_fails_before_ray_starts(monkeypatch, tmp_path):

@@ -321,3 +321,68 @@ def test_chain_pretrains_then_runs_stages_then_evaluates_long_context(ray_sessio
     said = []
     assert all(r.skipped for r in run_curriculum(cfg, log=said.append))
     assert any("continual pretraining" in line and "already finished" in line for line in said), said
+
+
+REPLAY_STAGE = "stages=[{total_tokens: 96, steps: 2, per_worker_batch: 4, replay_micro_batches: 1}]"
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["stages=[{total_tokens: 96, steps: 2, replay_micro_batches: -1}]"], "stages.0.replay_micro_batches"),
+    (["stages=[{total_tokens: 96, steps: 2, replay_micro_batches: often}]"], "stages.0.replay_micro_batches"),
+    ([REPLAY_STAGE, "replay.source=/no/such/text.jsonl"], "replay.source"),
+    ([REPLAY_STAGE, "replay.source=synthetic"], "replay.source"),
+    ([REPLAY_STAGE, "replay.dataset_options={bogus: 1}"], "replay.dataset_options.bogus"),
+    ([REPLAY_STAGE, "replay.dataset_options={text_field: body}"], "replay.dataset_options.text_field"),
+    ([REPLAY_STAGE, "replay.bogus=1"], "replay.bogus"),
+    # a CUDA graph replays one micro-batch a step
+    ([REPLAY_STAGE, "train.schedule.engine=torch", "train.schedule.cuda_graph=true", "train.schedule.use_gpu=true",
+      "pretraining.steps=0"], "stages.0.replay_micro_batches"),
+])
+def test_replay_config_errors_name_the_field(tiny_llama, corpus, tmp_path, overrides, field):
+    with pytest.raises(ConfigError) as err:
+        smollm2_small(tiny_llama, corpus, tmp_path, *overrides)
+    assert err.value.key == field and str(err.value).startswith(field), str(err.value)
+
+
+def test_replay_text_defaults_to_the_pretraining_text(tiny_llama, corpus, tmp_path):
+    from condensation.curriculum import replay_source, replay_train_config, stage_train_config
+
+    cfg = smollm2_small(tiny_llama, corpus, tmp_path, REPLAY_STAGE)
+    assert replay_source(cfg) == (str(corpus / "train.jsonl"), dict(cfg.pretraining.dataset_options))
+    assert stage_train_config(cfg, 0).schedule.replay_micro_batches == 1
+    d = replay_train_config(cfg, 0).data
+    assert (d.source, d.seq_len, d.num_rows) == (str(corpus / "train.jsonl"), 96, None)
+    other = smollm2_small(tiny_llama, corpus, tmp_path, REPLAY_STAGE, "replay.source=local")
+    assert replay_source(other) == ("local", {})  # another source: the pretraining's options do not apply
+    # the preset leaves it off
+    assert all(st.replay_micro_batches == 0 for st in PRESETS["smollm2"]().stages)
+
+
+def test_stage_with_replay_trains_on_text_and_passkey_and_logs_replay_loss(ray_session, tiny_llama, corpus, tmp_path):
+    from mlflow import MlflowClient
+
+    from condensation.curriculum import stage_datasets
+    from condensation.tokenizer import load_tokenizer
+
+    cfg = smollm2_small(tiny_llama, corpus, tmp_path, REPLAY_STAGE, "pretraining.steps=0", "long_context.text=null")
+    data = stage_datasets(cfg, 0, load_tokenizer(tiny_llama))
+    assert sorted(data) == ["replay", "train"]
+    text, passkey = data["replay"].take(8), data["train"].take(8)
+    assert all(len(r["input_ids"]) == 96 == len(r["labels"]) for r in text + passkey)
+    # replay rows: text with next-token labels everywhere; train rows: passkey, labels on the answer only
+    assert all((r["labels"] == r["input_ids"]).all() for r in text)
+    assert all(0 < (r["labels"] != -100).sum() <= 8 for r in passkey)
+
+    said = []
+    (stage,) = run_curriculum(cfg, log=said.append)
+    assert any("1 replay micro-batch(es) a step of" in line for line in said), said
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(stage.run_id)
+    replay = sorted((m.step, m.value) for m in client.get_metric_history(stage.run_id, "replay_loss"))
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(stage.run_id, "loss"))
+    assert [s for s, _ in replay] == [s for s, _ in loss] == [1, 2]
+    assert all(0 < v < 20 for _, v in replay + loss)
+    assert [v for _, v in replay] != [v for _, v in loss]  # two streams, not one logged twice
+    p = run.data.params
+    assert p["schedule.replay_micro_batches"] == "1" and p["grad_accum"] == "1"
+    assert p["deepspeed_resolved.gradient_accumulation_steps"] == "2"

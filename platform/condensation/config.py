@@ -166,6 +166,13 @@ class ScheduleConfig:
     zero_stage: DeepSpeed ZeRO stage (the paper: 2); deepspeed engine only.
     torch_threads: torch intra-op threads per worker; None leaves torch's default.
     seed: model init / dropout seed.
+    replay_micro_batches: per optimizer step and worker, this many more micro-batches of per_worker_batch rows
+        from the "replay" dataset given to `fit` (e.g. plain text during the passkey stages, so that they keep the
+        language modelling the answer-only loss would wear away), after the step's grad_accum micro-batches of
+        "train" rows. The step's gradient is the mean over all its micro-batches, each micro-batch weighing the same
+        whatever its number of labelled tokens (the loss is a token mean per micro-batch, so rows mixed into one
+        micro-batch would let ~2000 text tokens drown a passkey's ~5 answer tokens). Metrics: `loss` stays the
+        train rows', `replay_loss` the replay rows'. 0 (default): train rows only.
     """
 
     total_steps: int = 20
@@ -182,10 +189,17 @@ class ScheduleConfig:
     zero_stage: int = 2
     torch_threads: int | None = 1
     seed: int = 0
+    replay_micro_batches: int = 0
 
     @property
     def grad_accum(self) -> int:
+        """Micro-batches of train rows per optimizer step and worker."""
         return self.global_batch // (self.per_worker_batch * self.num_workers)
+
+    @property
+    def micro_batches(self) -> int:
+        """All micro-batches of an optimizer step on a worker (train and replay): what the engines accumulate."""
+        return self.grad_accum + self.replay_micro_batches
 
     def bf16(self) -> bool:
         return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
@@ -595,6 +609,8 @@ def validate(cfg: TrainConfig) -> None:
     _validate_engine(cfg)
     if s.torch_threads is not None and s.torch_threads <= 0:
         raise ConfigError("schedule.torch_threads", f"must be positive or None, got {s.torch_threads}")
+    if not _is_int(s.replay_micro_batches) or s.replay_micro_batches < 0:
+        raise ConfigError("schedule.replay_micro_batches", f"must be an int >= 0, got {s.replay_micro_batches!r}")
 
     if c.every < 0:
         raise ConfigError("checkpoint.every", f"must be >= 0, got {c.every}")
@@ -654,6 +670,12 @@ def _validate_engine(cfg: TrainConfig) -> None:
                                                      f"per_worker_batch x num_workers); global_batch {s.global_batch} "
                                                      f"over {s.per_worker_batch} x {s.num_workers} is grad_accum "
                                                      f"{s.grad_accum}")
+        if s.replay_micro_batches:
+            # graph A always starts the step's gradient (it zeroes or overwrites the bucket), so a second micro-batch
+            # would need a second captured forward + backward with a memory pool of its own
+            raise ConfigError("schedule.replay_micro_batches", "schedule.cuda_graph replays one micro-batch per "
+                                                               "optimizer step; replay micro-batches add more. Use "
+                                                               "schedule.cuda_graph=false with replay")
         if cfg.data.random_lengths:
             raise ConfigError("data.random_lengths", "a CUDA graph replays one batch shape (schedule.cuda_graph); random "
                                                      "lengths change it every micro-batch")

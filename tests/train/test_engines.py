@@ -139,3 +139,93 @@ def test_checkpoint_continues_the_run_exactly(tmp_path, precision):
         assert torch.equal(p, q)
     assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"],
                        whole.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def _passkey_and_text(seq=SEQ):
+    """A passkey-like micro-batch (loss on its last 5 tokens only) and a text one (loss everywhere)."""
+    g = torch.Generator().manual_seed(2)
+    ids_p, ids_t = torch.randint(0, 256, (1, seq), generator=g), torch.randint(0, 256, (1, seq), generator=g)
+    labels_p = torch.full_like(ids_p, -100)
+    labels_p[:, -5:] = ids_p[:, -5:]
+    return (ids_p, labels_p), (ids_t, ids_t.clone())
+
+
+def _by_hand(cfg, micro, weights):
+    """Parameters after one AdamW step (the engines' optimizer, no clipping) on sum_i weights[i] x grad(micro[i]),
+    from the same init; and that gradient."""
+    torch.manual_seed(0)
+    ref = build_model(cfg.model)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) for p in params]
+    for (ids, labels), w in zip(micro, weights):
+        loss = ref(input_ids=ids, labels=labels, return_logits=False).loss
+        for acc, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                acc.add_(g, alpha=w)
+    opt, _ = engines._optimizer_and_schedule(cfg, params, torch.device("cpu"))
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    return [p.detach() for p in params], grads
+
+
+# eps comparable to the gradients' entries: AdamW's first step is then not the gradient's sign alone, so that a sum
+# instead of a mean (or a text micro-batch weighted apart) moves the weights differently
+REPLAY = ["schedule.replay_micro_batches=1", "optim.grad_clip=0", "optim.eps=1e-3", "optim.warmup_steps=0",
+          "schedule.precision=fp32"]
+
+
+def test_torch_engine_replay_update_follows_the_mean_of_passkey_and_text_gradients():
+    cfg = _cfg(*REPLAY)
+    assert cfg.schedule.grad_accum == 1 and cfg.schedule.micro_batches == 2
+    micro = _passkey_and_text()
+    eng = _engine(cfg)
+    for i, (ids, labels) in enumerate(micro):
+        eng.forward_backward(ids, labels)
+        if i == 1:  # the step's whole gradient, before the update: the mean of the two micro-batches' gradients
+            want_params, mean = _by_hand(cfg, micro, [0.5, 0.5])
+            for v, g in zip(eng.grad_views, mean):
+                torch.testing.assert_close(v, g, rtol=1e-5, atol=1e-8)
+        eng.step()
+    for p, q in zip(eng.params, want_params):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
+    summed, _ = _by_hand(cfg, micro, [1.0, 1.0])
+    assert max((p.detach() - q).abs().max() for p, q in zip(eng.params, summed)) > 1e-4  # the test can tell
+
+
+@pytest.fixture
+def gloo_world_of_one(monkeypatch):
+    """torch.distributed with one gloo rank in this process, as DeepSpeed needs; torn down after the test."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                 "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_deepspeed_engine_replay_update_follows_the_mean_of_passkey_and_text_gradients(gloo_world_of_one):
+    pytest.importorskip("deepspeed")
+    cfg = _cfg(*REPLAY, "schedule.engine=deepspeed")
+    micro = _passkey_and_text()
+    torch.manual_seed(0)
+    eng = engines.DeepSpeedEngine(cfg, build_model(cfg.model), torch.device("cpu"))
+    assert eng.resolved["deepspeed_resolved"]["gradient_accumulation_steps"] == 2
+    start = [p.detach().clone() for p in eng.module.parameters()]
+    eng.forward_backward(*micro[0])
+    eng.step()
+    assert all(torch.equal(p, q) for p, q in zip(eng.module.parameters(), start))  # not at the boundary yet
+    eng.forward_backward(*micro[1])
+    eng.step()
+    want, _ = _by_hand(cfg, micro, [0.5, 0.5])
+    for p, q in zip(eng.module.parameters(), want):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
+    summed, _ = _by_hand(cfg, micro, [1.0, 1.0])
+    assert max((p.detach() - q).abs().max() for p, q in zip(eng.module.parameters(), summed)) > 1e-4

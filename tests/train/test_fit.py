@@ -204,3 +204,22 @@ def test_stop_file_ends_the_run_before_its_next_update(ray_session, tmp_path):
     client, runs = mlflow_runs(res)
     assert len(runs) == 1 and runs[0].info.status == "KILLED" and runs[0].data.tags["stopped_at_step"] == "0"
     assert _loss_history(client, res.mlflow_run_id) == []
+
+
+def test_replay_micro_batches_two_workers_log_replay_loss_and_stay_in_sync(ray_session, tmp_path):
+    from condensation.train import local_text_rows, rows_dataset, synthetic_rows
+
+    # train: text; replay: rows of random repeated patterns, a loss of their own
+    cfg = debug_cfg(tmp_path, "replay", "schedule.replay_micro_batches=1", "checkpoint.every=0")
+    datasets = {"train": rows_dataset(local_text_rows(128, 64, seed=1)),
+                "replay": rows_dataset(synthetic_rows(128, 32, 256, seed=2))}
+    res = fit(cfg, datasets)
+    assert res.step == 8 and res.metrics["ranks_in_sync"] == 1.0
+    client, _ = mlflow_runs(res)
+    replay = sorted((m.step, m.value) for m in client.get_metric_history(res.mlflow_run_id, "replay_loss"))
+    loss = _loss_history(client, res.mlflow_run_id)
+    assert [s for s, _ in replay] == [s for s, _ in loss] == list(range(1, 9))
+    assert replay[-1][1] < replay[0][1] and loss[-1][1] < loss[0][1] - 0.5, (replay, loss)  # both are learned
+    assert [v for _, v in replay] != [v for _, v in loss]  # two streams, not one logged twice
+    p = client.get_run(res.mlflow_run_id).data.params
+    assert p["deepspeed_resolved.gradient_accumulation_steps"] == "3" and p["grad_accum"] == "2"

@@ -6,6 +6,10 @@ Both sit behind one small interface that `loop.py` drives, once per micro-batch:
     out = engine.forward_backward(ids, labels)         # MicroStep(loss [], segment_losses [n_seg]), detached
     ... the loop's finite-loss check before the boundary's update ...
     engine.step()                                      # after every micro-step; updates at the accumulation boundary
+
+A step accumulates `schedule.micro_batches` micro-batches: grad_accum of train rows, then
+`schedule.replay_micro_batches` of replay rows; each backward is scaled by 1 / micro_batches, so the update follows
+the mean of their gradients.
     engine.lr, engine.module                           # the lr of the coming update; the model (HF export, digest)
     state = engine.save(folder, rank); engine.load(folder)
 
@@ -79,6 +83,8 @@ def resolved(cfg: TrainConfig) -> dict:
         "grad_allreduce": ("none (one worker)" if s.num_workers == 1 else
                            f"{'nccl' if s.use_gpu else 'gloo'} all-reduce of the bucket, then / {s.num_workers}"),
         "grad_clip": cfg.optim.grad_clip,
+        "micro_batches_per_step": (f"{s.grad_accum} train + {s.replay_micro_batches} replay, each loss / "
+                                   f"{s.micro_batches}" if s.replay_micro_batches else s.grad_accum),
         "cuda_graph": ("A: forward + backward; B: all-reduce + clipping + AdamW; finite-loss check between"
                        if s.cuda_graph else "off"),
     }}
@@ -133,7 +139,7 @@ class DeepSpeedEngine:
     def forward_backward(self, ids, labels, poison: bool = False) -> MicroStep:
         out = self._ds(input_ids=ids, labels=labels, return_logits=False)
         loss = out.loss * float("nan") if poison else out.loss
-        self._ds.backward(loss)  # DeepSpeed scales by 1 / grad_accum itself
+        self._ds.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps (replay included) itself
         return MicroStep(loss.detach(), out.segment_losses.detach())
 
     def step(self) -> None:
@@ -158,7 +164,8 @@ class TorchEngine:
                  graph_warmup: int = 2):
         s = cfg.schedule
         self.resolved = resolved(cfg)
-        self.world, self.grad_accum, self.clip = world, s.grad_accum, float(cfg.optim.grad_clip)
+        # every micro-batch of a step, replay ones too, weighs 1 / micro_batches: the gradient is their mean
+        self.world, self.grad_accum, self.clip = world, s.micro_batches, float(cfg.optim.grad_clip)
         self.graph = bool(s.cuda_graph)
         dtype = torch.bfloat16 if s.bf16() else torch.float32
         self.master = dtype != torch.float32 and s.master_weights

@@ -4,7 +4,10 @@ The engine (`engines.py`, `schedule.engine`) is DeepSpeed ZeRO or plain torch; t
 CUDA graphs split at the finite-loss flag below, so that the host's wait for it costs one graph launch.
 Per optimizer step: `grad_accum` micro-batches from `get_dataset_shard("train")` (prefetched onto the device by
 Ray Data), each `engine.forward_backward` (the fused chunked loss, `return_logits=False`), then `engine.step`
-(at the accumulation boundary: clipping, AdamW and the cosine schedule).
+(at the accumulation boundary: clipping, AdamW and the cosine schedule). With `schedule.replay_micro_batches` the
+step then takes that many more micro-batches from `get_dataset_shard("replay")` (e.g. text during passkey stages):
+the update follows the mean gradient over all the step's micro-batches, `loss` and the segment losses stay the train
+rows', and `replay_loss` is the replay rows' mean (tokens/s and MFU count both kinds of micro-batch: both are work).
 
 The host waits on the GPU once per optimizer step, not per micro-step: the loss and segment losses are summed on
 the device and all-reduced there (NCCL needs device tensors), and before the boundary `engine.step` one flag says
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import resource
 import shutil
@@ -229,6 +233,13 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     n_seg = -(-cfg.data.seq_len // seq_cfg.segment_length)
     lengths = segment_multiples(cfg.data.seq_len, seq_cfg.segment_length) if cfg.data.random_lengths else None
     batches = _batches(shard, s.per_worker_batch, device, lengths, cfg.data.seed, rank, step * s.grad_accum)
+    n_replay = s.replay_micro_batches
+    replay = None
+    if n_replay:
+        # seed + 1: replay text cut to random lengths draws them apart from train text's (the same keys otherwise)
+        replay = _batches(ray.train.get_dataset_shard("replay"), s.per_worker_batch, device, lengths,
+                          cfg.data.seed + 1, rank, step * n_replay)
+    replay_epoch = 0
     peak_tflops = None
     if rank == 0 and device.type == "cuda":
         peak_tflops = cfg.tracking.peak_tflops or matmul_peak_tflops(device, torch.bfloat16 if s.bf16() else torch.float32)
@@ -255,9 +266,10 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # [loss, segment losses..., micro-batches that had each segment..., non-finite flag, stop flag] summed over
-    # micro-steps and ranks, on the device until logged; the stop flag is rank 0's: a STOP_FILE in the run folder
-    window = torch.zeros(3 + 2 * n_seg, dtype=torch.float64, device=device)
+    # [loss, segment losses..., micro-batches that had each segment..., non-finite flag, replay loss, stop flag]
+    # summed over micro-steps and ranks, on the device until logged; the stop flag is rank 0's: a STOP_FILE in the run
+    # folder. The non-finite flag counts replay micro-batches too: their gradient reaches the same update
+    window = torch.zeros(4 + 2 * n_seg, dtype=torch.float64, device=device)
     window_steps, window_tokens, window_flops, t_window = 0, 0, 0.0, time.perf_counter()
     seg_index = torch.arange(n_seg, device=device)
     stop_path = os.path.join(cfg.run.run_dir, STOP_FILE)
@@ -268,26 +280,38 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
         step += 1
         progress["step"] = step
         lr = engine.lr
-        acc = torch.zeros(3 + 2 * n_seg, dtype=torch.float64, device=device)
-        for micro in range(s.grad_accum):
-            epoch, b = next(batches)
+        acc = torch.zeros(4 + 2 * n_seg, dtype=torch.float64, device=device)
+        for micro in range(s.micro_batches):
+            if micro < s.grad_accum:
+                epoch, b = next(batches)
+            else:
+                replay_epoch, b = next(replay)
             ids, labels = b["input_ids"], b["labels"]
-            out = engine.forward_backward(ids, labels, poison=cfg.debug.nan_at_step == step)  # losses detached
-            loss = out.loss
-            seg = out.segment_losses.detach().double()[:n_seg]
-            present = (seg_index < seg.numel()).double()  # rows of another length: fixed width, counted apart
-            seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))
-            l64 = loss.detach().double().reshape(1)
-            acc[:-1] += torch.cat([l64, seg, present, (~torch.isfinite(l64)).double()])
+            # debug.nan_at_step poisons the train rows only; the flag below treats a replay NaN the same way
+            poison = cfg.debug.nan_at_step == step and micro < s.grad_accum
+            out = engine.forward_backward(ids, labels, poison=poison)  # losses detached
+            l64 = out.loss.detach().double().reshape(1)
+            bad = (~torch.isfinite(l64)).double()
+            if micro < s.grad_accum:
+                seg = out.segment_losses.detach().double()[:n_seg]
+                present = (seg_index < seg.numel()).double()  # rows of another length: fixed width, counted apart
+                seg = torch.nn.functional.pad(seg, (0, n_seg - seg.numel()))
+                acc[:-2] += torch.cat([l64, seg, present, bad])
+            else:
+                acc[-3:-1] += torch.cat([bad, l64])
             window_tokens += ids.numel() * world
             window_flops += training_flops(seq_cfg, ids.shape[1], ids.shape[0], seq_cfg.segment_length)
-            if micro == s.grad_accum - 1:
+            if micro == s.micro_batches - 1:
                 if rank == 0 and os.path.exists(stop_path):
                     acc[-1] += 1.0
                 dist.all_reduce(acc)  # sum over ranks, on the device: a NaN on any rank is a NaN everywhere
-                nonfinite, stop = acc[-2:].tolist()  # the one host wait per optimizer step, before the update
+                # the one host wait per optimizer step, before the update
+                nonfinite, replay_sum, stop = acc[-3:].tolist()
                 if nonfinite > 0:
-                    return _stop_nonfinite(cfg, step, float(acc[0]) / (world * s.grad_accum), rank, logger)
+                    bad_loss = float(acc[0]) / (world * s.grad_accum)
+                    if n_replay and math.isfinite(bad_loss):
+                        bad_loss = f"{replay_sum / (world * n_replay)} (replay rows)"
+                    return _stop_nonfinite(cfg, step, bad_loss, rank, logger)
                 if stop > 0:
                     return _stop_requested(cfg, step - 1, rank, logger)
             engine.step()
@@ -304,6 +328,9 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             metrics = {
                 "step": step,
                 "loss": vals[0],
+                # vals are per train micro-batch; the replay loss sums n_replay micro-batches a step
+                **({"replay_loss": vals[-2] * s.grad_accum / n_replay, "replay_epoch": replay_epoch}
+                   if n_replay else {}),
                 "lr": lr,
                 "tokens_per_s": window_tokens / dt,
                 "step_time_s": dt / window_steps,
@@ -318,7 +345,8 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             logger.log_metrics(metrics, step=step)
             if rank == 0 and bar is None:
                 mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
-                _say(f"[condensation.train] step {step}/{s.total_steps} loss {metrics['loss']:.4f} lr {lr:.3g} "
+                rl = f" replay_loss {metrics['replay_loss']:.4f}" if n_replay else ""
+                _say(f"[condensation.train] step {step}/{s.total_steps} loss {metrics['loss']:.4f}{rl} lr {lr:.3g} "
                      f"tok/s {metrics['tokens_per_s']:.0f}{mfu} peak {metrics['peak_memory_gib']:.2f} GiB")
             if report_every_log and not ckpt_now:  # with a checkpoint, `save` reports these metrics
                 ray.train.report(dict(metrics))
@@ -377,7 +405,7 @@ def _stop_requested(cfg: TrainConfig, step: int, rank: int, logger) -> None:
         logger.finish("KILLED")
 
 
-def _stop_nonfinite(cfg: TrainConfig, step: int, bad: float, rank: int, logger) -> None:
+def _stop_nonfinite(cfg: TrainConfig, step: int, bad: float | str, rank: int, logger) -> None:
     msg = (f"non-finite loss ({bad}) at step {step} of run {cfg.run.name!r}; training stopped before this step's "
            f"update; the last good checkpoint is kept")
     if rank == 0:

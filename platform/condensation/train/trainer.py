@@ -2,6 +2,7 @@
 
     result = fit(cfg)                                            # data from cfg.data
     result = fit(cfg, {"train": ds}, init_from=prev.hf_path)     # a curriculum stage chained from the last
+    result = fit(cfg, {"train": passkey, "replay": text})        # schedule.replay_micro_batches > 0
 
 The run folder `<cfg.run.storage>/<cfg.run.name>` holds Ray Train's checkpoints (`checkpoint_<step>/`), the
 resolved config, the MLflow run id, and (by default) the MLflow store `<storage>/mlflow.db` sits beside it.
@@ -121,13 +122,29 @@ def _vocab_size(cfg: TrainConfig) -> int:
     return cfg.model.overrides.get("vocab_size", MODEL_SIZES[cfg.model.size]["vocab_size"])
 
 
+def _check_replay(cfg: TrainConfig, datasets: dict | None) -> None:
+    """A "replay" dataset exactly when replay micro-batches are asked for: one without the other is a mistake that
+    would otherwise show only inside the workers (or never, as a dataset nobody reads)."""
+    from ..config import ConfigError
+
+    n, has = cfg.schedule.replay_micro_batches, bool(datasets) and "replay" in datasets
+    if n and not has:
+        raise ConfigError("schedule.replay_micro_batches", f"{n} replay micro-batches per step need a 'replay' "
+                                                           "dataset: fit(cfg, {'train': ..., 'replay': ...})")
+    if has and not n:
+        raise ConfigError("schedule.replay_micro_batches", "a 'replay' dataset was given, but no replay micro-batches "
+                                                           "(set schedule.replay_micro_batches > 0 to train on it)")
+
+
 def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None = None,
         data_stats=None, callbacks: list | None = None, evaluate=None) -> TrainResult:
     """Train with Ray Train + DeepSpeed as `cfg` says. `datasets`: {"train": ray.data.Dataset} of rows
-    {"input_ids": int64[L], "labels": int64[L]} (None builds them from `cfg.data`). `init_from`: a HF folder
-    (e.g. the previous stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data
-    pipeline's counts: a dict (logged by rank 0 at the start) or a `condensation.data.DataReport` (its counts are
-    logged after the run, when the data has streamed through).
+    {"input_ids": int64[L], "labels": int64[L]} (None builds them from `cfg.data`), and with
+    `schedule.replay_micro_batches` > 0 (only then) also "replay" rows of the same schema and length, whose
+    micro-batches join every optimizer step's (see `ScheduleConfig`). `init_from`: a HF folder (e.g. the previous
+    stage's `TrainResult.hf_path`) whose weights start this run. `data_stats`: the data pipeline's counts: a dict
+    (logged by rank 0 at the start) or a `condensation.data.DataReport` (its counts are logged after the run, when the
+    data has streamed through).
 
     `callbacks`: Ray Train `UserCallback`s for the run (e.g. `ray.tune.integration.ray_train.TuneReportCallback()`
     from a Ray Tune trainable); with any, the workers report their metrics to Ray Train at every log interval
@@ -144,6 +161,7 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, init_from: str | None
     Retries: a lost worker (killed, out of host memory, node gone) or an error seen for the first time restarts the
     whole worker group from the last checkpoint, up to `checkpoint.max_failures` times."""
     cfg = prepare(cfg, init_from)  # validation first: nothing below starts before the config is known good
+    _check_replay(cfg, datasets)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util import placement_group_table
