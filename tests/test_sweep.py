@@ -391,3 +391,52 @@ def test_evaluator_objectives_on_a_small_model(objective):
     out = ev(model)
     assert objective in out and out[objective] == out[objective] and out[objective] >= 0
     assert model.training
+
+
+def _tokenize_tasks() -> set:
+    """Ray tasks of this cluster that ran the data layer's tokenize-and-pack stage (Ray's task records, from every
+    process: the sweep's driver, the trials' drivers, their Ray Data executions)."""
+    import time
+
+    import ray
+    from ray.util.state import list_tasks
+
+    address = ray.get_runtime_context().gcs_address  # this module's Ray (its dashboard), not the newest on the host
+    seen, last = None, -1
+    for _ in range(15):  # task events reach the state API within a second or two
+        seen = {t.task_id for t in list_tasks(address=address, limit=10_000, raise_on_missing_output=False)
+                if "tokenize_and_pack" in (t.name or "")}
+        if len(seen) == last:
+            break
+        last = len(seen)
+        time.sleep(2)
+    return seen
+
+
+def test_sweep_tokenizes_its_text_once_for_every_trial(ray_session, small_corpus, tmp_path):
+    """2 trials (segment 32 and 64) of 2 epochs each on a tokenized jsonl corpus: the sweep's driver tokenizes and
+    packs it once (as many tokenize tasks as one materialization runs), not once per trial and epoch (4 executions
+    before), and every trial's run logs the counts of that one pass over the 40 documents."""
+    from mlflow import MlflowClient
+
+    from condensation.train.data import data_layer_datasets
+
+    cfg = load_sweep_config("debug", overrides=[
+        f"train.run.storage={tmp_path}", "name=tok", "train.model.size=tiny-cpu", "train.data.tokenizer=null",
+        f"train.data.source={small_corpus / 'train.jsonl'}", "train.data.seq_len=64", "train.data.num_rows=8",
+        "train.data.dataset_options.mode=pack", "train.data.dataset_options.min_tokens=8",
+        f"heldout_text={small_corpus / 'heldout.jsonl'}", "heldout_rows=2", "search.segment_lengths=[32,64]",
+        "search.lrs=[1e-3]", "search.num_samples=1", "max_concurrent_trials=1", "train.schedule.num_workers=1",
+        "train.schedule.global_batch=4", "train.schedule.per_worker_batch=4", "train.schedule.total_steps=4",
+        "eval_every=2", "asha.enabled=false"])
+    before = _tokenize_tasks()
+    result = run_sweep(cfg)
+    assert [t.status for t in result.trials] == ["completed", "completed"], result.format_table()
+    in_sweep = _tokenize_tasks() - before
+    data_layer_datasets(dataclasses.replace(cfg.train.data, source=str(small_corpus / "train.jsonl")))
+    once = _tokenize_tasks() - before - in_sweep
+    assert once and len(in_sweep) == len(once), (len(in_sweep), len(once))
+    client = MlflowClient(result.tracking_uri)
+    for t in result.trials:
+        metrics = client.get_run(t.mlflow_run_id).data.metrics
+        assert metrics["data.rows_read"] == 40 and metrics["epoch"] == 1, metrics

@@ -103,6 +103,15 @@ class DataConfig:
         micro-step); passkey rows (the curriculum) are generated at it (drawn from seed and the row's group). Peak
         memory is that of seq_len; tokens per step vary. Not with schedule.cuda_graph (a graph replays one shape).
         False (default): every row seq_len tokens.
+    cache_rows: tokenize and pack the rows of a `condensation.data` text source once per run and keep them in Ray's
+        object store (`Dataset.materialize()`, in file order), so that later epochs read them instead of reading and
+        tokenizing the text again; False streams them from the source every epoch (a corpus too large for the object
+        store); None (default) decides by size: local files whose rows are estimated at most
+        `train.data.CACHE_ROWS_AUTO_BYTES` (1 GiB: 16 bytes of int64 input_ids + labels per token, at most one token
+        per byte of jsonl/json and four per byte of compressed parquet, capped by num_rows x seq_len) are cached,
+        hub corpora are streamed. True on a hub corpus needs a bound (num_rows or dataset_options.limit_documents).
+        A sweep builds the cached rows once on its driver and every trial reads the same blocks. "local" and
+        "synthetic" rows are built in memory anyway; the passkey curriculum has its own `cache_rows`.
     """
 
     source: str = "local"
@@ -112,6 +121,7 @@ class DataConfig:
     dataset_options: dict = field(default_factory=dict)
     seed: int = 0
     random_lengths: bool = False
+    cache_rows: bool | None = None
 
 
 @dataclass
@@ -566,6 +576,8 @@ def validate(cfg: TrainConfig) -> None:
     if seg is not None and isinstance(seg, int) and seg > 0 and d.seq_len < 1:
         raise ConfigError("data.seq_len", "must hold at least one token")
     _validate_dataset_options(d)
+    if d.cache_rows is not None and not isinstance(d.cache_rows, bool):
+        raise ConfigError("data.cache_rows", f"must be true, false or null (decided by size), got {d.cache_rows!r}")
 
     if o.lr <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {o.lr}")

@@ -297,7 +297,7 @@ _FIXED_KEYS = {
     "optim.min_lr": "it follows the trial's learning rate (same ratio as the base config's)",
     # data.random_lengths (an issue-12 idea) changes only how batches are cut, so it may vary
     **{f"data.{k}": "every trial trains and is scored on the same data, or the objective does not compare"
-       for k in ("source", "seq_len", "num_rows", "tokenizer", "dataset_options", "seed")},
+       for k in ("source", "seq_len", "num_rows", "tokenizer", "dataset_options", "seed", "cache_rows")},
     "run": "the sweep names and places its trials",
     "tracking": "the sweep sets where and how often trials report",
     "schedule.total_steps": "ASHA's rungs and the trials' last step are the same for all trials",
@@ -798,10 +798,52 @@ class _TrialState:
     run_dir: str | None = None
 
 
-def _trial(config: dict, sweep: dict, parent_run_id: str | None, evaluator: "Evaluator | None") -> None:
+def data_key(tcfg: TrainConfig) -> str:
+    """What makes two trials' training rows the same: their data config but for how batches are cut
+    (`random_lengths`), with the model's vocabulary for synthetic rows (drawn below it). The segment length is not
+    part of it: it does not change tokenization or packing."""
+    d = {k: v for k, v in dataclasses.asdict(tcfg.data).items() if k != "random_lengths"}
+    if tcfg.data.source == "synthetic":
+        from .train.trainer import _vocab_size
+
+        d["vocab_size"] = _vocab_size(tcfg)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def shared_datasets(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict:
+    """{data_key: ({"train": Dataset}, data stats)}: each distinct training data of the sweep's trials, built once
+    here on the sweep's driver and held in Ray's object store, so that every trial trains on the same blocks instead
+    of reading and tokenizing the text again (`data.cache_rows`; "local" and "synthetic" rows always). The stats are
+    the data layer's counts (complete: the rows were computed once), logged into every trial's run. Sources that
+    stream (a hub corpus, `data.cache_rows=false`) and passkey stages are left out: each trial builds its own."""
+    from .config import resolve
+    from .train.data import rows_cached, train_datasets
+    from .train.trainer import _vocab_size
+
+    if cfg.stage is not None:
+        return {}
+    out: dict = {}
+    for point in search_points(cfg):
+        tcfg = resolve(trial_train_config(cfg, point["segment_length"], point["lr"], params=point["params"]))
+        key = data_key(tcfg)
+        if key in out or not rows_cached(tcfg.data):
+            continue
+        datasets, stats = train_datasets(tcfg.data, _vocab_size(tcfg))
+        if stats is not None and hasattr(stats, "counts"):  # a DataReport: complete, since the rows are materialized
+            stats = stats.counts()
+        if tcfg.data.source not in ("local", "synthetic"):
+            log(f"  data: {tcfg.data.source} tokenized once for every trial: {datasets['train'].count()} rows of "
+                f"{tcfg.data.seq_len} tokens in Ray's object store")
+        out[key] = (datasets, stats)
+    return out
+
+
+def _trial(config: dict, sweep: dict, parent_run_id: str | None, evaluator: "Evaluator | None",
+           shared: dict | None = None) -> None:
     """One Tune trial: `fit` at its point (config["point"]: segment length, lr, grid values), its metrics passed to
     Tune through TuneReportCallback, `evaluator` (built once by the sweep: the held-out rows are the same for every
-    trial) scoring it; records its outcome in `<run_dir>/trial_done.json`."""
+    trial) scoring it, its training rows from `shared` (`shared_datasets`, built once by the sweep) when they are
+    there; records its outcome in `<run_dir>/trial_done.json`."""
     import threading
 
     import ray.tune
@@ -846,7 +888,7 @@ def _trial(config: dict, sweep: dict, parent_run_id: str | None, evaluator: "Eva
                          ("sweep.lr", f"{lr:.4g}"), ("sweep.status", "running"),
                          *((f"sweep.{key}", value) for key, value in params.items())):
                 client.set_tag(run_id, k, str(v))
-        datasets = None
+        datasets, data_stats = (shared or {}).get(data_key(tcfg), (None, None))
         if cfg.stage is not None:
             from .curriculum import stage_dataset
             from .tokenizer import load_tokenizer
@@ -854,8 +896,8 @@ def _trial(config: dict, sweep: dict, parent_run_id: str | None, evaluator: "Eva
             datasets = {"train": stage_dataset(_stage_curriculum(cfg), cfg.stage, load_tokenizer(tcfg.data.tokenizer))}
         rec = {"trial_id": trial_id, "run_name": tcfg.run.name, "run_id": run_id, "status": "error"}
         try:
-            res = fit(tcfg, datasets, callbacks=[_tune_report_callback(os.path.join(tcfg.run.run_dir, STOPPING_FILE))],
-                      evaluate=evaluator)
+            res = fit(tcfg, datasets, data_stats=data_stats,
+                      callbacks=[_tune_report_callback(os.path.join(tcfg.run.run_dir, STOPPING_FILE))], evaluate=evaluator)
         except NonFiniteLossError as e:  # too high a learning rate is an outcome of the search, not a failed trial
             worst = math.inf if cfg.metric_mode == "min" else 0.0
             rec.update(status="diverged", step=e.step, objective=worst, checkpoint_path=e.last_checkpoint)
@@ -1238,14 +1280,15 @@ def _param_space(cfg: SweepConfig) -> dict:
     return {"point": tune.grid_search(search_points(cfg))}
 
 
-def _trainable(cfg: SweepConfig, parent: str | None, evaluator: Evaluator | None):
+def _trainable(cfg: SweepConfig, parent: str | None, evaluator: Evaluator | None, shared: dict | None = None):
     """The Tune trainable: the function trainable of `_trial`, whose cleanup (Tune stopping the trial) first stops the
-    trial's Ray Train run; it reserves only the trial's driver."""
+    trial's Ray Train run; it reserves only the trial's driver. `shared`: `shared_datasets` (in the object store once,
+    through `tune.with_parameters`; their blocks stay owned by this driver)."""
     from ray import tune
     from ray.tune.trainable.function_trainable import wrap_function
 
     base = wrap_function(tune.with_parameters(_trial, sweep=dataclasses.asdict(cfg), parent_run_id=parent,
-                                              evaluator=evaluator), name="condensation_trial")
+                                              evaluator=evaluator, shared=shared or {}), name="condensation_trial")
 
     class CondensationTrial(base):
         def cleanup(self):
@@ -1311,7 +1354,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
     first = search_points(cfg)[0]
     evaluator = make_evaluator(cfg, trial_train_config(cfg, first["segment_length"], first["lr"],
                                                        params=first["params"]))
-    trainable = _trainable(cfg, parent, evaluator)
+    trainable = _trainable(cfg, parent, evaluator, shared_datasets(cfg, log))
     _Listeners.reset(log, [on_trial_complete] if on_trial_complete else [])
     try:
         if resumed:

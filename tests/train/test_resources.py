@@ -67,8 +67,9 @@ def test_data_task_cpus_read_from_the_plans(ray_session, jsonl):
 def test_unschedulable_fit_fails_within_a_minute(ray_session, tmp_path, jsonl):
     from condensation.train import fit
 
+    # streamed (a materialized dataset starts no data tasks beside the workers)
     cfg = debug_cfg(tmp_path, "starved", f"data.source={jsonl}", "data.seq_len=64", "model.size=tiny-cpu",
-                    "schedule.cpus_per_worker=0.9")
+                    "data.cache_rows=false", "schedule.cpus_per_worker=0.9")
     t0 = time.time()
     with pytest.raises(ConfigError, match="schedule.cpus_per_worker: 2 workers x 0.9 CPU"):
         fit(cfg)

@@ -25,6 +25,7 @@ workers*batch so no partial batch exists at all (it counts the rows, so it execu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Iterator, Sequence
@@ -117,6 +118,20 @@ def tokenize_and_pack(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, seq_l
                 "tokens": len(chunks) * seq_len, "tokens_dropped": dropped,
                 "tokenize_cpu_ms": round(1000 * (time.process_time() - cpu_start))})
     return {"input_ids": input_ids, "labels": input_ids.copy()}
+
+
+@contextlib.contextmanager
+def ordered_execution(enabled: bool = True):
+    """Datasets created and executed inside keep their rows in the source's order (Ray Data's `preserve_order` on
+    this process's DataContext, restored after): what a dataset materialized once for many consumers needs, so that
+    they all read the same rows in the same order whichever task finished first."""
+    options = ray.data.DataContext.get_current().execution_options
+    was = options.preserve_order
+    options.preserve_order = was or enabled
+    try:
+        yield
+    finally:
+        options.preserve_order = was
 
 
 def train_view(ds: ray.data.Dataset, with_length: bool = False) -> ray.data.Dataset:

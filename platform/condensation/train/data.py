@@ -3,7 +3,8 @@
 The real sources live in `condensation.data` (the data layer); these need no downloads and no tokenizer files:
 - "local": CPython's pydoc topics (~65K words of English), byte-level tokens (0-255, eos 256), packed.
 - "synthetic": short random token patterns repeated along the row (learnable within a few steps).
-`train_datasets(cfg.data, vocab_size)` picks one, or delegates to `condensation.data` for other sources.
+`train_datasets(cfg.data, vocab_size)` picks one, or delegates to `condensation.data` for other sources, whose
+tokenized rows it materializes once for every epoch when `data.cache_rows` says so (`rows_cached`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import numpy as np
 from ..config import DataConfig
 
 BYTE_EOS = 256
+# data.cache_rows=None caches a local text source whose rows are estimated at most this many bytes (`row_bytes_estimate`)
+CACHE_ROWS_AUTO_BYTES = 1 << 30
+# object-store bytes per token of a row: int64 input_ids + int64 labels
+_ROW_BYTES_PER_TOKEN = 16
+# tokens at most per byte of a source file: a BPE token holds at least one byte of text (jsonl/json); parquet is
+# compressed, its text taken as at most 4x the file
+_TOKENS_PER_FILE_BYTE = {".parquet": 4}
 
 
 def local_text_tokens() -> np.ndarray:
@@ -92,6 +100,10 @@ def check_data(d: DataConfig, vocab_size: int | None = None) -> None:
                                             f"model's vocab_size {vocab_size}; use a model size with a vocabulary of at "
                                             f"least {n_tokens} (e.g. model.size=tiny-cpu) or "
                                             f"model.overrides.vocab_size={n_tokens}")
+    if d.cache_rows and not local and d.num_rows is None and d.dataset_options.get("limit_documents") is None:
+        raise ConfigError("data.cache_rows", f"true would read all of the hub corpus {d.source!r} into Ray's object "
+                                             "store; bound it (data.num_rows or data.dataset_options.limit_documents) "
+                                             "or leave data.cache_rows unset to stream it")
     if files:
         field = d.dataset_options.get("text_field") or "text"
         row = _first_row(files[0])
@@ -100,6 +112,38 @@ def check_data(d: DataConfig, vocab_size: int | None = None) -> None:
             raise ConfigError("data.dataset_options.text_field",
                               f"the first row of {files[0]} has no field {field!r} (its fields: {list(row)}); "
                               f"name the text field, e.g. data.dataset_options.text_field={texts[0]}")
+
+
+def row_bytes_estimate(d: DataConfig) -> int | None:
+    """An upper estimate of the object-store bytes of a `condensation.data` text source's rows (`_ROW_BYTES_PER_TOKEN`
+    per token, tokens from the local files' sizes, capped by num_rows x seq_len); None for a hub corpus (streamed:
+    its size is not known beforehand, and reading it all is what streaming avoids) or a path that is not there."""
+    from ..data.sources import LOCAL_SUFFIXES, looks_local
+
+    path = Path(d.source).expanduser()
+    if not looks_local(d.source) or not path.exists():
+        return None
+    cap = d.num_rows * d.seq_len * _ROW_BYTES_PER_TOKEN if d.num_rows is not None else None
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    tokens = sum(p.stat().st_size * _TOKENS_PER_FILE_BYTE.get(p.suffix, 1) for p in files
+                 if str(p).endswith(LOCAL_SUFFIXES))
+    est = tokens * _ROW_BYTES_PER_TOKEN
+    return est if cap is None else min(est, cap)
+
+
+def rows_cached(d: DataConfig) -> bool:
+    """Whether `train_datasets(d)` gives rows computed once and kept in the object store (read by every epoch, and by
+    every trial of a sweep) rather than a stream that reads and tokenizes the source again each epoch: always for
+    "local" and "synthetic" (in-memory rows), else `data.cache_rows`, and when that is None, whether
+    `row_bytes_estimate` is known and at most CACHE_ROWS_AUTO_BYTES."""
+    from ..config import BUILTIN_SOURCES
+
+    if d.source in BUILTIN_SOURCES:
+        return d.source != "passkey"
+    if d.cache_rows is not None:
+        return d.cache_rows
+    est = row_bytes_estimate(d)
+    return est is not None and est <= CACHE_ROWS_AUTO_BYTES
 
 
 def check_train_data(cfg) -> None:
@@ -144,16 +188,25 @@ def train_datasets(d: DataConfig, vocab_size: int) -> tuple[dict, dict | None]:
 
 def data_layer_datasets(d: DataConfig, vocab_size: int | None = None) -> tuple[dict, object | None]:
     """Delegate to `condensation.data.pretraining_dataset(source, tokenizer, seq_len, **dataset_options)`; returns
-    ({"train": Dataset}, its DataReport), `num_rows` capping the rows. The report's counts fill as the data runs."""
+    ({"train": Dataset}, its DataReport), `num_rows` capping the rows. The report's counts fill as the data runs.
+
+    When `rows_cached(d)`, the rows are computed here, once, in the source's order (Ray Data's `preserve_order`, so
+    the first num_rows are the same rows in the same order every time) and materialized in the object store: every
+    epoch then reads those blocks, and the report's counts are complete on return."""
     try:
         from ..data import pretraining_dataset
+        from ..data.pipeline import ordered_execution
         from ..tokenizer import load_tokenizer
     except ImportError as e:
         raise RuntimeError(f"data.source={d.source!r} needs condensation.data ({e}); use data.source=local or synthetic, "
                            "or pass datasets= to fit()") from e
     check_data(d, vocab_size)
     tok = load_tokenizer(d.tokenizer)
-    ds, report = pretraining_dataset(d.source, tok, d.seq_len, **d.dataset_options)
-    if d.num_rows is not None:
-        ds = ds.limit(d.num_rows)
+    cache = rows_cached(d)
+    with ordered_execution(cache):
+        ds, report = pretraining_dataset(d.source, tok, d.seq_len, **d.dataset_options)
+        if d.num_rows is not None:
+            ds = ds.limit(d.num_rows)
+        if cache:
+            ds = ds.materialize()
     return {"train": ds}, report
