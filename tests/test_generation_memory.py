@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from condensation import CondensationCache, CondensationConfig, CondensationForCausalLM
 from condensation.modeling import _CACHE_FIELD, decode_chunk
+from memory_probe import peak_live_bytes
 from test_modeling import ARCH, max_diff, randomize_
 
 OPTIONS = {
@@ -105,20 +105,6 @@ def test_greedy_generation_equals_full_forward_argmax(options, L):
             assert max_diff(out.logits[step], full.float()) < 1e-5, step  # generate returns float32 logits
             expected = torch.cat([expected, full.argmax(-1, keepdim=True)], 1)
     assert torch.equal(seq, expected)
-
-
-def peak_live_bytes(fn) -> int:
-    """Most bytes the CPU allocator held at once while fn ran, beyond what was allocated before it (so the inputs and
-    weights are not counted), from the profiler's allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
 
 
 @pytest.mark.parametrize("options", ["paper", "sink"])

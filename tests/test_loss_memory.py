@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from condensation import CondensationConfig, CondensationForCausalLM
 from condensation import fast_train
+from memory_probe import peak_live_bytes
 from test_modeling import ARCH, max_diff, randomize_
 
 
@@ -41,19 +41,6 @@ def test_fused_loss_and_sink_gradients_equal_autograd_through_logits(tied, group
     for name, g in ref.items():
         assert g.abs().max() > 0, name
         assert max_diff(g, fused[name]) < 1e-10 * max(1.0, g.abs().max().item()), name
-
-
-def peak_live_bytes(fn) -> int:
-    """Most bytes the CPU allocator held at once while fn ran, beyond what was allocated before it."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
 
 
 def test_group_backward_runs_without_the_float32_embedding_buffer(monkeypatch):
