@@ -633,10 +633,11 @@ def _smollm2_train() -> TrainConfig:
 
 
 def h200_preset() -> SweepConfig:
-    """One H200, about 5 minutes (266 s measured, seventh session): SmolLM2-135M-Instruct (`_smollm2_train`), 8 trials over segment length 256 / 512 /
-    1024 (round robin) x learning rate log-uniform in [1e-5, 1e-3], 4 at a time on the one GPU (gpus_per_trial
-    0.25, each a one-worker Ray Train run), held-out loss on data/corpus/heldout.jsonl (documents never trained on)
-    every 5 steps, ASHA from step 10. With 4 GPUs: gpus_per_trial=1 (one GPU per trial, 4 at a time)."""
+    """One H200, about 5 minutes (266 s measured, seventh session): SmolLM2-135M-Instruct (`_smollm2_train`), 8 trials
+    over segment length 256 / 512 / 1024 (round robin) x learning rate log-uniform in [1e-5, 1e-3], 4 at a time on
+    the one GPU (gpus_per_trial 0.25, each a one-worker Ray Train run), held-out loss on data/corpus/heldout.jsonl
+    (documents never trained on) every 5 steps, ASHA from step 10. With 4 GPUs: gpus_per_trial=1 (one GPU per trial,
+    4 at a time)."""
     return SweepConfig(name="sweep-h200", train=_smollm2_train(),
                        search=SearchConfig(segment_lengths=[256, 512, 1024], lr_min=1e-5, lr_max=1e-3, trials=8),
                        asha=AshaConfig(grace_period=10, reduction_factor=2.0), objective="heldout_loss", eval_every=5,
@@ -645,11 +646,11 @@ def h200_preset() -> SweepConfig:
 
 
 def h200_ideas_preset() -> SweepConfig:
-    """One H200, about 3 minutes (184 s measured, seventh session): two issue-12 ideas against the paper's recipe at one point (segment
-    512, lr 1e-4), crossed: an attention sink in every memory (`model.memory_sink_tokens` 0 = the paper, 4) x the
-    memory's own norm (`model.memory_norm` shared = the paper, separate); 4 trials at once, each trained to the end
-    (no ASHA), held-out loss. Other ideas are other `search.grid` keys (`model.memory_grad_segments`,
-    `data.random_lengths`)."""
+    """One H200, about 3 minutes (184 s measured, seventh session): two issue-12 ideas against the paper's recipe at one
+    point (segment 512, lr 1e-4), crossed: an attention sink in every memory (`model.memory_sink_tokens` 0 = the
+    paper, 4) x the memory's own norm (`model.memory_norm` shared = the paper, separate); 4 trials at once, each
+    trained to the end (no ASHA), held-out loss. Other ideas are other `search.grid` keys
+    (`model.memory_grad_segments`, `data.random_lengths`)."""
     cfg = h200_preset()
     return dataclasses.replace(
         cfg, name="sweep-h200-ideas",
