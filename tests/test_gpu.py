@@ -36,13 +36,19 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(scope="module")
-def reference():
+def _reference(make):
+    """ids, the float32 eager sequential model's (logits, grads), and how far its bf16 twin lands from them: the
+    error every bf16 fast path is held to."""
     ids = torch.randint(0, 4096, (2, 1200), device="cuda")
     ref = dict(segment_length=256, segment_schedule="sequential", segment_attention="eager")
-    fp32 = _run(_model(torch.float32, **ref), ids)
-    bf16 = _run(_model(torch.bfloat16, **ref), ids)
+    fp32 = _run(make(torch.float32, **ref), ids)
+    bf16 = _run(make(torch.bfloat16, **ref), ids)
     return ids, fp32, (_rel(bf16[0], fp32[0]), _rel(bf16[1], fp32[1]))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _reference(_model)
 
 
 @pytest.mark.parametrize("variant", [dict(segment_attention=a) for a in sorted(SEGMENT_ATTENTION)]
@@ -169,11 +175,7 @@ def _options_model(dtype, **kw):
 
 @pytest.fixture(scope="module")
 def options_reference():
-    ids = torch.randint(0, 4096, (2, 1200), device="cuda")
-    ref = dict(segment_length=256, segment_schedule="sequential", segment_attention="eager")
-    fp32 = _run(_options_model(torch.float32, **ref), ids)
-    bf16 = _run(_options_model(torch.bfloat16, **ref), ids)
-    return ids, fp32, (_rel(bf16[0], fp32[0]), _rel(bf16[1], fp32[1]))
+    return _reference(_options_model)
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(segment_attention="flash"), dict(segment_attention="flex"),

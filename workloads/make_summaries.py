@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from condensation.data.corpora import CorpusError
-from condensation.data.manpages import SKIP_HELP, build_manpage_summaries, record_token_stats, token_stats
+from condensation.data.corpora import CorpusError, record_tokens
+from condensation.data.manpages import SKIP_HELP, build_manpage_summaries, token_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         stats = token_stats(args.out, load_tokenizer(args.tokenizer))
-        record_token_stats(args.out, args.tokenizer, stats)
+        record_tokens(args.out, args.tokenizer, stats)
         print(f"tokens ({args.tokenizer}, {time.perf_counter() - start:.0f} s; prompt = the paper's template around "
               "the article):")
         for name, s in stats.items():

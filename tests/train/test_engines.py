@@ -212,7 +212,6 @@ def gloo_world_of_one(monkeypatch):
 
 
 def test_deepspeed_engine_replay_update_follows_the_mean_of_passkey_and_text_gradients(gloo_world_of_one):
-    pytest.importorskip("deepspeed")
     cfg = _cfg(*REPLAY, "schedule.engine=deepspeed")
     micro = _passkey_and_text()
     torch.manual_seed(0)

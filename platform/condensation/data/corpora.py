@@ -443,7 +443,7 @@ def build_corpus(out_dir: str | os.PathLike, sources: Sequence[str] = DEFAULT_SO
     digest = content_hash(docs)
     options = {"sources": [s for s in SOURCES if s in sources], "heldout_fraction": heldout_fraction,
                "stdlib_min_chars": stdlib_min_chars}
-    old = _read_manifest(out)
+    old = read_manifest(out)
     if old is not None and old.get("content_sha256") == digest and old.get("options") == options \
             and old.get("format") == FORMAT and all((out / f).is_file() for f in (TRAIN_FILE, HELDOUT_FILE, LONG_FILE)):
         return {**old, "rebuilt": False}
@@ -499,9 +499,10 @@ def _source_summary(source: str, docs: Sequence[Document], note: dict) -> dict:
             "heldout_characters": sum(len(d.text) for d in held), "heldout": [d.name for d in held]}
 
 
-def _read_manifest(out: Path) -> dict | None:
+def read_manifest(out: Path) -> dict | None:
+    """The manifest of a built folder (corpus or man-page summaries), or None when absent or unreadable."""
     try:
-        return json.loads((out / MANIFEST_FILE).read_text())
+        return json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -523,13 +524,14 @@ def count_tokens(out_dir: str | os.PathLike, encode_batch) -> dict[str, dict[str
 
 
 def record_tokens(out_dir: str | os.PathLike, tokenizer_name: str, counts: dict) -> dict:
-    """Add `counts` (from `count_tokens`) under manifest["tokens"][tokenizer_name]; returns the manifest."""
+    """Add `counts` (from `count_tokens`, or `manpages.token_stats`) under manifest["tokens"][tokenizer_name] of a built
+    folder; returns the manifest."""
     out = Path(out_dir)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is None:
-        raise CorpusError(f"{out}: no {MANIFEST_FILE}; build the corpus first")
+        raise CorpusError(f"{out}: no {MANIFEST_FILE}; build it first")
     manifest.setdefault("tokens", {})[tokenizer_name] = counts
     tmp = out / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / MANIFEST_FILE)
     return manifest

@@ -48,7 +48,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpora import CorpusError, deb_tree, heldout_by_hash, replace_folder
+from .corpora import CorpusError, deb_tree, heldout_by_hash, read_manifest, replace_folder
 from .roff import RoffError, render
 
 FORMAT = 1  # of the folder; part of the manifest, so a format change rebuilds
@@ -225,13 +225,6 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return path.stat().st_size
 
 
-def _read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _stats(values: Sequence[int]) -> dict[str, int]:
     if not values:
         return {}
@@ -256,7 +249,7 @@ def build_manpage_summaries(out_dir: str | os.PathLike, debs: Sequence[str | os.
     digest = content_hash(pages, test_fraction)
     options = {"test_fraction": test_fraction, "min_description_words": min_description_words,
                "min_article_chars": min_article_chars, "excluded_sections": list(EXCLUDED_SECTIONS)}
-    old = _read_manifest(out)
+    old = read_manifest(out)
     if old is not None and old.get("content_sha256") == digest and old.get("options") == options \
             and old.get("format") == FORMAT and all((out / f).is_file() for f in (TRAIN_FILE, TEST_FILE)):
         return {**old, "rebuilt": False}
@@ -324,19 +317,6 @@ def token_stats(out_dir: str | os.PathLike, tokenizer, edges: Sequence[int] = (5
                      "buckets": buckets,
                      "fit": {str(s): sum(p + q + 1 <= s for p, q in zip(prompts, summaries)) for s in seq_lens}}
     return out
-
-
-def record_token_stats(out_dir: str | os.PathLike, tokenizer_name: str, stats: dict) -> dict:
-    """Add `stats` (from `token_stats`) under manifest["tokens"][tokenizer_name]; returns the manifest."""
-    out = Path(out_dir)
-    manifest = _read_manifest(out)
-    if manifest is None:
-        raise CorpusError(f"{out}: no {MANIFEST_FILE}; build the data first")
-    manifest.setdefault("tokens", {})[tokenizer_name] = stats
-    tmp = out / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / MANIFEST_FILE)
-    return manifest
 
 
 SKIP_HELP: dict[str, str] = {

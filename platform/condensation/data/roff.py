@@ -512,22 +512,21 @@ class _Renderer:
     def r_TH(self, args, _):
         self.th = [self.expand(a) for a in args]
 
-    def r_SH(self, args, _):
+    def _section(self, kind: str, args) -> None:
+        """A heading from the arguments, or (none given) from the next text line."""
         self.tag = None
         if args:
-            self._heading("SH", " ".join(self.expand(a) for a in args))
+            self._heading(kind, " ".join(self.expand(a) for a in args))
         else:
             self.flush()
-            self.pending_heading = "SH"
+            self.pending_heading = kind
+
+    def r_SH(self, args, _):
+        self._section("SH", args)
         self.fill = True
 
     def r_SS(self, args, _):
-        self.tag = None
-        if args:
-            self._heading("SS", " ".join(self.expand(a) for a in args))
-        else:
-            self.flush()
-            self.pending_heading = "SS"
+        self._section("SS", args)
 
     def _para(self, *_):
         self.tag = None
