@@ -6,10 +6,11 @@
 #   bash benchmarks/gpu_session.sh suite+summarize     # two steps at the same time
 #
 # Steps: setup, suite (the platform's GPU tests), summarize (issue 14), throughput (issue 11), bench (issue 16),
-# bench-smollm2, sweep (issue 13), ideas (issue 12), chain (issue 12: the SmolLM2 passkey chain; run it again after a
+# bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
+# through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues). Each step's log goes to $OUT/logs/<step>.txt
 # (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_K (a pytest -k
-# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, CHAIN_ARGS; T overrides a step's time limit (s).
+# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, IDEAS_BPTT_ARGS, CHAIN_ARGS; T overrides a step's time limit (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -70,6 +71,12 @@ ideas() {  # issue 12: the ideas against the paper's recipe, as a sweep over con
   local r=$?; mkdir -p "$OUT/ideas"; cp -r runs/sweep-h200-ideas/*.{json,png,md,yaml} "$OUT/ideas/" 2>/dev/null; return $r
 }
 
+ideas-bptt() {  # issue 12: random lengths x truncated backpropagation through the memory, held-out windows of 4x
+  timeout "${T:-480}" python3 workloads/sweep.py --preset h200-ideas-bptt ${IDEAS_BPTT_ARGS:-}
+  local r=$?; mkdir -p "$OUT/ideas-bptt"
+  cp -r runs/sweep-h200-ideas-bptt/*.{json,png,md,yaml} "$OUT/ideas-bptt/" 2>/dev/null; return $r
+}
+
 chain() {  # issue 12: continual pretraining -> passkey stages -> grid and loss by position (README's smollm2 chain)
   timeout "${T:-540}" python3 workloads/curriculum.py --preset smollm2 ${CHAIN_ARGS:-}
   local r=$?
@@ -91,7 +98,7 @@ status=0
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|summarize|throughput|bench|bench-smollm2|sweep|ideas|chain) ;;
+      setup|suite|summarize|throughput|bench|bench-smollm2|sweep|ideas|ideas-bptt|chain) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;
     esac
   done

@@ -17,7 +17,7 @@ from condensation.config import ConfigError
 from condensation.sweep import PRESETS, TRIAL_DONE_FILE, format_trials_table, load_sweep_config, run_sweep
 
 
-GPU_PRESETS = {"h200", "h200-ideas"}  # SmolLM2 (the extra) and data/corpus: validated below with stand-ins
+GPU_PRESETS = {"h200", "h200-ideas", "h200-ideas-bptt"}  # SmolLM2 (the extra) and data/corpus: validated below with stand-ins
 
 
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - GPU_PRESETS))
@@ -91,6 +91,29 @@ def test_ideas_preset_is_a_grid_at_one_point(small_corpus, tmp_path):
     assert tcfg.model.memory_sink_tokens == 4 and tcfg.model.memory_norm == "separate"
     names = {trial_run_name(cfg.name, f"x_{i:05d}", p) for i, p in enumerate(points)}
     assert len(names) == 4 and any(n.endswith("-memory_sink_tokens4-memory_normseparate") for n in names), names
+
+
+def test_ideas_bptt_preset_crosses_random_lengths_and_truncation(small_corpus, tmp_path):
+    from condensation.sweep import search_points, trial_train_config
+
+    full = PRESETS["h200-ideas-bptt"]()
+    assert full.train.data.seq_len == 4096 and full.heldout_tokens == 16384 and not full.train.schedule.cuda_graph
+    cfg = _gpu_preset("h200-ideas-bptt", small_corpus, tmp_path)
+    points = search_points(cfg)
+    assert not cfg.asha.enabled and len(points) == 4 and cfg.heldout_tokens == 16384
+    assert [(p["params"]["data.random_lengths"], p["params"]["model.memory_grad_segments"]) for p in points] == [
+        (False, 0), (False, 2), (True, 0), (True, 2)]  # (False, 0): the paper's recipe
+    tcfg = trial_train_config(cfg, 512, 1e-4, params=points[3]["params"])
+    assert tcfg.data.random_lengths and tcfg.model.memory_grad_segments == 2
+
+
+@pytest.mark.parametrize("value", [16, 0, -64])
+def test_heldout_tokens_shorter_than_a_segment_is_refused(value):
+    with pytest.raises(ConfigError) as err:
+        load_sweep_config("debug", overrides=[f"heldout_tokens={value}"])  # segments 32 and 64
+    assert err.value.key == "heldout_tokens", str(err.value)
+    load_sweep_config("debug", overrides=["heldout_tokens=64"])  # the longest segment: fine, and so is 100
+    load_sweep_config("debug", overrides=["heldout_tokens=100"])
 
 
 def test_grid_on_the_command_line_crosses_every_point():
@@ -440,3 +463,46 @@ def test_sweep_tokenizes_its_text_once_for_every_trial(ray_session, small_corpus
     for t in result.trials:
         metrics = client.get_run(t.mlflow_run_id).data.metrics
         assert metrics["data.rows_read"] == 40 and metrics["epoch"] == 1, metrics
+
+
+@pytest.mark.parametrize("source", ["local", "synthetic"])
+def test_heldout_windows_of_heldout_tokens_and_their_tail(source):
+    """heldout_tokens = 4x the training length: windows of that length (local: text never trained on), and
+    heldout_loss_tail = the mean per-token loss over the last quarter, checked against a plain loop over the logits."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from condensation import CondensationForCausalLM
+    from condensation.sizes import build_config
+    from condensation.sweep import make_evaluator, trial_train_config
+    from condensation.train.data import local_text_rows
+
+    cfg = load_sweep_config("debug", overrides=["heldout_tokens=512", "heldout_rows=2", f"train.data.source={source}"])
+    tcfg = trial_train_config(cfg, 64, 1e-3)
+    ev = make_evaluator(cfg, tcfg)
+    assert tcfg.data.seq_len == 128 and ev.rows.shape == (2, 512) and ev.rows.dtype == np.int64
+    if source == "local":  # no training row's text among the held-out tokens
+        train = local_text_rows(128, tcfg.data.num_rows, tcfg.data.seed)
+        seen = {r.tobytes() for r in train}
+        assert not seen & {c.tobytes() for c in ev.rows.reshape(-1, 128)}
+    torch.manual_seed(0)
+    vocab = int(ev.rows.max()) + 1 if source == "synthetic" else 2048
+    model = CondensationForCausalLM(build_config("debug", vocab_size=max(vocab, 2048), segment_length=64)).eval()
+    out = ev(model)
+    ids = torch.as_tensor(ev.rows)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()  # [2, 512, V]
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # predicts 1..511
+    tail = per_token[:, 384 - 1:]  # predictions of positions 384..511, the last quarter
+    assert out["heldout_loss_tail"] == pytest.approx(float(tail.mean()), abs=1e-5)
+    assert out["heldout_loss"] == pytest.approx(float(per_token.mean()), abs=1e-5)
+    # the tolerance tells the last quarter from the whole window and from the quarter before it
+    assert abs(float(tail.mean()) - float(per_token.mean())) > 1e-4
+    assert abs(float(tail.mean()) - float(per_token[:, 256 - 1: 384 - 1].mean())) > 1e-4
+    from condensation.sweep import TrialRecord
+
+    table = format_trials_table([TrialRecord(trial_id="x_0", segment_length=64, lr=1e-3, status="completed", step=8,
+                                             objective=out["heldout_loss"], metrics={"heldout_loss_tail": 1.5})],
+                                "heldout_loss")
+    assert "heldout_loss_tail" in table.splitlines()[0] and "1.5000" in table

@@ -64,6 +64,8 @@ TRIALS_DIR = "trials"
 # what a trial's own actor reserves in Ray Tune: it only waits on its Ray Train run, which reserves the workers
 TRIAL_DRIVER_CPUS = 0.01
 OBJECTIVES = {"heldout_loss": "min", "loss": "min", "passkey_answer_loss": "min", "passkey_exact": "max"}
+# what an objective's evaluation reports beside it, kept per trial (its last value) and shown in the trials table
+SIDE_METRICS = {"heldout_loss": ("heldout_loss_tail",), "passkey_exact": ("passkey_digit",)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +147,11 @@ class SweepConfig:
     eval_every: steps between evaluations (= the trials' `tracking.log_every`: one report to Tune per evaluation).
     heldout_text: a .jsonl file or folder (`text` field) of held-out documents for heldout_loss; needed when the
         data is not "local" or "synthetic".
-    heldout_rows: held-out rows (windows of `data.seq_len` tokens) per evaluation.
+    heldout_rows: held-out rows (windows of `heldout_tokens` tokens) per evaluation.
+    heldout_tokens: the length of the held-out windows for objective "heldout_loss" (None: `train.data.seq_len`);
+        at least the longest segment length searched, not necessarily a multiple of it. The evaluation also reports
+        `heldout_loss_tail`, the mean loss over the windows' last quarter: with windows longer than the training
+        length (e.g. 4x), whether the model holds up past the length it was trained on.
     passkey_length: total tokens of the passkey examples (None: the stage's length, else `data.seq_len`).
     passkey_n: passkey examples per evaluation (passkey_exact: per depth of 0, 0.5, 1).
     gpus_per_trial: GPUs one trial reserves (with train.schedule.use_gpu): None gives each of its
@@ -168,6 +174,7 @@ class SweepConfig:
     eval_every: int = 5
     heldout_text: str | None = None
     heldout_rows: int = 16
+    heldout_tokens: int | None = None
     passkey_length: int | None = None
     passkey_n: int = 16
     gpus_per_trial: float | None = None
@@ -422,6 +429,13 @@ def validate_sweep(cfg: SweepConfig) -> None:
         raise ConfigError("max_concurrent_trials", f"must be positive or null, got {cfg.max_concurrent_trials}")
     if cfg.heldout_rows < 1:
         raise ConfigError("heldout_rows", f"must be positive, got {cfg.heldout_rows}")
+    if cfg.heldout_tokens is not None:
+        h = cfg.heldout_tokens
+        if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+            raise ConfigError("heldout_tokens", f"a positive number of tokens or null, got {h!r}")
+        if h < max(s.segment_lengths):
+            raise ConfigError("heldout_tokens", f"({h}) is shorter than the longest segment length searched "
+                                                f"({max(s.segment_lengths)}): a held-out window holds whole segments")
     if cfg.passkey_n < 1:
         raise ConfigError("passkey_n", f"must be positive, got {cfg.passkey_n}")
     if cfg.passkey_length is not None and cfg.passkey_length < 32:
@@ -503,7 +517,13 @@ def validate_sweep(cfg: SweepConfig) -> None:
 
             avail = len(local_text_tokens()) // t.data.seq_len
             used = t.data.num_rows if t.data.num_rows is not None else avail
-            if used + cfg.heldout_rows > avail:
+            length = cfg.heldout_tokens or t.data.seq_len
+            if length != t.data.seq_len and cfg.heldout_rows * length > max(avail - used, 0) * t.data.seq_len:
+                raise ConfigError("heldout_tokens", f"the local text holds {avail} rows of {t.data.seq_len} tokens; "
+                                                    f"train.data.num_rows={used} leave {max(avail - used, 0)} held "
+                                                    f"out, fewer tokens than heldout_rows={cfg.heldout_rows} "
+                                                    f"windows of heldout_tokens={length}")
+            if length == t.data.seq_len and used + cfg.heldout_rows > avail:
                 raise ConfigError("heldout_rows", f"the local text holds {avail} rows of {t.data.seq_len} tokens; "
                                                   f"train.data.num_rows={used} leave {max(avail - used, 0)} held out, "
                                                   f"fewer than heldout_rows={cfg.heldout_rows}")
@@ -659,9 +679,28 @@ def h200_ideas_preset() -> SweepConfig:
         asha=AshaConfig(enabled=False))
 
 
+def h200_ideas_bptt_preset() -> SweepConfig:
+    """One H200, not yet measured: two issue-12 training ideas against the paper's recipe at the h200-ideas point
+    (segment 512, lr 1e-4, SmolLM2 rows of 4096 tokens), crossed: random sequence lengths (`data.random_lengths`
+    False = the paper, True: each micro-batch a random number of whole segments) x truncated backpropagation through
+    the memory (`model.memory_grad_segments` 0 = full backpropagation = the paper, 2: the memory's gradient cut every
+    2 segments); 4 trials at once, each trained to the end (no ASHA). Held-out loss on windows of 16384 tokens (4x
+    the training length, `heldout_tokens`), with `heldout_loss_tail` (the windows' last quarter, positions
+    12288-16384) showing whether a variant holds up past the trained length. The h200 training config leaves
+    `schedule.cuda_graph` off, so random_lengths is allowed as it is.
+
+        python workloads/sweep.py --preset h200-ideas-bptt
+    """
+    cfg = h200_ideas_preset()
+    return dataclasses.replace(
+        cfg, name="sweep-h200-ideas-bptt", heldout_tokens=4 * cfg.train.data.seq_len,
+        search=dataclasses.replace(cfg.search, grid={"data.random_lengths": [False, True],
+                                                     "model.memory_grad_segments": [0, 2]}))
+
+
 PRESETS: dict[str, Callable[[], SweepConfig]] = {
     "default": default_preset, "debug": debug_preset, "passkey": passkey_preset, "h200": h200_preset,
-    "h200-ideas": h200_ideas_preset,
+    "h200-ideas": h200_ideas_preset, "h200-ideas-bptt": h200_ideas_bptt_preset,
 }
 
 
@@ -692,9 +731,11 @@ class Evaluator:
         if self.objective == "heldout_loss":
             from .evaluate.long_context import loss_by_position
 
-            curve = loss_by_position(model, self.rows, bin_tokens=self.rows.shape[1], batch_size=len(self.rows),
+            # bins of a quarter window (rounded up): the last bin is the window's last quarter
+            length = self.rows.shape[1]
+            curve = loss_by_position(model, self.rows, bin_tokens=-(-length // 4), batch_size=len(self.rows),
                                      name="heldout")
-            return {"heldout_loss": curve.mean_loss()}
+            return {"heldout_loss": curve.mean_loss(), "heldout_loss_tail": curve.bin_loss[-1]}
         tok = self._tokenizer()
         if self.objective == "passkey_answer_loss":
             from .curriculum import answer_loss
@@ -722,9 +763,12 @@ class Evaluator:
 
 
 def heldout_rows(cfg: SweepConfig, tcfg: TrainConfig) -> np.ndarray:
-    """[heldout_rows, seq_len] int64 rows never trained on: the local text's rows after the training ones in the same
-    shuffled order, fresh synthetic rows (another seed), or windows of `heldout_text`."""
+    """[heldout_rows, heldout_tokens] int64 rows never trained on (heldout_tokens None: seq_len): the local text's
+    rows after the training ones in the same shuffled order, fresh synthetic rows (another seed), or windows of
+    `heldout_text`. Local text with heldout_tokens != seq_len: the rows never trained on, put back in text order and
+    joined, cut into windows of heldout_tokens."""
     d, n = tcfg.data, cfg.heldout_rows
+    length = cfg.heldout_tokens or d.seq_len
     if cfg.heldout_text:
         from .evaluate.long_context import token_windows
         from .tokenizer import load_tokenizer
@@ -733,14 +777,25 @@ def heldout_rows(cfg: SweepConfig, tcfg: TrainConfig) -> np.ndarray:
 
         with warnings.catch_warnings():  # short documents are concatenated: fine for a mean loss
             warnings.simplefilter("ignore", UserWarning)
-            return token_windows(load_tokenizer(d.tokenizer), cfg.heldout_text, d.seq_len, n, seed=d.seed)
+            return token_windows(load_tokenizer(d.tokenizer), cfg.heldout_text, length, n, seed=d.seed)
     if d.source == "synthetic":
         from .train.data import synthetic_rows
         from .train.trainer import _vocab_size
 
-        return synthetic_rows(d.seq_len, n, _vocab_size(tcfg), seed=d.seed + 10_000)
-    from .train.data import local_text_rows
+        return synthetic_rows(length, n, _vocab_size(tcfg), seed=d.seed + 10_000)
+    from .train.data import local_text_rows, local_text_tokens
 
+    if length != d.seq_len:
+        stream = local_text_tokens()
+        n_avail = len(stream) // d.seq_len
+        order = np.random.default_rng(d.seed).permutation(n_avail)  # local_text_rows' training order
+        used = d.num_rows if d.num_rows is not None else n_avail
+        held = np.sort(order[used:])  # never trained on, in text order
+        text = stream[: n_avail * d.seq_len].reshape(n_avail, d.seq_len)[held].reshape(-1)
+        if n * length > len(text):
+            raise ValueError(f"the local text's {len(held)} held-out rows of {d.seq_len} tokens hold fewer than "
+                             f"{n} windows of {length} tokens")
+        return np.ascontiguousarray(text[: n * length].reshape(n, length), dtype=np.int64)
     avail = local_text_rows(d.seq_len, None, d.seed)  # every row, in the training order; training takes the first
     used = d.num_rows if d.num_rows is not None else len(avail)
     return np.ascontiguousarray(avail[used: used + n])
@@ -873,7 +928,7 @@ def _trial(config: dict, sweep: dict, parent_run_id: str | None, evaluator: "Eva
                 and os.path.isdir(prev.get("checkpoint_path") or "")):
             # its run finished before the sweep was interrupted: report that, train nothing again
             rec = {**prev, "status": "kept"}
-            ray.tune.report({"step": prev["step"], cfg.objective: prev["objective"]})
+            ray.tune.report({"step": prev["step"], cfg.objective: prev["objective"], **(prev.get("metrics") or {})})
             return
         for stale in (STOP_FILE, STOPPING_FILE, TRIAL_DONE_FILE):  # left by an earlier attempt of this trial
             if os.path.exists(os.path.join(tcfg.run.run_dir, stale)):
@@ -908,7 +963,9 @@ def _trial(config: dict, sweep: dict, parent_run_id: str | None, evaluator: "Eva
             if res.stopped:  # Tune stopped the trial (ASHA, or the sweep was interrupted): its cleanup asked
                 rec.update(status="stopped", step=res.step, checkpoint_path=res.checkpoint_path)
             else:
-                rec.update(status="completed", step=res.step, objective=(res.metrics or {}).get(cfg.objective),
+                m = res.metrics or {}
+                rec.update(status="completed", step=res.step, objective=m.get(cfg.objective),
+                           metrics={k: m[k] for k in SIDE_METRICS.get(cfg.objective, ()) if m.get(k) is not None},
                            checkpoint_path=res.checkpoint_path, hf_path=res.hf_path)
     finally:
         if tcfg is not None and rec.get("status") not in ("unfinished", "diverged", "kept"):
@@ -992,6 +1049,7 @@ class TrialRecord:
     error: str | None = None
     params: dict = field(default_factory=dict)  # its values of the search.grid keys
     gpu_util: float | None = None  # mean GPU utilisation (%) of its MLflow system metrics, on GPUs
+    metrics: dict = field(default_factory=dict)  # the last values of the objective's SIDE_METRICS
 
     @property
     def point(self) -> dict:
@@ -1442,12 +1500,15 @@ def collect_trials(cfg: SweepConfig, experiment: str) -> list[TrialRecord]:
         else:
             status = "completed" if step is not None and step >= total else "stopped"
         err = getattr(trial, "error_msg", None)
+        side = {k: float(last[k]) for k in SIDE_METRICS.get(cfg.objective, ()) if last.get(k) is not None}
+        if done is not None and done.get("status") == "completed":
+            side.update(done.get("metrics") or {})
         out.append(TrialRecord(
             trial_id=trial.trial_id, segment_length=seg, lr=lr, status=status, step=step,
             objective=None if value is None else float(value), run_name=run_name, run_dir=run_dir,
             mlflow_run_id=run_id, checkpoint_path=(done or {}).get("checkpoint_path"),
             hf_path=(done or {}).get("hf_path"), curve=curve, params=point["params"],
-            error=str(err)[:500] if status == "error" and err else None))
+            error=str(err)[:500] if status == "error" and err else None, metrics=side))
     out.sort(key=lambda t: t.trial_id)
     return out
 
@@ -1470,18 +1531,21 @@ def best_trial(trials: list[TrialRecord], mode: str) -> TrialRecord | None:
 
 
 def format_trials_table(trials: list[TrialRecord], objective: str, best: TrialRecord | None = None) -> str:
-    """The trials as a Markdown table: point (and grid values), outcome, objective, GPU utilisation if measured."""
+    """The trials as a Markdown table: point (and grid values), outcome, objective, the metrics reported beside it
+    (e.g. heldout_loss_tail), GPU utilisation if measured."""
     keys = list(dict.fromkeys(k for t in trials for k in t.params))
+    side = list(dict.fromkeys(k for t in trials for k in t.metrics))
     gpu = any(t.gpu_util is not None for t in trials)
     head = ["trial", "segment length", "lr", *(k.rsplit(".", 1)[-1] for k in keys), "status", "steps", objective,
-            *(["GPU util %"] if gpu else [])]
+            *side, *(["GPU util %"] if gpu else [])]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         value = "-" if t.objective is None else f"{t.objective:.4f}"
         mark = " **best**" if best is not None and t.trial_id == best.trial_id else ""
         cells = [t.trial_id.rsplit("_", 1)[-1], str(t.segment_length), f"{t.lr:.2e}",
                  *(str(t.params.get(k, "-")) for k in keys), t.status, str(t.step if t.step is not None else "-"),
-                 value + mark, *([f"{t.gpu_util:.0f}" if t.gpu_util is not None else "-"] if gpu else [])]
+                 value + mark, *(f"{t.metrics[k]:.4f}" if t.metrics.get(k) is not None else "-" for k in side),
+                 *([f"{t.gpu_util:.0f}" if t.gpu_util is not None else "-"] if gpu else [])]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
