@@ -680,14 +680,16 @@ def h200_ideas_preset() -> SweepConfig:
 
 
 def h200_ideas_bptt_preset() -> SweepConfig:
-    """One H200, not yet measured: two issue-12 training ideas against the paper's recipe at the h200-ideas point
+    """One H200, about 3 minutes (153 s measured, eighth session): two issue-12 training ideas against the paper's recipe at the h200-ideas point
     (segment 512, lr 1e-4, SmolLM2 rows of 4096 tokens), crossed: random sequence lengths (`data.random_lengths`
     False = the paper, True: each micro-batch a random number of whole segments) x truncated backpropagation through
     the memory (`model.memory_grad_segments` 0 = full backpropagation = the paper, 2: the memory's gradient cut every
     2 segments); 4 trials at once, each trained to the end (no ASHA). Held-out loss on windows of 16384 tokens (4x
     the training length, `heldout_tokens`), with `heldout_loss_tail` (the windows' last quarter, positions
     12288-16384) showing whether a variant holds up past the trained length. The h200 training config leaves
-    `schedule.cuda_graph` off, so random_lengths is allowed as it is.
+    `schedule.cuda_graph` off, so random_lengths is allowed as it is. Measured (benchmarks/results/h200_s8/ideas-bptt):
+    the paper's recipe 2.443 (tail 2.563), random lengths 2.498 (2.615), the gradient cut every 2 segments 5.899 and
+    6.842 (tails 9.97 and 9.90: the memory collapses past ~17 segments unless trained through them).
 
         python workloads/sweep.py --preset h200-ideas-bptt
     """
