@@ -78,6 +78,11 @@ def test_override_parsing():
     (["schedule.replay_micro_batches=1.5"], "schedule.replay_micro_batches"),
     (["schedule.engine=torch", "schedule.cuda_graph=true", "schedule.use_gpu=true", "schedule.global_batch=4",
       "schedule.replay_micro_batches=1"], "schedule.replay_micro_batches"),  # a graph takes one micro-batch a step
+    (["schedule.replay_weight=0"], "schedule.replay_weight"),
+    (["schedule.replay_weight=-1"], "schedule.replay_weight"),
+    (["schedule.replay_weight=nan"], "schedule.replay_weight"),
+    (["schedule.replay_weight=inf"], "schedule.replay_weight"),
+    (["schedule.replay_weight=often"], "schedule.replay_weight"),
 ])
 def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
@@ -142,6 +147,23 @@ def test_replay_micro_batches_count_in_deepspeeds_accumulation():
     # DeepSpeed scales every backward by 1 / gradient_accumulation_steps and checks the batch product
     assert ds["gradient_accumulation_steps"] == 5 and ds["train_batch_size"] == 2 * 2 * 5
     assert deepspeed_config(load_config())["train_batch_size"] == TrainConfig().schedule.global_batch
+
+
+def test_replay_weight_scales_each_micro_batch_loss():
+    from condensation.train import deepspeed_config
+
+    cfg = load_config(overrides=["schedule.global_batch=8", "schedule.per_worker_batch=2", "schedule.num_workers=2",
+                                 "schedule.replay_micro_batches=3", "schedule.replay_weight=0.25"])
+    s = cfg.schedule
+    assert s.replay_weight == 0.25 and TrainConfig().schedule.replay_weight == 1.0
+    # (2 train + 0.25 x 3 replay gradients) / 2.75: the loss scales sum to 1 over the step's micro-batches
+    assert s.micro_batch_scale(False) == 1 / 2.75 and s.micro_batch_scale(True) == 0.25 / 2.75
+    assert 2 * s.micro_batch_scale(False) + 3 * s.micro_batch_scale(True) == pytest.approx(1.0)
+    # DeepSpeed still counts every micro-batch to find the step's boundary (the engine scales the losses itself)
+    assert deepspeed_config(cfg)["gradient_accumulation_steps"] == 5
+    plain = load_config(overrides=["schedule.replay_micro_batches=3"]).schedule
+    assert plain.micro_batch_scale(False) == plain.micro_batch_scale(True) == 1 / plain.micro_batches
+    assert load_config(overrides=["schedule.replay_weight=2"]).schedule.replay_weight == 2.0  # > 1 is allowed
 
 
 def test_replay_dataset_and_replay_micro_batches_go_together(monkeypatch, tmp_path):

@@ -60,7 +60,11 @@ def corpus(tmp_path_factory):
 
 def smollm2_small(tiny_llama, corpus, storage, *more):
     """The smollm2 preset with its model, text, lengths and steps scaled down to seconds on a CPU."""
-    return load_curriculum_config("smollm2", overrides=[
+    return load_curriculum_config("smollm2", overrides=[*_small_overrides(tiny_llama, corpus, storage), *more])
+
+
+def _small_overrides(tiny_llama, corpus, storage):
+    return [
         f"train.model.init_from={tiny_llama}", f"train.data.tokenizer={tiny_llama}", "train.model.segment_length=32",
         "train.model.overrides.loss_reduction=token_mean", f"train.run.storage={storage}",
         "train.schedule.use_gpu=false", "train.schedule.num_workers=1", "train.schedule.cpus_per_worker=1",
@@ -71,7 +75,7 @@ def smollm2_small(tiny_llama, corpus, storage, *more):
         "stages=[{total_tokens: 96, steps: 2, per_worker_batch: 4}]",
         "evaluation.lengths=[96, 128, 256]", "evaluation.depths=[0.0, 1.0]", "evaluation.n_per_cell=2",
         "evaluation.batch_size=2", f"long_context.text={corpus / 'heldout_long.jsonl'}", "long_context.length=256",
-        "long_context.windows=2", "long_context.bin_tokens=64", *more])
+        "long_context.windows=2", "long_context.bin_tokens=64"]
 
 
 def test_smollm2_preset_is_the_chain(monkeypatch, tiny_llama, corpus, tmp_path):
@@ -334,6 +338,14 @@ REPLAY_STAGE = "stages=[{total_tokens: 96, steps: 2, per_worker_batch: 4, replay
     ([REPLAY_STAGE, "replay.dataset_options={bogus: 1}"], "replay.dataset_options.bogus"),
     ([REPLAY_STAGE, "replay.dataset_options={text_field: body}"], "replay.dataset_options.text_field"),
     ([REPLAY_STAGE, "replay.bogus=1"], "replay.bogus"),
+    # the weight of the replay micro-batches: per stage, or the schedule's for every stage
+    (["stages=[{total_tokens: 96, steps: 2, replay_micro_batches: 1, replay_weight: 0}]"], "stages.0.replay_weight"),
+    (["stages=[{total_tokens: 96, steps: 2, replay_micro_batches: 1, replay_weight: -1}]"], "stages.0.replay_weight"),
+    (["stages=[{total_tokens: 96, steps: 2, replay_micro_batches: 1, replay_weight: .nan}]"], "stages.0.replay_weight"),
+    (["stages=[{total_tokens: 96, steps: 2, replay_micro_batches: 1, replay_weight: often}]"],
+     "stages.0.replay_weight"),
+    ([REPLAY_STAGE, "train.schedule.replay_weight=0"], "stages.0 -> train.schedule.replay_weight"),
+    ([REPLAY_STAGE, "train.schedule.replay_weight=often"], "train.schedule.replay_weight"),
     # a CUDA graph replays one micro-batch a step
     ([REPLAY_STAGE, "train.schedule.engine=torch", "train.schedule.cuda_graph=true", "train.schedule.use_gpu=true",
       "pretraining.steps=0"], "stages.0.replay_micro_batches"),
@@ -358,13 +370,51 @@ def test_replay_text_defaults_to_the_pretraining_text(tiny_llama, corpus, tmp_pa
     assert all(st.replay_micro_batches == 0 for st in PRESETS["smollm2"]().stages)
 
 
+def test_replay_weight_reaches_the_stages_train_config(tiny_llama, corpus, tmp_path):
+    from condensation.curriculum import stage_train_config
+
+    two = "stages=[{total_tokens: 96, steps: 2, replay_micro_batches: 1}, {total_tokens: 96, steps: 2}]"
+    weights = lambda cfg: [stage_train_config(cfg, i).schedule.replay_weight for i in range(len(cfg.stages))]
+    assert weights(smollm2_small(tiny_llama, corpus, tmp_path, two)) == [1.0, 1.0]  # the schedule's default
+    cfg = smollm2_small(tiny_llama, corpus, tmp_path, two, "train.schedule.replay_weight=0.2")
+    assert cfg.stages[0].replay_weight is None and weights(cfg) == [0.2, 0.2]  # None: the schedule's, every stage
+    own = ("stages=[{total_tokens: 96, steps: 2, replay_micro_batches: 1, replay_weight: 0.5}, "
+           "{total_tokens: 96, steps: 2}]")
+    cfg = smollm2_small(tiny_llama, corpus, tmp_path, own, "train.schedule.replay_weight=0.2")
+    assert weights(cfg) == [0.5, 0.2]  # a stage's own weight, the schedule's for the other
+
+
+def test_smollm2_docstring_replay_command_parses(tiny_llama, corpus, tmp_path):
+    """The command that smollm2_preset's docstring gives for replay with a weight: its overrides load as written."""
+    import shlex
+
+    from condensation.curriculum import smollm2_preset, stage_train_config
+
+    doc = smollm2_preset.__doc__
+    cmd = next(c for c in doc.replace("\\\n", " ").split("\n\n") if "replay_weight" in c and "python " in c)
+    args = shlex.split(cmd)
+    assert args[:4] == ["python", "workloads/curriculum.py", "--preset", "smollm2"]
+    overrides = args[4:]
+    assert "train.schedule.replay_weight=0.2" in overrides
+    # the full preset's three stages, scaled down (a YAML file: the command's stages.N keys then address them)
+    stages = tmp_path / "stages.yaml"
+    stages.write_text("stages:\n" + "".join(f"  - {{total_tokens: 96, steps: 2, per_worker_batch: {b}}}\n"
+                                            for b in (4, 4, 2)))
+    small = [o for o in _small_overrides(tiny_llama, corpus, tmp_path) if not o.startswith("stages=")]
+    cfg = load_curriculum_config("smollm2", str(stages), small + overrides)
+    assert [st.replay_micro_batches for st in cfg.stages] == [1, 1, 2]
+    assert [stage_train_config(cfg, i).schedule.replay_weight for i in range(3)] == [0.2, 0.2, 0.2]
+
+
 def test_stage_with_replay_trains_on_text_and_passkey_and_logs_replay_loss(ray_session, tiny_llama, corpus, tmp_path):
     from mlflow import MlflowClient
 
     from condensation.curriculum import stage_datasets
     from condensation.tokenizer import load_tokenizer
 
-    cfg = smollm2_small(tiny_llama, corpus, tmp_path, REPLAY_STAGE, "pretraining.steps=0", "long_context.text=null")
+    # text weighing half a passkey micro-batch (the stage's own replay_weight)
+    weighted = REPLAY_STAGE.replace("replay_micro_batches: 1", "replay_micro_batches: 1, replay_weight: 0.5")
+    cfg = smollm2_small(tiny_llama, corpus, tmp_path, weighted, "pretraining.steps=0", "long_context.text=null")
     data = stage_datasets(cfg, 0, load_tokenizer(tiny_llama))
     assert sorted(data) == ["replay", "train"]
     text, passkey = data["replay"].take(8), data["train"].take(8)
@@ -375,7 +425,7 @@ def test_stage_with_replay_trains_on_text_and_passkey_and_logs_replay_loss(ray_s
 
     said = []
     (stage,) = run_curriculum(cfg, log=said.append)
-    assert any("1 replay micro-batch(es) a step of" in line for line in said), said
+    assert any("1 replay micro-batch(es) a step of" in line and "(weight 0.5)" in line for line in said), said
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(stage.run_id)
     replay = sorted((m.step, m.value) for m in client.get_metric_history(stage.run_id, "replay_loss"))
@@ -384,5 +434,5 @@ def test_stage_with_replay_trains_on_text_and_passkey_and_logs_replay_loss(ray_s
     assert all(0 < v < 20 for _, v in replay + loss)
     assert [v for _, v in replay] != [v for _, v in loss]  # two streams, not one logged twice
     p = run.data.params
-    assert p["schedule.replay_micro_batches"] == "1" and p["grad_accum"] == "1"
+    assert p["schedule.replay_micro_batches"] == "1" and p["grad_accum"] == "1" and p["schedule.replay_weight"] == "0.5"
     assert p["deepspeed_resolved.gradient_accumulation_steps"] == "2"

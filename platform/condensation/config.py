@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -183,6 +184,11 @@ class ScheduleConfig:
         whatever its number of labelled tokens (the loss is a token mean per micro-batch, so rows mixed into one
         micro-batch would let ~2000 text tokens drown a passkey's ~5 answer tokens). Metrics: `loss` stays the
         train rows', `replay_loss` the replay rows'. 0 (default): train rows only.
+    replay_weight: the weight w of each replay micro-batch against a train micro-batch's 1: the step's gradient is
+        (sum of train micro-batch gradients + w x sum of replay micro-batch gradients) / (grad_accum + w x
+        replay_micro_batches), each micro-batch's gradient that of its own loss (a token mean, as above). 1 (default):
+        the plain mean; w -> 0 approaches train rows only (e.g. 0.2, so that ~2000 text labels a row do not drown a
+        passkey's ~5 answer tokens). Finite and > 0 (> 1 weighs text more); `loss` and `replay_loss` stay unweighted.
     """
 
     total_steps: int = 20
@@ -200,6 +206,7 @@ class ScheduleConfig:
     torch_threads: int | None = 1
     seed: int = 0
     replay_micro_batches: int = 0
+    replay_weight: float = 1.0
 
     @property
     def grad_accum(self) -> int:
@@ -210,6 +217,13 @@ class ScheduleConfig:
     def micro_batches(self) -> int:
         """All micro-batches of an optimizer step on a worker (train and replay): what the engines accumulate."""
         return self.grad_accum + self.replay_micro_batches
+
+    def micro_batch_scale(self, replay: bool) -> float:
+        """What a micro-batch's loss is multiplied by before its backward, so that the summed gradients are the step's
+        weighted mean (`replay_weight`): 1 / (grad_accum + w x replay_micro_batches) for train rows, w / (...) for
+        replay rows; 1 / micro_batches for both at w = 1."""
+        w = self.replay_weight
+        return (w if replay else 1.0) / (self.grad_accum + w * self.replay_micro_batches)
 
     def bf16(self) -> bool:
         return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
@@ -623,6 +637,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("schedule.torch_threads", f"must be positive or None, got {s.torch_threads}")
     if not _is_int(s.replay_micro_batches) or s.replay_micro_batches < 0:
         raise ConfigError("schedule.replay_micro_batches", f"must be an int >= 0, got {s.replay_micro_batches!r}")
+    if not _is_positive_float(s.replay_weight):
+        raise ConfigError("schedule.replay_weight", f"must be a finite number > 0, got {s.replay_weight!r}")
 
     if c.every < 0:
         raise ConfigError("checkpoint.every", f"must be >= 0, got {c.every}")
@@ -702,6 +718,11 @@ MEMORY_NORMS = ("shared", "separate")
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_positive_float(v) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _validate_memory_options(m: ModelConfig, seg: int | None) -> None:

@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .config import ConfigError, TrainConfig, _merge_into, merge, parse_overrides, load_yaml, to_yaml
+from .config import (ConfigError, TrainConfig, _is_positive_float, _merge_into, merge, parse_overrides, load_yaml,
+                     to_yaml)
 
 STAGE_DONE_TAG = "curriculum.stage_status"
 PARENT_ID_FILE = "mlflow_parent_run_id"
@@ -44,6 +45,10 @@ class StageConfig:
         micro-batches (`train.schedule.replay_micro_batches`), so that a stage whose loss is only the ~5 answer tokens
         keeps the language modelling the continual pretraining taught. Each micro-batch weighs the same in the step's
         gradient: with one passkey micro-batch per step, 1 makes it half passkey, half text. 0 (default): passkey only.
+    replay_weight: the weight w of each replay micro-batch against a passkey micro-batch's 1
+        (`train.schedule.replay_weight`): the step's gradient is (sum of passkey gradients + w x sum of text
+        gradients) / (passkey micro-batches + w x replay_micro_batches). None (default): the schedule's (1 unless set
+        there, e.g. train.schedule.replay_weight=0.2 for every stage).
     """
 
     total_tokens: int = 128
@@ -54,6 +59,7 @@ class StageConfig:
     per_worker_batch: int | None = None
     random_lengths: bool | None = None
     replay_micro_batches: int = 0
+    replay_weight: float | None = None
 
 
 @dataclass
@@ -182,6 +188,9 @@ class CurriculumConfig:
                 raise ConfigError(f"stages.{i}.depth_range", f"needs 0 <= lo <= hi <= 1, got {st.depth_range}")
             if st.replay_micro_batches < 0:
                 raise ConfigError(f"stages.{i}.replay_micro_batches", f"must be >= 0, got {st.replay_micro_batches}")
+            if st.replay_weight is not None and not _is_positive_float(st.replay_weight):
+                raise ConfigError(f"stages.{i}.replay_weight", f"must be a finite number > 0 or None, got "
+                                                               f"{st.replay_weight!r}")
             stages.append(st)
         self.stages = stages
         pre = self.pretraining
@@ -209,7 +218,8 @@ class CurriculumConfig:
             try:
                 validate_train(stage_train_config(self, i))
             except ConfigError as e:
-                key = "replay_micro_batches" if e.key == "schedule.replay_micro_batches" else None
+                key = {"schedule.replay_micro_batches": "replay_micro_batches",
+                       "schedule.replay_weight": "replay_weight" if st.replay_weight is not None else None}.get(e.key)
                 raise ConfigError(f"stages.{i}.{key}" if key else f"stages.{i} -> train.{e.key}",
                                   str(e).split(": ", 1)[-1]) from None
         self._validate_replay()
@@ -290,7 +300,9 @@ def stage_train_config(cfg: CurriculumConfig, i: int) -> TrainConfig:
         optim=dataclasses.replace(t.optim, lr=st.lr, min_lr=st.min_lr),
         schedule=dataclasses.replace(t.schedule, total_steps=st.steps,
                                      per_worker_batch=st.per_worker_batch or t.schedule.per_worker_batch,
-                                     replay_micro_batches=st.replay_micro_batches),
+                                     replay_micro_batches=st.replay_micro_batches,
+                                     replay_weight=(t.schedule.replay_weight if st.replay_weight is None
+                                                    else st.replay_weight)),
         run=dataclasses.replace(t.run, name=stage_name(cfg, i)),
     )
 
@@ -406,15 +418,20 @@ def smollm2_preset() -> CurriculumConfig:
     Micro-batches hold 64K tokens (about 70 GiB on an H200 with full backpropagation through the memory): SmolLM2's
     30 layers of width 576 make every cell small, so the step is bound by launches unless many rows share them.
 
-    Text replay, off here until it has run on a GPU: the passkey stages' loss is the ~5 answer tokens of synthetic
-    rows, and after them the perplexity of held-out text's first 2K tokens was 13.25 against the base model's 8.67.
-    `stages.N.replay_micro_batches=k` adds k micro-batches of the continual pretraining's text (packed to the stage's
-    length, next-token loss everywhere) to each optimizer step of stage N, each weighing as much as a passkey
-    micro-batch. Stages 0 and 1 take one passkey micro-batch a step (16 rows), stage 2 two (8 rows), so 1, 1, 2 make
-    every step half text:
+    Text replay, off here (measured once, next to try with a weight): the passkey stages' loss is the ~5 answer tokens
+    of synthetic rows, and after them the perplexity of held-out text's first 2K tokens was 13.2 against the base
+    model's 8.7. `stages.N.replay_micro_batches=k` adds k micro-batches of the continual pretraining's text (packed to
+    the stage's length, next-token loss everywhere) to each optimizer step of stage N. Stages 0 and 1 take one passkey
+    micro-batch a step (16 rows), stage 2 two (8 rows), so 1, 1, 2 make every step half text. Measured on an H200
+    (eighth session, benchmarks/results/h200_s8/smollm2-replay) with 1, 1, 2 at weight 1 (each text micro-batch
+    weighing as much as a passkey one): perplexity 13.2 -> 6.7 (better than the base model's 8.7), but passkey exact
+    match at 8K 1.00 -> 0.61 and at 2K after stage 0 0.75 -> 0.60: ~2000 text labels a row drown the 5 answer tokens
+    at equal weight. Next: the same replay with each text micro-batch weighing 0.2 (`train.schedule.replay_weight`
+    for every stage, or `stages.N.replay_weight` for one), a passkey micro-batch weighing five text ones:
 
-        python workloads/curriculum.py --preset smollm2 name=passkey-smollm2-replay stages.0.replay_micro_batches=1 \\
-            stages.1.replay_micro_batches=1 stages.2.replay_micro_batches=2
+        python workloads/curriculum.py --preset smollm2 name=passkey-smollm2-replay-w02 \
+            stages.0.replay_micro_batches=1 stages.1.replay_micro_batches=1 stages.2.replay_micro_batches=2 \
+            train.schedule.replay_weight=0.2
 
     A replay micro-batch has the passkey micro-batch's shape and runs after it, so peak memory should stay that of
     a passkey micro-batch while a stage takes about twice its time; MLflow shows `replay_loss` beside `loss`."""
@@ -621,7 +638,9 @@ def ensure_parent_run(cfg: CurriculumConfig) -> str:
     client.log_text(run.info.run_id, to_yaml(cfg), "curriculum_config.yaml")
     for k, v in {"stages": len(cfg.stages), "stage_lengths": ",".join(str(s.total_tokens) for s in cfg.stages),
                  "stage_steps": ",".join(str(s.steps) for s in cfg.stages), "full_lm_loss": cfg.full_lm_loss,
-                 "stage_replay_micro_batches": ",".join(str(s.replay_micro_batches) for s in cfg.stages)}.items():
+                 "stage_replay_micro_batches": ",".join(str(s.replay_micro_batches) for s in cfg.stages),
+                 "stage_replay_weights": ",".join(f"{stage_train_config(cfg, i).schedule.replay_weight:g}"
+                                                  for i in range(len(cfg.stages)))}.items():
         client.log_param(run.info.run_id, k, v)
     with open(id_file + ".tmp", "w") as f:
         f.write(run.info.run_id)
@@ -805,8 +824,8 @@ def run_curriculum(cfg: CurriculumConfig, init_from: str | None = None, log: Cal
             log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps: resuming stage {i} from checkpoint "
                 f"{ckpt[0]} ({ckpt[1]}){ckpt[2]}")
         else:
-            replay = (f", {st.replay_micro_batches} replay micro-batch(es) a step of {replay_source(cfg)[0]}"
-                      if st.replay_micro_batches else "")
+            replay = (f", {st.replay_micro_batches} replay micro-batch(es) a step of {replay_source(cfg)[0]} "
+                      f"(weight {tcfg.schedule.replay_weight:g})" if st.replay_micro_batches else "")
             log(f"stage {i}: {st.total_tokens} tokens, {st.steps} steps, lr {st.lr:g} -> {st.min_lr:g}{replay}, "
                 f"from {prev or 'scratch (' + tcfg.model.size + ')'}")
         res = fit(tcfg, stage_datasets(cfg, i, tokenizer, init_from=prev), init_from=prev)

@@ -169,33 +169,58 @@ def _by_hand(cfg, micro, weights):
     return [p.detach() for p in params], grads
 
 
+def _by_hand_loss(cfg, ids, labels):
+    """The loss of one micro-batch on the initial weights (what the engines report for the first step's rows)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return build_model(cfg.model)(input_ids=ids, labels=labels, return_logits=False).loss
+
+
 # eps comparable to the gradients' entries: AdamW's first step is then not the gradient's sign alone, so that a sum
 # instead of a mean (or a text micro-batch weighted apart) moves the weights differently
 REPLAY = ["schedule.replay_micro_batches=1", "optim.grad_clip=0", "optim.eps=1e-3", "optim.warmup_steps=0",
           "schedule.precision=fp32"]
 
 
-def test_torch_engine_replay_update_follows_the_mean_of_passkey_and_text_gradients():
-    cfg = _cfg(*REPLAY)
+def _weighted(w):
+    """The step's weights of the passkey and the text micro-batch at replay weight w: (1, w) / (1 + w)."""
+    return [1 / (1 + w), w / (1 + w)]
+
+
+def _tells_apart(params, cfg, micro, w):
+    """The test can tell: a sum instead of a mean, or (w != 1) the weight ignored, moves the weights elsewhere."""
+    for other in [[1.0, 1.0]] + ([[0.5, 0.5]] if w != 1 else []):
+        moved, _ = _by_hand(cfg, micro, other)
+        assert max((p.detach() - q).abs().max() for p, q in zip(params, moved)) > 1e-4, other
+
+
+# replay_weight 1: the plain mean (each micro-batch 1/2); 0.25: the passkey micro-batch 0.8, the text one 0.2
+@pytest.mark.parametrize("w", [1.0, 0.25])
+def test_torch_engine_replay_update_follows_the_mean_of_passkey_and_text_gradients(w):
+    cfg = _cfg(*REPLAY, f"schedule.replay_weight={w}")
     assert cfg.schedule.grad_accum == 1 and cfg.schedule.micro_batches == 2
     micro = _passkey_and_text()
     eng = _engine(cfg)
     for i, (ids, labels) in enumerate(micro):
-        eng.forward_backward(ids, labels)
-        if i == 1:  # the step's whole gradient, before the update: the mean of the two micro-batches' gradients
-            want_params, mean = _by_hand(cfg, micro, [0.5, 0.5])
+        out = eng.forward_backward(ids, labels, replay=i == 1)
+        # the reported loss is the micro-batch's own, unweighted
+        torch.testing.assert_close(out.loss, _by_hand_loss(cfg, ids, labels), rtol=1e-6, atol=0)
+        if i == 1:  # the step's whole gradient, before the update: the (weighted) mean of the micro-batches' gradients
+            want_params, mean = _by_hand(cfg, micro, _weighted(w))
+            # 0.8 and 0.2 scale each loss before its backward here, each gradient after it by hand: fp32 rounding apart
+            atol = 1e-8 if w == 1 else 1e-7
             for v, g in zip(eng.grad_views, mean):
-                torch.testing.assert_close(v, g, rtol=1e-5, atol=1e-8)
+                torch.testing.assert_close(v, g, rtol=1e-5, atol=atol)
         eng.step()
     for p, q in zip(eng.params, want_params):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
-    summed, _ = _by_hand(cfg, micro, [1.0, 1.0])
-    assert max((p.detach() - q).abs().max() for p, q in zip(eng.params, summed)) > 1e-4  # the test can tell
+    _tells_apart(eng.params, cfg, micro, w)
 
 
-@pytest.fixture
-def gloo_world_of_one(monkeypatch):
-    """torch.distributed with one gloo rank in this process, as DeepSpeed needs; torn down after the test."""
+@pytest.fixture(scope="module")
+def gloo_world_of_one():
+    """torch.distributed with one gloo rank in this process, as DeepSpeed needs; torn down after the module's tests
+    (one for all of them: DeepSpeed keeps its groups of the first, and a second world would not have them)."""
     import socket
 
     import torch.distributed as dist
@@ -203,28 +228,31 @@ def gloo_world_of_one(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
-                 "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                     "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+            mp.setenv(k, v)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
 
 
-def test_deepspeed_engine_replay_update_follows_the_mean_of_passkey_and_text_gradients(gloo_world_of_one):
-    cfg = _cfg(*REPLAY, "schedule.engine=deepspeed")
+@pytest.mark.parametrize("w", [1.0, 0.25])
+def test_deepspeed_engine_replay_update_follows_the_mean_of_passkey_and_text_gradients(gloo_world_of_one, w):
+    cfg = _cfg(*REPLAY, "schedule.engine=deepspeed", f"schedule.replay_weight={w}")
     micro = _passkey_and_text()
     torch.manual_seed(0)
     eng = engines.DeepSpeedEngine(cfg, build_model(cfg.model), torch.device("cpu"))
     assert eng.resolved["deepspeed_resolved"]["gradient_accumulation_steps"] == 2
     start = [p.detach().clone() for p in eng.module.parameters()]
-    eng.forward_backward(*micro[0])
+    out = eng.forward_backward(*micro[0])
+    torch.testing.assert_close(out.loss, _by_hand_loss(cfg, *micro[0]), rtol=1e-6, atol=0)  # unweighted
     eng.step()
     assert all(torch.equal(p, q) for p, q in zip(eng.module.parameters(), start))  # not at the boundary yet
-    eng.forward_backward(*micro[1])
+    out = eng.forward_backward(*micro[1], replay=True)
+    torch.testing.assert_close(out.loss, _by_hand_loss(cfg, *micro[1]), rtol=1e-6, atol=0)
     eng.step()
-    want, _ = _by_hand(cfg, micro, [0.5, 0.5])
+    want, _ = _by_hand(cfg, micro, _weighted(w))
     for p, q in zip(eng.module.parameters(), want):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
-    summed, _ = _by_hand(cfg, micro, [1.0, 1.0])
-    assert max((p.detach() - q).abs().max() for p, q in zip(eng.module.parameters(), summed)) > 1e-4
+    _tells_apart(list(eng.module.parameters()), cfg, micro, w)

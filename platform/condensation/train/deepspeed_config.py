@@ -2,8 +2,9 @@
 
 Batch: train_batch_size = per_worker_batch x num_workers x micro-batches per step (grad_accum, plus
 schedule.replay_micro_batches: DeepSpeed scales each backward by 1 / gradient_accumulation_steps, which must count the
-replay micro-batches for the step's gradient to be their mean). bf16 on GPU (precision "auto"), fp32 on
-CPU. The optimizer (torch AdamW) and the cosine schedule are built in Python and passed to
+replay micro-batches for the step's gradient to be their mean; with schedule.replay_weight != 1 the engine scales
+each loss itself and turns DeepSpeed's scaling off: `DeepSpeedEngine.forward_backward`). bf16 on GPU (precision
+"auto"), fp32 on CPU. The optimizer (torch AdamW) and the cosine schedule are built in Python and passed to
 `deepspeed.initialize`, so they are not in this dict. `cfg.deepspeed` is deep-merged last.
 """
 

@@ -3,13 +3,15 @@
 Both sit behind one small interface that `loop.py` drives, once per micro-batch:
 
     engine = make_engine(cfg, model, device, world)    # model: fp32, on the CPU, as build_model returns it
-    out = engine.forward_backward(ids, labels)         # MicroStep(loss [], segment_losses [n_seg]), detached
+    out = engine.forward_backward(ids, labels, replay=False)  # MicroStep(loss [], segment_losses [n_seg]), detached
     ... the loop's finite-loss check before the boundary's update ...
     engine.step()                                      # after every micro-step; updates at the accumulation boundary
 
 A step accumulates `schedule.micro_batches` micro-batches: grad_accum of train rows, then
-`schedule.replay_micro_batches` of replay rows; each backward is scaled by 1 / micro_batches, so the update follows
-the mean of their gradients.
+`schedule.replay_micro_batches` of replay rows (`replay=True`); each backward is scaled by
+`schedule.micro_batch_scale(replay)`: 1 / (grad_accum + w x replay_micro_batches), times w for a replay micro-batch
+(w = `schedule.replay_weight`), so the update follows the weighted mean of their gradients (at w = 1, the plain
+mean: 1 / micro_batches each). The returned losses are unscaled.
     engine.lr, engine.module                           # the lr of the coming update; the model (HF export, digest)
     state = engine.save(folder, rank); engine.load(folder)
 
@@ -57,7 +59,8 @@ class Engine(Protocol):
     @property
     def lr(self) -> float: ...
 
-    def forward_backward(self, ids: torch.Tensor, labels: torch.Tensor, poison: bool = False) -> MicroStep: ...
+    def forward_backward(self, ids: torch.Tensor, labels: torch.Tensor, poison: bool = False,
+                         replay: bool = False) -> MicroStep: ...
 
     def step(self) -> None: ...
 
@@ -83,11 +86,19 @@ def resolved(cfg: TrainConfig) -> dict:
         "grad_allreduce": ("none (one worker)" if s.num_workers == 1 else
                            f"{'nccl' if s.use_gpu else 'gloo'} all-reduce of the bucket, then / {s.num_workers}"),
         "grad_clip": cfg.optim.grad_clip,
-        "micro_batches_per_step": (f"{s.grad_accum} train + {s.replay_micro_batches} replay, each loss / "
-                                   f"{s.micro_batches}" if s.replay_micro_batches else s.grad_accum),
+        "micro_batches_per_step": (_replay_scaling(s) if s.replay_micro_batches else s.grad_accum),
         "cuda_graph": ("A: forward + backward; B: all-reduce + clipping + AdamW; finite-loss check between"
                        if s.cuda_graph else "off"),
     }}
+
+
+def _replay_scaling(s) -> str:
+    """How the torch engine scales each micro-batch's loss with replay (the resolved config's words)."""
+    if s.replay_weight == 1:
+        return f"{s.grad_accum} train + {s.replay_micro_batches} replay, each loss / {s.micro_batches}"
+    d = s.grad_accum + s.replay_weight * s.replay_micro_batches
+    return (f"{s.grad_accum} train (each loss / {d:g}) + {s.replay_micro_batches} replay (each loss x "
+            f"{s.replay_weight:g} / {d:g}): replay_weight {s.replay_weight:g}")
 
 
 def check_resume_engine(cfg: TrainConfig) -> None:
@@ -124,8 +135,13 @@ class DeepSpeedEngine:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
         import deepspeed
 
+        s = cfg.schedule
         self.resolved = resolved(cfg)
-        self.zero_stage = cfg.schedule.zero_stage
+        self.zero_stage = s.zero_stage
+        # DeepSpeed divides every backward by gradient_accumulation_steps (= micro_batches): the plain mean. With a
+        # replay weight the engine scales each loss itself (micro_batch_scale) and tells DeepSpeed not to
+        self._scale = ({r: s.micro_batch_scale(r) for r in (False, True)}
+                       if s.replay_weight != 1 and s.replay_micro_batches else None)
         optimizer, scheduler = _optimizer_and_schedule(cfg, model.parameters(), device)
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.resolved["deepspeed_resolved"],
@@ -136,10 +152,13 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def forward_backward(self, ids, labels, poison: bool = False) -> MicroStep:
+    def forward_backward(self, ids, labels, poison: bool = False, replay: bool = False) -> MicroStep:
         out = self._ds(input_ids=ids, labels=labels, return_logits=False)
         loss = out.loss * float("nan") if poison else out.loss
-        self._ds.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps (replay included) itself
+        if self._scale is None:
+            self._ds.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps (replay included) itself
+        else:
+            self._ds.backward(loss * self._scale[replay], scale_wrt_gas=False)
         return MicroStep(loss.detach(), out.segment_losses.detach())
 
     def step(self) -> None:
@@ -164,8 +183,11 @@ class TorchEngine:
                  graph_warmup: int = 2):
         s = cfg.schedule
         self.resolved = resolved(cfg)
-        # every micro-batch of a step, replay ones too, weighs 1 / micro_batches: the gradient is their mean
+        # every micro-batch of a step, replay ones too, weighs 1 / micro_batches: the gradient is their mean; with a
+        # replay weight w, train ones weigh 1 / (grad_accum + w x replay), replay ones w / (...) (micro_batch_scale)
         self.world, self.grad_accum, self.clip = world, s.micro_batches, float(cfg.optim.grad_clip)
+        self._scale = ({r: s.micro_batch_scale(r) for r in (False, True)}
+                       if s.replay_weight != 1 and s.replay_micro_batches else None)
         self.graph = bool(s.cuda_graph)
         dtype = torch.bfloat16 if s.bf16() else torch.float32
         self.master = dtype != torch.float32 and s.master_weights
@@ -210,13 +232,17 @@ class TorchEngine:
 
     # ---- the two halves of a step (eager, or captured by A and B)
 
-    def _grads(self, ids: torch.Tensor, labels: torch.Tensor, first: bool) -> MicroStep:
-        """Forward and backward of one micro-batch [B, L] into the bucket (`first`: of its optimizer step)."""
+    def _grads(self, ids: torch.Tensor, labels: torch.Tensor, first: bool, replay: bool = False) -> MicroStep:
+        """Forward and backward of one micro-batch [B, L] into the bucket (`first`: of its optimizer step; `replay`: a
+        replay micro-batch, weighed by schedule.replay_weight)."""
         if first and not self.master:
             self.grad_flat.zero_()
         out = self.module(input_ids=ids, labels=labels, return_logits=False)
         loss = out.loss if self._poison is None else out.loss * self._poison
-        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+        if self._scale is not None:
+            (loss * self._scale[replay]).backward()
+        else:
+            (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
         if self.master:
             self._fold(first)
         return MicroStep(loss.detach(), out.segment_losses.detach())
@@ -265,7 +291,8 @@ class TorchEngine:
         sch = self.scheduler
         return sch.base_lrs[0] * sch.lr_lambdas[0](sch.last_epoch)
 
-    def forward_backward(self, ids: torch.Tensor, labels: torch.Tensor, poison: bool = False) -> MicroStep:
+    def forward_backward(self, ids: torch.Tensor, labels: torch.Tensor, poison: bool = False,
+                         replay: bool = False) -> MicroStep:
         if poison and self._poison is None:
             raise RuntimeError("poison needs debug.nan_at_step set when the engine is built")
         if self._poison is not None and poison != self._poisoned:  # a fill only when it changes
@@ -273,7 +300,7 @@ class TorchEngine:
             self._poisoned = poison
         if self._grads_graph is not None:
             return self._grads_graph({"input_ids": ids, "labels": labels})
-        return self._grads(ids, labels, first=self._micro == 0)
+        return self._grads(ids, labels, first=self._micro == 0, replay=replay)
 
     def step(self) -> None:
         self._micro += 1

@@ -6,8 +6,9 @@ Per optimizer step: `grad_accum` micro-batches from `get_dataset_shard("train")`
 Ray Data), each `engine.forward_backward` (the fused chunked loss, `return_logits=False`), then `engine.step`
 (at the accumulation boundary: clipping, AdamW and the cosine schedule). With `schedule.replay_micro_batches` the
 step then takes that many more micro-batches from `get_dataset_shard("replay")` (e.g. text during passkey stages):
-the update follows the mean gradient over all the step's micro-batches, `loss` and the segment losses stay the train
-rows', and `replay_loss` is the replay rows' mean (tokens/s and MFU count both kinds of micro-batch: both are work).
+the update follows the mean gradient over all the step's micro-batches (each replay micro-batch weighed by
+`schedule.replay_weight` against a train micro-batch's 1), `loss` and the segment losses stay the train rows', and
+`replay_loss` is the replay rows' unweighted mean (tokens/s and MFU count both kinds of micro-batch: both are work).
 
 The host waits on the GPU once per optimizer step, not per micro-step: the loss and segment losses are summed on
 the device and all-reduced there (NCCL needs device tensors), and before the boundary `engine.step` one flag says
@@ -289,7 +290,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
             ids, labels = b["input_ids"], b["labels"]
             # debug.nan_at_step poisons the train rows only; the flag below treats a replay NaN the same way
             poison = cfg.debug.nan_at_step == step and micro < s.grad_accum
-            out = engine.forward_backward(ids, labels, poison=poison)  # losses detached
+            out = engine.forward_backward(ids, labels, poison=poison, replay=micro >= s.grad_accum)  # losses detached
             l64 = out.loss.detach().double().reshape(1)
             bad = (~torch.isfinite(l64)).double()
             if micro < s.grad_accum:
