@@ -58,7 +58,8 @@ bench-smollm2() {
   mkdir -p "$OUT/bench"
   timeout "${T:-290}" python3 workloads/benchmark.py --out "$OUT/bench/smollm2.json" --budget-s $(( ${T:-290} - 60 )) \
     --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
-    --cases llama-liger-ckpt,cond-sdpa-l512-group8-graph,cond-sdpa-l512-group8-compile-graph
+    --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-group8-compile-graph \
+    --target cond-sdpa-l512-groupckpt-accumulate-graph
 }
 
 sweep() {  # issue 13: 8 SmolLM2 trials, 4 at once on one GPU, segment length x learning rate, ASHA

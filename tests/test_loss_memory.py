@@ -64,3 +64,22 @@ def test_group_backward_runs_without_the_float32_embedding_buffer(monkeypatch):
     monkeypatch.setattr(fast_train.EmbeddingSink, "__init__", lambda self, emb, limit=None: init(self, emb, 0))
     old = peak_live_bytes(step)
     assert old - new >= 0.9 * buffer, (old, new, buffer)
+
+
+def test_group_forward_keeps_finished_segments_not_their_diagonals():
+    """Under group checkpoints each finished segment's last-layer output is kept until the end of the forward. A view
+    of its diagonal's stacked output pinned all n_layers cells of that diagonal (8 here; 30 on SmolLM2: 4.5 GB at
+    128K); a copy holds one segment. The forward's peak then grows per segment by that output, the final stack of
+    them and the group frontiers (n_layers outputs per group of 4 diagonals): 4 segment outputs, not n_layers + 3."""
+    cfg = CondensationConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                             num_attention_heads=4, num_key_value_heads=2, segment_length=16, checkpoint_group_steps=4)
+    model = CondensationForCausalLM(cfg).train()
+    out = {}
+
+    def peak(L):
+        ids = torch.randint(0, cfg.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
+        return peak_live_bytes(lambda: out.__setitem__("y", model.model(ids, final_norm=False)))
+
+    segment_bytes = cfg.segment_length * cfg.hidden_size * 4
+    per_segment = (peak(1024) - peak(512)) / (512 // cfg.segment_length)
+    assert per_segment <= 4 * segment_bytes, (per_segment, segment_bytes)  # the views: 8 x segment_bytes

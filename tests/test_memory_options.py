@@ -216,7 +216,9 @@ VARIANTS = [dict(), dict(segment_schedule="sequential"), dict(segment_schedule="
             dict(weight_grads="accumulate"), dict(weight_grads="deferred", checkpoint_cells=True),
             dict(weight_grads="deferred", checkpoint_group_steps=2),
             dict(memory_grad_segments=2), dict(memory_grad_segments=3, checkpoint_group_steps=2, weight_grads="deferred"),
-            dict(memory_grad_segments=3, segment_schedule="sequential")]
+            dict(memory_grad_segments=3, segment_schedule="sequential"),
+            # 3 layers in steps of 2 cells: sinks, memories and the segment-0 cell split across steps
+            dict(max_step_cells=2, checkpoint_group_steps=2, checkpoint_cells=True, weight_grads="accumulate")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -280,7 +280,12 @@ def test_group_checkpoints_keep_the_padding_row_without_gradient():
                                      dict(weight_grads="deferred", checkpoint_cells=True),
                                      dict(weight_grads="accumulate", checkpoint_group_steps=3, checkpoint_cells=True),
                                      dict(weight_grads="deferred", checkpoint_group_steps=2, memory_grad_segments=2),
-                                     dict(weight_grads="deferred", compile_cells=True)])
+                                     dict(weight_grads="deferred", compile_cells=True),
+                                     # diagonals split into batched steps of at most 1 or 2 cells (3 layers: the
+                                     # segment-0 cell alone or beside others), also under both kinds of checkpoint
+                                     dict(max_step_cells=1), dict(max_step_cells=2, checkpoint_cells=True),
+                                     dict(max_step_cells=2, weight_grads="accumulate", checkpoint_group_steps=3,
+                                          checkpoint_cells=True)])
 def test_schedules_and_checkpointing_give_same_gradients(variant):
     base, _ = make_pair(8, memory_grad_segments=variant.get("memory_grad_segments"))
     other, _ = make_pair(8, **variant)
@@ -421,7 +426,8 @@ def test_tied_embeddings_stay_tied(tmp_path):
 @pytest.mark.parametrize("field,value", [("segment_length", 0), ("segment_attention", "bogus"),
                                          ("segment_schedule", "diagonal"), ("loss_reduction", "max"),
                                          ("memory_grad_segments", 0), ("compile_cells", "fastest"),
-                                         ("checkpoint_group_steps", -1), ("weight_grads", "later")])
+                                         ("checkpoint_group_steps", -1), ("weight_grads", "later"),
+                                         ("max_step_cells", -1)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(Exception, match=field):
         CondensationConfig(**ARCH, **{field: value})

@@ -15,7 +15,7 @@ prints the summary of ratios against the baseline of the same run (kept in the J
     # 2: SmolLM2-135M shape (30 layers: compiled cells take longest to compile here; the uncompiled case first)
     timeout 290 python workloads/benchmark.py --out $OUT/issue16_smollm2.json --budget-s 230 --steps 3 --warmup 1 \
         --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
-        --cases llama-liger-ckpt,cond-sdpa-l512-group8-graph,cond-sdpa-l512-group8-compile-graph
+        --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-group8-compile-graph
 A JSON cut short by `timeout` holds every finished measurement; `--replot FILE` adds its summary and pictures
 (`--replot FILE --target cond-sdpa-l512-group8-graph` summarises another case of it).
 The fastest configurations against the baseline, with kernel-time profiles:
@@ -78,6 +78,7 @@ class Case:
     checkpoint_cells: bool = False
     compile_cells: bool | str = False
     checkpoint_group_steps: int = 0
+    max_step_cells: int = 0  # CondensationConfig.max_step_cells (0: a whole diagonal per step)
     weight_grads: str = "autograd"  # CondensationConfig.weight_grads
     graph: bool = False  # the whole step (forward, backward, AdamW) as one CUDA graph (condensation.cuda_graph)
     liger: bool = False  # Llama only: Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU)
@@ -155,6 +156,16 @@ def default_cases(smoke: bool) -> list[Case]:
         # (cells in a diagonal, with or without memory), about 60 forward + backward graphs, minutes on a bare machine
         Case("cond-sdpa-l512-group8-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8, graph=True,
              lengths=long),
+        # deep models (SmolLM2's 30 layers) at issue 16's lengths: per-step checkpoints inside groups of 16 diagonals
+        # keep one diagonal's activations at a time, not a whole group's (30 cells a diagonal: 0.5 GB each), and
+        # weight_grads="accumulate" serves every diagonal views of the one weight stack, where "autograd" stacks a
+        # copy of the weights of each partial diagonal and keeps it for that group's backward (up to 212 MB each);
+        # cells run forward three times. benchmarks/results/cpu_smollm2_memory_s8.md
+        Case("cond-sdpa-l512-groupckpt-accumulate-graph", "condensation", "sdpa", 512, checkpoint_cells=True,
+             checkpoint_group_steps=16, weight_grads="accumulate", graph=True, lengths=long),
+        # the same with diagonals run 10 cells at a time: a third of a diagonal's activations (SmolLM2), more launches
+        Case("cond-sdpa-l512-groupckpt-accumulate-cells10-graph", "condensation", "sdpa", 512, checkpoint_cells=True,
+             checkpoint_group_steps=16, weight_grads="accumulate", max_step_cells=10, graph=True, lengths=long),
         # a Llama-3.2-1B-shaped model (random weights): model FLOP utilisation at 16K
         Case("llama-1b-sdpa", "llama", "sdpa", size="llama-3.2-1b", lengths=[4096, 16384]),
         Case("llama-1b-liger", "llama", "sdpa", liger=True, size="llama-3.2-1b", lengths=[4096, 16384]),
@@ -244,7 +255,8 @@ def build_model(case: Case, smoke: bool, device, dtype):
     cfg = build_config(size, segment_length=case.segment_length or 256, segment_attention=case.attention
                        if case.kind == "condensation" else "sdpa", segment_schedule=case.schedule,
                        checkpoint_cells=case.checkpoint_cells, compile_cells=case.compile_cells,
-                       checkpoint_group_steps=case.checkpoint_group_steps, weight_grads=case.weight_grads)
+                       checkpoint_group_steps=case.checkpoint_group_steps, weight_grads=case.weight_grads,
+                       max_step_cells=case.max_step_cells)
     # built on the device itself: random init of a 1B model on the host takes longer than its measurement
     with torch.device(device):
         if case.kind == "llama":

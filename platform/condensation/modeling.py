@@ -77,6 +77,12 @@ class CondensationConfig(LlamaConfig):
     checkpoint_group_steps: with the wavefront, also checkpoint groups of this many diagonal steps, keeping only
         each group's frontier (one segment per layer): activation memory O(L * d) with a small constant, at the cost
         of one more forward. 0 (default) is off.
+    max_step_cells: with the wavefront, run each diagonal's cells in batched steps of at most this many cells
+        (0, the default: a whole diagonal, up to one cell per layer, in one step). With checkpoint_cells, a step's
+        activations are what backward holds beyond the checkpoints: on deep models (SmolLM2's 30 layers, 0.5 GB a
+        diagonal of 512-token cells in bf16) a cap bounds them, at the cost of smaller batched matmuls. Same
+        computation; best with weight_grads="accumulate" (with "autograd" each partial step stacks a copy of its
+        layers' weights).
     weight_grads: how the wavefront's batched matmuls produce layer weight gradients. "autograd" (default): each
         step's bmm gives its layers' gradients (K = l tokens) and autograd sums them. "accumulate": each step adds
         into one buffer per projection with baddbmm (no per-step gradient tensors, no separate sums). "deferred":
@@ -120,6 +126,7 @@ class CondensationConfig(LlamaConfig):
     loss_chunk_tokens: int = 2048
     compile_cells: bool | str = False
     checkpoint_group_steps: int = 0
+    max_step_cells: int = 0
     weight_grads: str = "autograd"
     memory_sink_tokens: int = 0
     memory_norm: str = "shared"
@@ -138,6 +145,8 @@ class CondensationConfig(LlamaConfig):
             raise ValueError(f"loss_reduction must be 'segment_sum' or 'token_mean', got {self.loss_reduction!r}")
         if self.checkpoint_group_steps < 0:
             raise ValueError(f"checkpoint_group_steps must be >= 0, got {self.checkpoint_group_steps!r}")
+        if not isinstance(self.max_step_cells, int) or isinstance(self.max_step_cells, bool) or self.max_step_cells < 0:
+            raise ValueError(f"max_step_cells must be an int >= 0, got {self.max_step_cells!r}")
         if self.loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be positive, got {self.loss_chunk_tokens!r}")
         if self.compile_cells not in (False, True, "default", "reduce-overhead", "max-autotune",
@@ -427,6 +436,9 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
         return torch.stack(outs, 1)
 
     w_all = StackedLayers(layers, cfg.weight_grads)
+    n_steps, group = n_seg + n_layers - 1, cfg.checkpoint_group_steps
+    grouped = bool(group and torch.is_grad_enabled())
+    cap = cfg.max_step_cells or n_layers  # cells per batched step
 
     def steps(t0: int, t1: int, *state):
         """Diagonals t0 .. t1-1 from the frontier prev (prev[n] = y[t0-1-n, n]) and the attention sinks (None while
@@ -434,24 +446,30 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
         meanwhile."""
         prev, sinks, done = list(state[:n_layers]), list(state[n_layers:]), []
         for t in range(t0, t1):
-            # cells (t - n, n) for layers lo .. hi in one batched step; those with s >= 1 have a memory (layers
-            # lo .. min(hi, t - 1)), those with s >= 2 also the sink (layers lo .. min(hi, t - 2)), the segment-0 cell
-            # (layer t, on the first n_layers diagonals) has none and comes last
+            # cells (t - n, n) for layers lo .. hi in batched steps of at most `cap` cells (layers a .. b); those with
+            # s >= 1 have a memory (layers a .. min(b, t - 1)), those with s >= 2 also the sink (layers
+            # a .. min(b, t - 2)), the segment-0 cell (layer t, on the first n_layers diagonals) has none and comes
+            # last. Every step reads the previous diagonal's outputs: the frontier is updated after all of them.
             lo, hi = max(0, t - n_seg + 1), min(t, n_layers - 1)
-            xs = [segment(t) if n == 0 else prev[n - 1] for n in range(lo, hi + 1)]
-            ms = [mem_for(prev[n], t - n) for n in range(lo, min(hi, t - 1) + 1)]
-            ss = [sk for n in range(lo, min(hi, t - 2) + 1) for sk in sinks_for(sinks[n], t - n)]
-            y = _run_step(w_all.range(lo, hi + 1), xs, ms, ss, rope, cfg, attention, ckpt)
-            for n in range(lo, hi + 1):
-                prev[n] = y[n - lo]
-                if n == t:  # segment 0
-                    sinks[n] = sink_of(prev[n])
+            ys = []
+            for a in range(lo, hi + 1, cap):
+                b = min(hi, a + cap - 1)
+                xs = [segment(t) if n == 0 else prev[n - 1] for n in range(a, b + 1)]
+                ms = [mem_for(prev[n], t - n) for n in range(a, min(b, t - 1) + 1)]
+                ss = [sk for n in range(a, min(b, t - 2) + 1) for sk in sinks_for(sinks[n], t - n)]
+                ys.append((a, _run_step(w_all.range(a, b + 1), xs, ms, ss, rope, cfg, attention, ckpt)))
+            for a, y in ys:
+                for n in range(a, a + y.shape[0]):
+                    prev[n] = y[n - a]
+                    if n == t:  # segment 0
+                        sinks[n] = sink_of(prev[n])
             if hi == n_layers - 1:
-                done.append(prev[hi])
+                # under group checkpoints a finished segment's output is kept to the end of the forward: a copy, not a
+                # view pinning its whole diagonal (n_layers cells: 4.5 GB of views at 128K on SmolLM2's 30 layers)
+                done.append(prev[hi].clone() if grouped else prev[hi])
         return (*prev, *sinks, *done)
 
-    n_steps, group = n_seg + n_layers - 1, cfg.checkpoint_group_steps
-    if not (group and torch.is_grad_enabled()):
+    if not grouped:
         return torch.stack(list(steps(0, n_steps, *[None] * (2 * n_layers))[2 * n_layers :]), 1)
     # Checkpoints over groups of diagonals keep only each group's frontier (n_layers cell outputs, and the sinks) and
     # the finished segments' outputs; a group's cells are recomputed in backward (the per-step checkpoints, if on,
