@@ -73,7 +73,7 @@ ideas() {  # issue 12: the ideas against the paper's recipe, as a sweep over con
 }
 
 ideas-bptt() {  # issue 12: random lengths x truncated backpropagation through the memory, held-out windows of 4x
-  timeout "${T:-480}" python3 workloads/sweep.py --preset h200-ideas-bptt ${IDEAS_BPTT_ARGS:-}
+  timeout "${T:-300}" python3 workloads/sweep.py --preset h200-ideas-bptt ${IDEAS_BPTT_ARGS:-}
   local r=$?; mkdir -p "$OUT/ideas-bptt"
   cp -r runs/sweep-h200-ideas-bptt/*.{json,png,md,yaml} "$OUT/ideas-bptt/" 2>/dev/null; return $r
 }
