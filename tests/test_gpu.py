@@ -180,7 +180,11 @@ def options_reference():
 
 @pytest.mark.parametrize("variant", [dict(), dict(segment_attention="flash"), dict(segment_attention="flex"),
                                      dict(compile_cells=True), dict(compile_cells=True, checkpoint_group_steps=2),
-                                     dict(weight_grads="deferred", compile_cells=True, checkpoint_group_steps=2)])
+                                     dict(weight_grads="deferred", compile_cells=True, checkpoint_group_steps=2),
+                                     # bench-smollm2's case: per-step checkpoints in groups, accumulated weight
+                                     # gradients, diagonals split into steps of 2 cells (4 layers here)
+                                     dict(checkpoint_cells=True, checkpoint_group_steps=2, weight_grads="accumulate",
+                                          max_step_cells=2)])
 def test_memory_options_bf16_paths_as_close_as_the_reference(variant, options_reference):
     reason = attention_unavailable_reason(variant.get("segment_attention", "sdpa"), "cuda", backward=True)
     if reason:

@@ -225,6 +225,13 @@ class ScheduleConfig:
         w = self.replay_weight
         return (w if replay else 1.0) / (self.grad_accum + w * self.replay_micro_batches)
 
+    def replay_scales(self) -> dict[bool, float] | None:
+        """micro_batch_scale for train (False) and replay (True) micro-batches where a replay weight sets them; None
+        where every micro-batch of a step weighs the same (the engines' plain mean)."""
+        if self.replay_weight == 1 or not self.replay_micro_batches:
+            return None
+        return {r: self.micro_batch_scale(r) for r in (False, True)}
+
     def bf16(self) -> bool:
         return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
 

@@ -785,18 +785,12 @@ def heldout_rows(cfg: SweepConfig, tcfg: TrainConfig) -> np.ndarray:
         from .train.trainer import _vocab_size
 
         return synthetic_rows(length, n, _vocab_size(tcfg), seed=d.seed + 10_000)
-    from .train.data import local_text_rows, local_text_tokens
+    from .train.data import local_text_heldout, local_text_rows
 
     if length != d.seq_len:
-        stream = local_text_tokens()
-        n_avail = len(stream) // d.seq_len
-        order = np.random.default_rng(d.seed).permutation(n_avail)  # local_text_rows' training order
-        used = d.num_rows if d.num_rows is not None else n_avail
-        held = np.sort(order[used:])  # never trained on, in text order
-        text = stream[: n_avail * d.seq_len].reshape(n_avail, d.seq_len)[held].reshape(-1)
+        text = local_text_heldout(d.seq_len, d.num_rows, d.seed)
         if n * length > len(text):
-            raise ValueError(f"the local text's {len(held)} held-out rows of {d.seq_len} tokens hold fewer than "
-                             f"{n} windows of {length} tokens")
+            raise ValueError(f"the local text's {len(text)} held-out tokens hold fewer than {n} windows of {length}")
         return np.ascontiguousarray(text[: n * length].reshape(n, length), dtype=np.int64)
     avail = local_text_rows(d.seq_len, None, d.seed)  # every row, in the training order; training takes the first
     used = d.num_rows if d.num_rows is not None else len(avail)

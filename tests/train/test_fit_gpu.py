@@ -86,6 +86,30 @@ def test_pretrain_nccl_bf16_fast_path(ray_gpus, tmp_path, engine, workers):
         assert params["schedule.cuda_graph"] == str(engine == "torch-graph")
 
 
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_weighted_replay_on_gpu(ray_gpus, tmp_path, engine):
+    """schedule.replay_weight != 1 under bf16 on CUDA: the engine scales each micro-batch's loss itself (DeepSpeed's
+    backward with scale_wrt_gas=False inside ZeRO-2), every step takes 2 train + 1 replay micro-batches, the train
+    loss is learned and the replay loss is logged apart."""
+    from condensation.train import local_text_rows, rows_dataset, synthetic_rows
+
+    cfg = gpu_cfg(tmp_path, f"replay-{engine}", 1, *FAST, "schedule.replay_micro_batches=1",
+                  "schedule.replay_weight=0.25", engine=engine)
+    datasets = {"train": rows_dataset(local_text_rows(256, 128, seed=1)),
+                "replay": rows_dataset(synthetic_rows(256, 64, 256, seed=2))}
+    res = fit(cfg, datasets)
+    assert res.step == 12
+    client, _ = mlflow_runs(res)
+    loss, replay = _steps(client, res.mlflow_run_id), _steps(client, res.mlflow_run_id, "replay_loss")
+    assert [s for s, _ in replay] == [s for s, _ in loss] == list(range(1, 13))
+    assert loss[-1][1] < loss[0][1] - 0.5, loss
+    assert all(v == v for _, v in replay) and [v for _, v in replay] != [v for _, v in loss], replay
+    params = client.get_run(res.mlflow_run_id).data.params
+    assert params["schedule.replay_weight"] == "0.25"
+    if engine == "deepspeed":
+        assert params["deepspeed_resolved.gradient_accumulation_steps"] == "3"
+
+
 def test_checkpoint_hf_export_loads_and_generates_on_gpu(ray_gpus, tmp_path):
     from condensation import CondensationForCausalLM
 

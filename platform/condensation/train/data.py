@@ -37,16 +37,26 @@ def local_text_tokens() -> np.ndarray:
     return np.concatenate(parts)
 
 
-def local_text_rows(seq_len: int, num_rows: int | None = None, seed: int = 0) -> np.ndarray:
-    """[num_rows, seq_len] int64 rows packed from the local text (cycled if more rows are asked than it holds)."""
+def _local_text_grid(seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The local text cut into [n, seq_len] rows, and the order training reads them in."""
     stream = local_text_tokens()
     n_avail = len(stream) // seq_len
-    rows = stream[: n_avail * seq_len].reshape(n_avail, seq_len)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n_avail)
+    return stream[: n_avail * seq_len].reshape(n_avail, seq_len), np.random.default_rng(seed).permutation(n_avail)
+
+
+def local_text_rows(seq_len: int, num_rows: int | None = None, seed: int = 0) -> np.ndarray:
+    """[num_rows, seq_len] int64 rows packed from the local text (cycled if more rows are asked than it holds)."""
+    rows, order = _local_text_grid(seq_len, seed)
     if num_rows is not None:
         order = np.resize(order, num_rows)
     return rows[order]
+
+
+def local_text_heldout(seq_len: int, used: int | None, seed: int = 0) -> np.ndarray:
+    """The local text's tokens that training on `used` rows of `local_text_rows(seq_len, used, seed)` never reads
+    (None: every row is read, nothing is left), in text order, as one int64 stream."""
+    rows, order = _local_text_grid(seq_len, seed)
+    return rows[np.sort(order[len(order) if used is None else used:])].reshape(-1)
 
 
 def synthetic_rows(seq_len: int, num_rows: int, vocab_size: int, seed: int = 0) -> np.ndarray:

@@ -140,8 +140,7 @@ class DeepSpeedEngine:
         self.zero_stage = s.zero_stage
         # DeepSpeed divides every backward by gradient_accumulation_steps (= micro_batches): the plain mean. With a
         # replay weight the engine scales each loss itself (micro_batch_scale) and tells DeepSpeed not to
-        self._scale = ({r: s.micro_batch_scale(r) for r in (False, True)}
-                       if s.replay_weight != 1 and s.replay_micro_batches else None)
+        self._scale = s.replay_scales()
         optimizer, scheduler = _optimizer_and_schedule(cfg, model.parameters(), device)
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.resolved["deepspeed_resolved"],
@@ -186,8 +185,7 @@ class TorchEngine:
         # every micro-batch of a step, replay ones too, weighs 1 / micro_batches: the gradient is their mean; with a
         # replay weight w, train ones weigh 1 / (grad_accum + w x replay), replay ones w / (...) (micro_batch_scale)
         self.world, self.grad_accum, self.clip = world, s.micro_batches, float(cfg.optim.grad_clip)
-        self._scale = ({r: s.micro_batch_scale(r) for r in (False, True)}
-                       if s.replay_weight != 1 and s.replay_micro_batches else None)
+        self._scale = s.replay_scales()
         self.graph = bool(s.cuda_graph)
         dtype = torch.bfloat16 if s.bf16() else torch.float32
         self.master = dtype != torch.float32 and s.master_weights

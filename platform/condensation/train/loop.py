@@ -22,8 +22,8 @@ callbacks, e.g. inside a Ray Tune trial) every interval's metrics are also repor
 Stopping from outside: a file `stop` (STOP_FILE) in the run folder ends every rank before the current step's update
 (rank 0 looks for it at each step and the flag rides on the step's all-reduce, so it costs no extra wait).
 
-Failures: an exception raised here is recorded in `<run_dir>/last_error.json` (step, rank, message) before it
-propagates, so the driver (`trainer.fit`) can tell a bug that repeats at the same step from a lost worker.
+Failures: the attempt's first exception raised here is recorded in `<run_dir>/last_error.json` (step, rank, message)
+before it propagates, so the driver (`trainer.fit`) can tell a bug that repeats at the same step from a lost worker.
 
 Checkpoints: every rank calls `engine.save` into its own local folder and reports it with the same
 `checkpoint_dir_name` (a rank that wrote nothing, as under the torch engine all but rank 0, reports no folder); Ray
@@ -131,15 +131,16 @@ def _length_batches(batches, batch_size: int, device: torch.device, lengths: lis
 
 
 def _record_error(cfg: TrainConfig, step: int, rank: int, exc: BaseException) -> None:
-    """What the driver compares between attempts: the same step and message twice is a bug, not bad luck."""
+    """What the driver compares between attempts: the same step and message twice is a bug, not bad luck. The
+    attempt's first error is kept (exclusive create): when one rank fails, Ray Train tears the group down and the
+    other ranks fail after it with errors of that teardown (e.g. DeepSpeed's "backend not set" a step later), which
+    must not replace the cause."""
     try:
         rec = {"step": step, "rank": rank, "type": type(exc).__name__, "message": str(exc)[:2000]}
-        path = os.path.join(cfg.run.run_dir, ERROR_FILE)
-        with open(f"{path}.r{rank}.tmp", "w") as f:
+        with open(os.path.join(cfg.run.run_dir, ERROR_FILE), "x") as f:
             json.dump(rec, f)
-        os.replace(f"{path}.r{rank}.tmp", path)
-    except OSError:  # the record is advice to the driver; never mask the real error
-        pass
+    except OSError:  # another rank's error came first (FileExistsError), or the record is lost: it is advice to the
+        pass  # driver, never masking the real error
 
 
 def train_loop_per_worker(config: dict) -> None:
