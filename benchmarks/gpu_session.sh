@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh suite summarize     # then any steps, in order, each under its own time limit
 #   bash benchmarks/gpu_session.sh suite+summarize     # two steps at the same time
 #
-# Steps: setup, suite (the platform's GPU tests), summarize (issue 14), throughput (issue 11), bench (issue 16),
+# Steps: setup, suite (the platform's GPU tests; suite-train, suite-faults and suite-model split it), summarize (issue 14), throughput (issue 11), bench (issue 16),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues). Each step's log goes to $OUT/logs/<step>.txt
@@ -28,8 +28,16 @@ setup() {
 }
 
 suite() {  # the platform's GPU tests: DeepSpeed and torch engines, export, NaN, SIGKILL, repeated error, curriculum
-  timeout "${T:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests/train/test_fit_gpu.py tests/test_gpu.py} ${SUITE_K:+-k "$SUITE_K"}
+  # One line per test as it ends (-v), so a run cut by its time limit still says which tests passed. The whole suite
+  # took more than 15 min on one H200 in session 9: more than one command, hence the three parts below.
+  timeout "${T:-560}" python3 -m pytest -v -rsfE --durations=10 -m gpu -p no:cacheprovider \
+    ${SUITE_TESTS:-tests/train/test_fit_gpu.py tests/test_gpu.py} ${SUITE_K:+-k "$SUITE_K"}
 }
+
+FAULTS="sigkill or repeated_error or curriculum_debug or graphs_train_like_eager"
+suite-train() { SUITE_TESTS=tests/train/test_fit_gpu.py SUITE_K="not ($FAULTS)" suite; }  # Ray Train, both engines, export, NaN
+suite-faults() { SUITE_TESTS=tests/train/test_fit_gpu.py SUITE_K="$FAULTS" suite; }  # SIGKILL, repeated error, curriculum
+suite-model() { SUITE_TESTS=tests/test_gpu.py suite; }  # kernels, bf16 paths, memory options, graphs
 
 summarize() {  # issue 14: three models on the man-page summaries (data/summaries, built by workloads/make_summaries.py)
   timeout "${T:-420}" python3 workloads/summarize.py --preset h200-manpages ${SUMMARIZE_ARGS:-} \
@@ -99,7 +107,7 @@ status=0
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|summarize|throughput|bench|bench-smollm2|sweep|ideas|ideas-bptt|chain) ;;
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|sweep|ideas|ideas-bptt|chain) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;
     esac
   done
