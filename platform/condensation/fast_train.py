@@ -116,10 +116,11 @@ class StackedLayers:
         if self.sink is not None:
             return LayerWeights(*(t[lo:hi] if name.endswith("norm") else SlicedWeight(t, lo, hi, self.sink, name)
                                   for name, t in zip(LayerWeights._fields, self.all.present())))
-        if self.all is None:  # a LayerStack: a whole-stack range is the parameters (a slice's backward would
-            # allocate a zero gradient the size of the stack)
-            fields = self._stack.fields()
-            return LayerWeights(*(t if (lo, hi) == (0, t.shape[0]) else t[lo:hi] for t in fields))
+        if self.all is None:  # a LayerStack: views of the parameters. A whole-stack range is view_as (a slice's
+            # backward would allocate a zero gradient the size of the stack), not the Parameter itself: a compiled step
+            # given Parameters recompiled differently in a checkpoint's recomputation (saved tensors out of order)
+            return LayerWeights(*(t.view_as(t) if (lo, hi) == (0, t.shape[0]) else t[lo:hi]
+                                  for t in self._stack.fields()))
         if (lo, hi) == (0, self.n):
             return self.all
         if hi - lo == 1:
