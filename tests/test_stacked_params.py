@@ -128,6 +128,11 @@ def test_state_dict_keys_round_trip_and_hf_checkpoints(tmp_path):
         assert torch.equal(unstacked.state_dict()[name], t) and torch.equal(stacked.state_dict()[name], t), name
     with torch.no_grad():
         assert torch.equal(stacked(IDS).logits, off(IDS).logits)
+    # generation reads each layer's weights through its modules' views
+    prompt = IDS[:1, :13]
+    assert torch.equal(stacked.generate(prompt, max_new_tokens=12, do_sample=False),
+                       off.generate(prompt, max_new_tokens=12, do_sample=False))
+    with torch.no_grad():
         ref = reference_logits(llama.double(), IDS, 8)
         assert max_diff(stacked.double()(IDS).logits, ref) < 1e-10
     # a Llama checkpoint into a stacked model with the memory's own norm: from_pretrained copies input_layernorm
