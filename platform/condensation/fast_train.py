@@ -87,7 +87,9 @@ class StackedLayers:
 
     weight_grads="autograd": the full range is the stack itself; a partial one is stacked from per-layer views.
     (Slicing the stack instead would make each step's backward allocate and fill a gradient the size of all layers.)
-    Otherwise projections are served as SlicedWeight (a view of the stack; the gradient goes to a WeightSink)."""
+    Otherwise projections are served as SlicedWeight (a view of the stack; the gradient goes to a WeightSink).
+    Layers of a LayerStack (stacked_params) are not stacked again: ranges are views of its parameters, and a sink adds
+    into their own .grad."""
 
     def __init__(self, layers, weight_grads: str = "autograd"):
         self.n = len(layers)
@@ -98,7 +100,7 @@ class StackedLayers:
             stack, self.offset = found
             self._stack = stack
             if weight_grads == "autograd":
-                self.all = None  # ranges are slices of the parameters themselves
+                self.all = None  # ranges are views of the parameters (range)
             else:
                 self.sink = WeightSink(weight_grads, params=stack.projections())
                 self.all = LayerWeights(*_StackedParamGrads.apply(self.sink, *stack.fields()))

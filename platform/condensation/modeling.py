@@ -99,7 +99,9 @@ class CondensationConfig(LlamaConfig):
         per-layer keys (model.layers.N.self_attn.q_proj.weight, ...; from_pretrained stacks after loading). Saves
         the per-forward copy of the layer weights and, with weight_grads "accumulate" or "deferred", the stacked
         gradient buffer: those add into the stacked parameters' own .grad, outside autograd (no AccumulateGrad
-        hooks fire for them: not for DeepSpeed ZeRO). Off by default; the computation is the same.
+        hooks fire for them: not for DeepSpeed ZeRO). For the wavefront: the sequential schedule and generation read
+        each layer's slice, whose backward writes a zero-padded gradient of the whole stack per layer. Off by default;
+        the computation is the same.
     memory_sink_tokens: k > 0 keeps an attention sink in every memory (not in the paper; 0, the default, is the
         paper's model). Pretrained Llamas put much of their attention on the first tokens of a sequence; from segment 2
         on the paper's memory no longer holds them. With k, layer n's memory for every segment s >= 2 is
