@@ -288,3 +288,14 @@ def test_deepspeed_engine_replay_update_follows_the_mean_of_passkey_and_text_gra
     for p, q in zip(eng.module.parameters(), want):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
     _tells_apart(list(eng.module.parameters()), cfg, micro, w)
+
+
+def test_deepspeed_engine_refuses_stacked_params():
+    # config.validate refuses the pair first; a model built elsewhere is refused before ZeRO flattens its parameters
+    pytest.importorskip("deepspeed")
+    from condensation.config import ConfigError
+
+    cfg = load_config(overrides=["schedule.total_steps=4", f"data.seq_len={SEQ}", "optim.warmup_steps=1"])
+    model = build_model(dataclasses.replace(cfg.model, overrides={"stacked_params": True}))
+    with pytest.raises(ConfigError, match=r"^model\.overrides\.stacked_params: needs schedule\.engine=torch"):
+        engines.DeepSpeedEngine(cfg, model, torch.device("cpu"))
