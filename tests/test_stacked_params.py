@@ -68,8 +68,8 @@ IDS = torch.randint(0, ARCH["vocab_size"], (2, 37), generator=torch.Generator().
 def test_same_loss_and_gradients_as_unstacked_and_the_eager_reference(variant):
     # the reference: unstacked, one cell at a time, explicit-mask attention
     ref = build(False, segment_schedule="sequential", segment_attention="eager",
-                memory_grad_segments=variant.get("memory_grad_segments"), memory_norm=variant.get("memory_norm", "shared"),
-                memory_sink_tokens=variant.get("memory_sink_tokens", 0))
+                memory_grad_segments=variant.get("memory_grad_segments"),
+                memory_norm=variant.get("memory_norm", "shared"), memory_sink_tokens=variant.get("memory_sink_tokens", 0))
     off, on = build(False, **variant), build(True, **variant)
     passes = 2 if variant.get("weight_grads") == "accumulate" else 1  # into an existing .grad, too
     l_ref, g_ref = loss_and_grads(ref, IDS, passes)

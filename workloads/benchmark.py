@@ -16,10 +16,11 @@ prints the summary of ratios against the baseline of the same run (kept in the J
     timeout 290 python workloads/benchmark.py --out $OUT/issue16_smollm2.json --budget-s 230 --steps 3 --warmup 1 \
         --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
         --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-group8-compile-graph
-    # 2b: the same case with the layer weights stored stacked (stacked_params), on both shapes (not yet run on a GPU)
+    # 2b: that case with the layer weights stored stacked (stacked_params), on both shapes (not yet run on a GPU;
+    # benchmarks/gpu_session.sh bench-stacked)
     timeout 290 python workloads/benchmark.py --out $OUT/issue16_stacked.json --budget-s 230 --steps 3 --warmup 1 \
         --sizes table1,smollm2-135m --lengths 16384,32768 \
-        --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-stacked-graph
+        --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph
 A JSON cut short by `timeout` holds every finished measurement; `--replot FILE` adds its summary and pictures
 (`--replot FILE --target cond-sdpa-l512-group8-graph` summarises another case of it).
 The fastest configurations against the baseline, with kernel-time profiles:

@@ -289,7 +289,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor | SlicedWeight) -> torch.Tensor:
 # LayerWeights field -> the layer's module holding that weight
 _LAYER_PATHS = {"input_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
                 "v": "self_attn.v_proj", "o": "self_attn.o_proj", "post_norm": "post_attention_layernorm",
-                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "memory_norm": "memory_layernorm"}
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+                "memory_norm": "memory_layernorm"}
 
 _DEFER_STACKING = [0]
 
