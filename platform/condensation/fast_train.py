@@ -381,9 +381,12 @@ def _stack_state_dict_hook(module, state_dict, prefix, local_metadata):
     a state dict is held): views of one storage would read as tied weights to HF's save_pretrained."""
     stack = module.layer_stack
     fields = {name: state_dict.pop(f"{prefix}layer_stack.{name}") for name in stack.paths}
+    # a layer's weights in an unstacked model's order: its modules' registration order
+    modules = [n for n, _ in module.layers[0].named_modules()]
+    in_order = sorted(stack.paths.items(), key=lambda kv: modules.index(kv[1]))
     per_layer = {}
     for i in range(stack.n):
-        for name, path in sorted(stack.paths.items(), key=lambda kv: _layer_key_order(module, kv[1])):
+        for name, path in in_order:
             w = fields[name][i]
             per_layer[f"{prefix}layers.{i}.{path}.weight"] = torch.clone(w.T if w.dim() == 2 else w,
                                                                          memory_format=torch.contiguous_format)
@@ -394,12 +397,6 @@ def _stack_state_dict_hook(module, state_dict, prefix, local_metadata):
                if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] in later), len(items))
     state_dict.clear()
     state_dict.update(items[:at] + list(per_layer.items()) + items[at:])
-
-
-def _layer_key_order(module, path: str) -> int:
-    """Position of a layer's weight among its layer's parameters in an unstacked model (module registration order)."""
-    names = [n for n, _ in module.layers[0].named_modules()]
-    return names.index(path)
 
 
 def _stack_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
