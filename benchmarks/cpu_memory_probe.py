@@ -36,7 +36,7 @@ def saved_bytes_of_diagonal(model, k: int, with_memory: bool) -> int:
     w = StackedLayers(model.model.layers[:k], cfg.weight_grads).range(0, k)
     seen: dict[int, int] = {}
     inputs = {t.untyped_storage().data_ptr() for t in xs + mems} | {
-        t.untyped_storage().data_ptr() for layer in model.model.layers for t in layer.parameters()}
+        t.untyped_storage().data_ptr() for t in model.parameters()}  # the layers' or their stack's
 
     def pack(t):
         s = t.untyped_storage()

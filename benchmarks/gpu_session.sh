@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh suite summarize     # then any steps, in order, each under its own time limit
 #   bash benchmarks/gpu_session.sh suite+summarize     # two steps at the same time
 #
-# Steps: setup, suite (the platform's GPU tests; suite-train, suite-faults and suite-model split it), summarize (issue 14), throughput (issue 11), bench (issue 16),
+# Steps: setup, suite (the platform's GPU tests; suite-train, suite-faults and suite-model split it), summarize
+# (issue 14), throughput (issue 11), bench (issue 16), bench-stacked (issue 16: stacked_params on both shapes),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues). Each step's log goes to $OUT/logs/<step>.txt
@@ -70,6 +71,14 @@ bench-smollm2() {
     --target cond-sdpa-l512-groupckpt-accumulate-graph
 }
 
+bench-stacked() {  # issue 16 at 16K/32K: the groupckpt-accumulate case with stacked_params, beside its unstacked twin
+  mkdir -p "$OUT/bench"
+  timeout "${T:-290}" python3 workloads/benchmark.py --out "$OUT/bench/stacked.json" --budget-s $(( ${T:-290} - 60 )) \
+    --steps 3 --warmup 1 --sizes table1,smollm2-135m --lengths 16384,32768 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph \
+    --target cond-sdpa-l512-groupckpt-accumulate-stacked-graph
+}
+
 sweep() {  # issue 13: 8 SmolLM2 trials, 4 at once on one GPU, segment length x learning rate, ASHA
   timeout "${T:-420}" python3 workloads/sweep.py --preset h200 ${SWEEP_ARGS:-}
   local r=$?; mkdir -p "$OUT/sweep"; cp -r runs/sweep-h200/*.{json,png,md,yaml} "$OUT/sweep/" 2>/dev/null; return $r
@@ -107,7 +116,8 @@ status=0
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|sweep|ideas|ideas-bptt|chain) ;;
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|sweep|\
+      ideas|ideas-bptt|chain) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;
     esac
   done

@@ -57,6 +57,12 @@ def test_override_parsing():
       "model.overrides.compile_cells=reduce-overhead"], "model.overrides.compile_cells"),
     (["schedule.master_weights=false"], "schedule.master_weights"),
     (["schedule.engine=torch", "deepspeed.zero_optimization.stage=3"], "deepspeed"),
+    # stacked_params: a bool, and the torch engine only (its weight gradients bypass ZeRO's gradient hooks)
+    (["schedule.engine=torch", "model.overrides.stacked_params=maybe"], "model.overrides.stacked_params"),
+    (["schedule.engine=torch", "model.overrides.stacked_params=2"], "model.overrides.stacked_params"),
+    (["model.overrides.stacked_params=true"], "model.overrides.stacked_params"),  # the default engine: deepspeed
+    (["schedule.engine=deepspeed", "model.init_from=/some/llama", "model.overrides.stacked_params=true"],
+     "model.overrides.stacked_params"),
     # the memory options (typed, or in overrides, also with init_from) and random lengths
     (["model.memory_sink_tokens=-1"], "model.memory_sink_tokens"),
     (["model.memory_sink_tokens=abc"], "model.memory_sink_tokens"),
@@ -88,6 +94,11 @@ def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=overrides)
     assert err.value.key == field and str(err.value).startswith(field)
+
+
+def test_stacked_params_validate_with_the_torch_engine():
+    cfg = load_config(overrides=["schedule.engine=torch", "model.overrides.stacked_params=true"])
+    assert cfg.model.overrides["stacked_params"] is True
 
 
 def test_unknown_key_in_yaml_is_an_error(tmp_path):

@@ -9,11 +9,12 @@ import torch
 
 from condensation import SEGMENT_ATTENTION, CondensationForCausalLM, attention_unavailable_reason
 from condensation.sizes import build_config
+from test_stacked_params import per_layer_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _model(dtype, **kw):
+def _model(dtype, stacked_params=False, **kw):
     torch.manual_seed(0)
     cfg = build_config("table1", vocab_size=4096, **kw)
     m = CondensationForCausalLM(cfg)
@@ -21,6 +22,10 @@ def _model(dtype, **kw):
         for n, p in m.named_parameters():
             if "norm" not in n:
                 p.normal_(0, 0.05)
+    if stacked_params:  # the same weights, stored stacked
+        stacked = CondensationForCausalLM(build_config("table1", vocab_size=4096, stacked_params=True, **kw))
+        stacked.load_state_dict(m.state_dict())
+        m = stacked
     return m.cuda().to(dtype)
 
 
@@ -28,8 +33,8 @@ def _run(model, ids):
     model.zero_grad()
     out = model(ids, labels=ids)
     out.loss.backward()
-    grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
-    return out.logits.float(), grads
+    grads = per_layer_grads(model)  # stacked_params: under the per-layer names
+    return out.logits.float(), torch.cat([grads[n].float().flatten() for n in sorted(grads)])
 
 
 def _rel(a, b):
@@ -90,7 +95,8 @@ def test_one_segment_is_llama_bf16():
 def _fused_grads(model, ids):
     model.zero_grad()
     model(ids, labels=ids, return_logits=False).loss.backward()
-    return torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    grads = per_layer_grads(model)
+    return torch.cat([grads[n].float().flatten() for n in sorted(grads)])
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(checkpoint_cells=True, checkpoint_group_steps=3),
@@ -184,7 +190,11 @@ def options_reference():
                                      # bench-smollm2's case: per-step checkpoints in groups, accumulated weight
                                      # gradients, diagonals split into steps of 2 cells (4 layers here)
                                      dict(checkpoint_cells=True, checkpoint_group_steps=2, weight_grads="accumulate",
-                                          max_step_cells=2)])
+                                          max_step_cells=2),
+                                     # the same with the layer weights stored stacked (not yet run on a GPU)
+                                     dict(checkpoint_cells=True, checkpoint_group_steps=2, weight_grads="accumulate",
+                                          max_step_cells=2, stacked_params=True),
+                                     dict(compile_cells=True, checkpoint_group_steps=2, stacked_params=True)])
 def test_memory_options_bf16_paths_as_close_as_the_reference(variant, options_reference):
     reason = attention_unavailable_reason(variant.get("segment_attention", "sdpa"), "cuda", backward=True)
     if reason:

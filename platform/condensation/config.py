@@ -570,6 +570,9 @@ def validate(cfg: TrainConfig) -> None:
     for k in m.overrides:
         if k not in known:
             raise ConfigError(f"model.overrides.{k}", "not a CondensationConfig field")
+    stacked = m.overrides.get("stacked_params")
+    if stacked is not None and not isinstance(stacked, bool):
+        raise ConfigError("model.overrides.stacked_params", f"must be true or false, got {stacked!r}")
     _validate_memory_options(m, seg)
     if m.init_from is None:
         from .sizes import build_config
@@ -694,7 +697,13 @@ def _validate_engine(cfg: TrainConfig) -> None:
         if not s.master_weights:
             raise ConfigError("schedule.master_weights", "only the torch engine can drop them (DeepSpeed's bf16 mode "
                                                          "always keeps fp32 master weights)")
-    elif cfg.deepspeed:
+    if m.overrides.get("stacked_params") and s.engine != "torch":
+        # ZeRO flattens the parameters into its own buffers and reduces gradients from AccumulateGrad hooks; the
+        # stacked parameters' weight gradients are added into .grad outside autograd, where no hook sees them
+        raise ConfigError("model.overrides.stacked_params", f"needs schedule.engine=torch (got {s.engine!r}): its "
+                                                            "weight gradients bypass the hooks DeepSpeed ZeRO reduces "
+                                                            "gradients from")
+    if s.engine == "torch" and cfg.deepspeed:
         raise ConfigError("deepspeed", "DeepSpeed's own keys apply to schedule.engine=deepspeed only "
                                        f"(got {sorted(cfg.deepspeed)} with schedule.engine=torch)")
     if s.cuda_graph:

@@ -3,6 +3,10 @@ its model apart from its parallelisms and kernels. None of this changes what the
 
 - Stacked weights: LayerWeights holds k layers' weights stacked ([k, in, out] projections) so that one batched matmul
   serves a whole wavefront diagonal of cells; StackedLayers stacks them once per forward and serves layer ranges.
+- Stacked parameters (stacked_params): LayerStack makes the stack the parameters' own storage (one nn.Parameter per
+  LayerWeights field, [N, in, out] projections); each layer's modules see their weight as a view of it, and the
+  state dict keeps the per-layer keys of a HF Llama. No per-forward copy, and weight sinks add into the stacked
+  parameters' own .grad.
 - Weight sinks (weight_grads="accumulate" | "deferred"): SlicedWeight / _SlicedBmm hand each step's (x, g) to a
   WeightSink instead of autograd; _StackWeights returns the sink's gradients to the per-layer parameters.
 - Compiled cells (compile_cells): compiled_step compiles a whole scheduled step, compiled_pointwise only a cell's
@@ -18,6 +22,7 @@ Shapes as in modeling.py: k layers (cells) of a step, M rows, d hidden, V vocab.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 import torch
@@ -82,12 +87,24 @@ class StackedLayers:
 
     weight_grads="autograd": the full range is the stack itself; a partial one is stacked from per-layer views.
     (Slicing the stack instead would make each step's backward allocate and fill a gradient the size of all layers.)
-    Otherwise projections are served as SlicedWeight (a view of the stack; the gradient goes to a WeightSink)."""
+    Otherwise projections are served as SlicedWeight (a view of the stack; the gradient goes to a WeightSink).
+    Layers of a LayerStack (stacked_params) are not stacked again: ranges are views of its parameters, and a sink adds
+    into their own .grad."""
 
     def __init__(self, layers, weight_grads: str = "autograd"):
         self.n = len(layers)
         self.sink = None
-        if weight_grads == "autograd":
+        self.offset = 0  # with a LayerStack: index of layers[0] in it
+        found = LayerStack.of(layers)
+        if found is not None:
+            stack, self.offset = found
+            self._stack = stack
+            if weight_grads == "autograd":
+                self.all = None  # ranges are views of the parameters (range)
+            else:
+                self.sink = WeightSink(weight_grads, params=stack.projections())
+                self.all = LayerWeights(*_StackedParamGrads.apply(self.sink, *stack.fields()))
+        elif weight_grads == "autograd":
             self.all = LayerWeights.of(layers)
             self._layers = list(zip(*(t.unbind(0) for t in self.all.present())))  # per layer: contiguous views
         else:
@@ -97,9 +114,15 @@ class StackedLayers:
             self.all = LayerWeights(*_StackWeights.apply(self.sink, n_fields, *params))
 
     def range(self, lo: int, hi: int) -> LayerWeights:
+        lo, hi = lo + self.offset, hi + self.offset
         if self.sink is not None:
             return LayerWeights(*(t[lo:hi] if name.endswith("norm") else SlicedWeight(t, lo, hi, self.sink, name)
                                   for name, t in zip(LayerWeights._fields, self.all.present())))
+        if self.all is None:  # a LayerStack: views of the parameters. A whole-stack range is view_as (a slice's
+            # backward would allocate a zero gradient the size of the stack), not the Parameter itself: a compiled step
+            # given Parameters recompiled differently in a checkpoint's recomputation (saved tensors out of order)
+            return LayerWeights(*(t.view_as(t) if (lo, hi) == (0, t.shape[0]) else t[lo:hi]
+                                  for t in self._stack.fields()))
         if (lo, hi) == (0, self.n):
             return self.all
         if hi - lo == 1:
@@ -127,27 +150,37 @@ class WeightSink:
 
     "accumulate": x^T g of each step goes into one [N, in, out] buffer per projection with baddbmm.
     "deferred": each step's (x, g) is kept per layer; at the end of backward, layer n's gradient is one GEMM over all
-    its rows, cat(g)^T cat(x), in the parameter's own [out, in] layout."""
+    its rows, cat(g)^T cat(x), in the parameter's own [out, in] layout.
+    With `params` (stacked_params: a LayerStack's projections, [N, in, out]) the buffer is the parameter's own .grad
+    (created as zeros when None, else added to, as autograd would): no second stacked buffer; "deferred" writes
+    there in flush()."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, params: dict[str, torch.Tensor] | None = None):
         self.mode = mode
+        self.params = params
         self.buffers: dict[str, torch.Tensor] = {}
         self.rows: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _buffer(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        if self.params is None:
+            if name not in self.buffers:
+                self.buffers[name] = torch.zeros_like(full)
+            return self.buffers[name]
+        p = self.params[name]
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        return p.grad
 
     def add(self, name: str, lo: int, x: torch.Tensor, g: torch.Tensor, full: torch.Tensor) -> None:
         # x [k, M, in], g [k, M, out]: layers lo .. lo + k - 1
         if self.mode == "accumulate":
-            if name not in self.buffers:
-                self.buffers[name] = torch.zeros_like(full)
-            self.buffers[name][lo : lo + x.shape[0]].baddbmm_(x.transpose(1, 2), g)
+            self._buffer(name, full)[lo : lo + x.shape[0]].baddbmm_(x.transpose(1, 2), g)
         else:
             for i in range(x.shape[0]):
                 self.rows.setdefault((name, lo + i), []).append((x[i], g[i]))
 
-    def grad(self, name: str, n: int, cache: dict) -> torch.Tensor | None:
-        """The gradient of layer n's `name` projection weight ([out, in]), or None if it had none."""
-        if self.mode == "accumulate":
-            return None if name not in self.buffers else self.buffers[name][n].T
+    def _rows(self, name: str, n: int, cache: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer n's `name` rows, concatenated: x [T, in], g [T, out]; None if it had none."""
         rows = self.rows.pop((name, n), None)
         if rows is None:
             return None
@@ -157,7 +190,23 @@ class WeightSink:
             cache.clear()
             cache[key] = rows[0][0] if len(rows) == 1 else torch.cat([x for x, _ in rows])
         g = rows[0][1] if len(rows) == 1 else torch.cat([g for _, g in rows])
-        return g.T @ cache[key]  # [out, T] @ [T, in]
+        return cache[key], g
+
+    def grad(self, name: str, n: int, cache: dict) -> torch.Tensor | None:
+        """The gradient of layer n's `name` projection weight ([out, in]), or None if it had none."""
+        if self.mode == "accumulate":
+            return None if name not in self.buffers else self.buffers[name][n].T
+        xg = self._rows(name, n, cache)
+        return None if xg is None else xg[1].T @ xg[0]  # [out, T] @ [T, in]
+
+    def flush(self) -> None:
+        """"deferred" with `params`: every layer's products added into the parameters' .grad ([in, out] slices)."""
+        cache = {}
+        for n in sorted({n for _, n in self.rows}):
+            for name in LayerWeights._fields:  # q, k, v in a row: they share their inputs (the cache)
+                xg = self._rows(name, n, cache)
+                if xg is not None:
+                    self._buffer(name, None)[n].addmm_(xg[0].T, xg[1])  # [in, T] @ [T, out]
 
 
 class _StackWeights(torch.autograd.Function):
@@ -187,6 +236,25 @@ class _StackWeights(torch.autograd.Function):
         return (None, None, *out)
 
 
+class _StackedParamGrads(torch.autograd.Function):
+    """Identity on a LayerStack's parameters (stacked_params with weight_grads != "autograd"). Its backward runs after
+    every _SlicedBmm that used them: "deferred" then writes the layers' products into the parameters' .grad
+    (WeightSink.flush); "accumulate" already added them there. The norms' gradients come through autograd and pass
+    on."""
+
+    @staticmethod
+    def forward(ctx, sink: WeightSink, *params):
+        ctx.sink = sink
+        ctx.set_materialize_grads(False)
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        ctx.sink.flush()
+        return (None, *grads)
+
+
 class _SlicedBmm(torch.autograd.Function):
     """x [k, M, in] @ w.full[lo:hi]; backward returns the input gradient and hands (x, g) to the sink."""
 
@@ -211,6 +279,171 @@ def _linear(x: torch.Tensor, w: torch.Tensor | SlicedWeight) -> torch.Tensor:
     x = x.reshape(shape[0], -1, shape[-1])
     y = _SlicedBmm.apply(x, w.full, w) if isinstance(w, SlicedWeight) else torch.bmm(x, w)
     return y.view(*shape[:-1], y.shape[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stacked parameters (stacked_params). Stacking per forward (StackedLayers over per-layer parameters) costs a copy of
+# all layer weights, and with weight sinks a stacked gradient buffer beside the per-layer .grads: ~2 x 212 MB on
+# SmolLM2-135M. Here the stack is the parameters' storage: nothing to copy, and gradients go into its own .grad.
+
+# LayerWeights field -> the layer's module holding that weight
+_LAYER_PATHS = {"input_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+                "v": "self_attn.v_proj", "o": "self_attn.o_proj", "post_norm": "post_attention_layernorm",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+                "memory_norm": "memory_layernorm"}
+
+_DEFER_STACKING = [0]
+
+
+@contextmanager
+def deferred_stacking():
+    """stack_layer_parameters does nothing inside: HF's from_pretrained builds the model (on the meta device) and then
+    sets each layer's weights by name, so it stacks them after loading."""
+    _DEFER_STACKING[0] += 1
+    try:
+        yield
+    finally:
+        _DEFER_STACKING[0] -= 1
+
+
+class _WeightView:
+    """Mixin of a layer's nn.Linear / RMSNorm under stacked_params: `weight` is its slice of the LayerStack parameter,
+    taken anew on every access, so it follows `.to()`, optimizer steps and any replacement of the parameter's data
+    (never a stale view). Setting `weight` (HF's loaders and initialisers do) copies into the stack."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        stack, name, i = self._stack_slot
+        w = getattr(stack, name)[i]
+        return w.T if w.dim() == 2 else w  # a Linear's [out, in], as nn.Linear holds it
+
+    def __setattr__(self, name, value):
+        if name == "weight":
+            with torch.no_grad():
+                self.weight.copy_(value)
+        else:
+            super().__setattr__(name, value)
+
+
+_VIEW_CLASSES: dict[type, type] = {}
+
+
+def _as_view(module: nn.Module, stack: "LayerStack", name: str, i: int) -> None:
+    cls = type(module)
+    if cls not in _VIEW_CLASSES:
+        _VIEW_CLASSES[cls] = type(f"Stacked{cls.__name__}", (_WeightView, cls), {})
+    del module._parameters["weight"]
+    module.__class__ = _VIEW_CLASSES[cls]
+    module._stack_slot = (stack, name, i)  # a tuple: the stack is not registered as the layer's submodule
+
+
+class LayerStack(nn.Module):
+    """All decoder layers' weights as one nn.Parameter per LayerWeights field, in the layout the wavefront's batched
+    matmuls read: projections [N, in, out], norms [N, d] (memory_norm only with memory_norm="separate"). The layers
+    keep their modules, each `weight` a view of its slice (_WeightView)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.n = len(layers)
+        for name, path in _LAYER_PATHS.items():
+            if name == "memory_norm" and getattr(layers[0], "memory_layernorm", None) is None:
+                continue
+            mods = [layer.get_submodule(path) for layer in layers]
+            ws = [m.weight.detach() for m in mods]
+            stacked = torch.stack([w.T if w.dim() == 2 else w for w in ws])  # [N, in, out] or [N, d]
+            self.register_parameter(name, nn.Parameter(stacked, requires_grad=mods[0].weight.requires_grad))
+            for i, m in enumerate(mods):
+                _as_view(m, self, name, i)
+        self.paths = {name: path for name, path in _LAYER_PATHS.items() if name in self._parameters}
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        """The parameters in LayerWeights field order (LayerWeights.present())."""
+        return tuple(self._parameters[name] for name in self.paths)
+
+    def projections(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self._parameters.items() if not name.endswith("norm")}
+
+    @staticmethod
+    def of(layers) -> tuple["LayerStack", int] | None:
+        """(the stack, the index of layers[0] in it) when `layers` are consecutive layers of one LayerStack."""
+        slots = [getattr(layer.input_layernorm, "_stack_slot", None) for layer in layers]
+        if not slots or slots[0] is None:
+            return None
+        stack, _, first = slots[0]
+        if all(s is not None and s[0] is stack and s[2] == first + j for j, s in enumerate(slots)):
+            return stack, first
+        return None
+
+
+def _stack_state_dict_hook(module, state_dict, prefix, local_metadata):
+    """The stacked parameters as the per-layer keys of a HF Llama (model.layers.{i}.self_attn.q_proj.weight, ...), in
+    the order and layout ([out, in]) an unstacked model has. Each value is a copy (all layers' weights once more while
+    a state dict is held): views of one storage would read as tied weights to HF's save_pretrained."""
+    stack = module.layer_stack
+    fields = {name: state_dict.pop(f"{prefix}layer_stack.{name}") for name in stack.paths}
+    # a layer's weights in an unstacked model's order: its modules' registration order
+    modules = [n for n, _ in module.layers[0].named_modules()]
+    in_order = sorted(stack.paths.items(), key=lambda kv: modules.index(kv[1]))
+    per_layer = {}
+    for i in range(stack.n):
+        for name, path in in_order:
+            w = fields[name][i]
+            per_layer[f"{prefix}layers.{i}.{path}.weight"] = torch.clone(w.T if w.dim() == 2 else w,
+                                                                         memory_format=torch.contiguous_format)
+    # where the unstacked model has them: after the children registered before `layers`
+    later = list(module._modules)[list(module._modules).index("layers") + 1 :]
+    items = list(state_dict.items())
+    at = next((j for j, (k, _) in enumerate(items)
+               if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] in later), len(items))
+    state_dict.clear()
+    state_dict.update(items[:at] + list(per_layer.items()) + items[at:])
+
+
+def _stack_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+    """Per-layer keys (a HF Llama's or an unstacked model's state dict) -> the stacked parameters' keys. A field none
+    of whose layer keys is given stays missing (reported per layer by _stack_load_post_hook); one given for some layers
+    only keeps its current weights for the others, which are reported missing."""
+    stack = module.layer_stack
+    module._stack_missing = []
+    for name, path in stack.paths.items():
+        keys = [f"{prefix}layers.{i}.{path}.weight" for i in range(stack.n)]
+        if not any(k in state_dict for k in keys):
+            continue
+        current = getattr(stack, name).detach()
+        ws = []
+        for i, k in enumerate(keys):
+            if k in state_dict:
+                w = state_dict.pop(k)
+                ws.append(w.T if w.dim() == 2 else w)
+            else:
+                ws.append(current[i])
+                module._stack_missing.append(k)
+        state_dict[f"{prefix}layer_stack.{name}"] = torch.stack(ws)  # [N, in, out] or [N, d]
+
+
+def _stack_load_post_hook(module, incompatible_keys):
+    stack = module.layer_stack
+    missing = incompatible_keys.missing_keys
+    for key in list(missing):
+        head, _, name = key.rpartition("layer_stack.")
+        if name in stack.paths and (head == "" or head.endswith(".")):
+            missing.remove(key)
+            missing.extend(f"{head}layers.{i}.{stack.paths[name]}.weight" for i in range(stack.n))
+    missing.extend(getattr(module, "_stack_missing", []))
+    module._stack_missing = []
+
+
+def stack_layer_parameters(model: nn.Module) -> nn.Module:
+    """Makes `model.layers`' weights views of one LayerStack, `model.layer_stack` (stacked_params), with state-dict
+    hooks that keep the per-layer keys. Once per model; nothing inside deferred_stacking()."""
+    if _DEFER_STACKING[0] or hasattr(model, "layer_stack"):
+        return model
+    model.layer_stack = LayerStack(model.layers)
+    model.register_state_dict_post_hook(_stack_state_dict_hook)
+    model.register_load_state_dict_pre_hook(_stack_load_pre_hook)
+    model.register_load_state_dict_post_hook(_stack_load_post_hook)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

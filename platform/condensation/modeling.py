@@ -46,6 +46,8 @@ from .fast_train import (
     SlicedWeight,  # noqa: F401  (re-exported)
     StackedLayers,
     WeightSink,  # noqa: F401  (re-exported)
+    deferred_stacking,
+    stack_layer_parameters,
     _at_least_fp32,
     _GradFromEmbeddingSink,
     _linear,
@@ -90,6 +92,16 @@ class CondensationConfig(LlamaConfig):
         tokens at the end of backward (K = L, as in a plain Llama layer): the fastest for large models, at the cost
         of holding those inputs and gradients until then. With the last two, compile_cells compiles a cell's
         elementwise pieces (norms, RoPE, SwiGLU) and leaves its matmuls eager.
+    stacked_params: keep all layers' weights as one parameter per kind of weight (`model.layer_stack`: q, k, v, o,
+        gate, up, down as [layers, in, out], the norms as [layers, d]; fast_train.LayerStack), the layout the
+        wavefront's batched matmuls read, instead of stacking a copy of them in every forward. Each layer's modules
+        keep their `weight` as a view of their slice, and state_dict() / load_state_dict() keep a HF Llama's
+        per-layer keys (model.layers.N.self_attn.q_proj.weight, ...; from_pretrained stacks after loading). Saves
+        the per-forward copy of the layer weights and, with weight_grads "accumulate" or "deferred", the stacked
+        gradient buffer: those add into the stacked parameters' own .grad, outside autograd (no AccumulateGrad
+        hooks fire for them: not for DeepSpeed ZeRO). For the wavefront: the sequential schedule and generation read
+        each layer's slice, whose backward writes a zero-padded gradient of the whole stack per layer. Off by default;
+        the computation is the same.
     memory_sink_tokens: k > 0 keeps an attention sink in every memory (not in the paper; 0, the default, is the
         paper's model). Pretrained Llamas put much of their attention on the first tokens of a sequence; from segment 2
         on the paper's memory no longer holds them. With k, layer n's memory for every segment s >= 2 is
@@ -130,6 +142,7 @@ class CondensationConfig(LlamaConfig):
     weight_grads: str = "autograd"
     memory_sink_tokens: int = 0
     memory_norm: str = "shared"
+    stacked_params: bool = False
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -160,6 +173,8 @@ class CondensationConfig(LlamaConfig):
                              f"got {self.memory_sink_tokens!r}")
         if self.memory_norm not in ("shared", "separate"):
             raise ValueError(f"memory_norm must be 'shared' or 'separate', got {self.memory_norm!r}")
+        if not isinstance(self.stacked_params, bool):
+            raise ValueError(f"stacked_params must be a bool, got {self.stacked_params!r}")
         if self.attention_bias or self.mlp_bias:
             raise ValueError("attention_bias / mlp_bias are not supported (no Llama checkpoint uses them)")
 
@@ -638,6 +653,16 @@ class CondensationPreTrainedModel(LlamaPreTrainedModel):
         if isinstance(module, MemoryRMSNorm):
             init.copy_(module.weight, module._copy_of[0].weight)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # HF's loader sets each layer's weights by name: stacked_params stacks them once they are loaded
+        with deferred_stacking():
+            model = super().from_pretrained(*args, **kwargs)
+        for m in model.modules():
+            if isinstance(m, CondensationModel) and m.config.stacked_params:
+                stack_layer_parameters(m)
+        return model
+
 
 class CondensationModel(CondensationPreTrainedModel):
     """Llama's decoder stack (same modules and parameter names) run segment after segment (Rules 1-6)."""
@@ -651,6 +676,8 @@ class CondensationModel(CondensationPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
+        if config.stacked_params:  # the layers' weights become views of model.layer_stack (fast_train.py)
+            stack_layer_parameters(self)
 
     def rope(self, like: torch.Tensor) -> Rope:
         p, l = self.config.memory_sink_tokens, self.config.segment_length

@@ -135,6 +135,9 @@ class DeepSpeedEngine:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
         import deepspeed
 
+        if getattr(model.config, "stacked_params", False):  # config.validate says so first; a model built elsewhere
+            raise ConfigError("model.overrides.stacked_params", "needs schedule.engine=torch: its weight gradients "
+                                                                "bypass the hooks DeepSpeed ZeRO reduces gradients from")
         s = cfg.schedule
         self.resolved = resolved(cfg)
         self.zero_stage = s.zero_stage
