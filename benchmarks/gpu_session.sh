@@ -71,12 +71,12 @@ bench-smollm2() {
     --target cond-sdpa-l512-groupckpt-accumulate-graph
 }
 
-bench-stacked() {  # issue 16 at 16K/32K: the groupckpt-accumulate case with stacked_params, beside its unstacked twin
+bench-stacked() {  # issue 16: stacked_params (+ the loss over 512-token chunks) on both shapes, beside the unstacked twin
   mkdir -p "$OUT/bench"
-  timeout "${T:-290}" python3 workloads/benchmark.py --out "$OUT/bench/stacked.json" --budget-s $(( ${T:-290} - 60 )) \
-    --steps 3 --warmup 1 --sizes table1,smollm2-135m --lengths 16384,32768 \
-    --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph \
-    --target cond-sdpa-l512-groupckpt-accumulate-stacked-graph
+  timeout "${T:-400}" python3 workloads/benchmark.py --out "$OUT/bench/stacked.json" --budget-s $(( ${T:-400} - 60 )) \
+    --steps 3 --warmup 1 --sizes table1,smollm2-135m --lengths 16384,32768,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph,cond-sdpa-l512-groupckpt-accumulate-graph \
+    --target cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph
 }
 
 sweep() {  # issue 13: 8 SmolLM2 trials, 4 at once on one GPU, segment length x learning rate, ASHA

@@ -16,11 +16,12 @@ prints the summary of ratios against the baseline of the same run (kept in the J
     timeout 290 python workloads/benchmark.py --out $OUT/issue16_smollm2.json --budget-s 230 --steps 3 --warmup 1 \
         --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
         --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-group8-compile-graph
-    # 2b: that case with the layer weights stored stacked (stacked_params), on both shapes (not yet run on a GPU;
-    # benchmarks/gpu_session.sh bench-stacked)
-    timeout 290 python workloads/benchmark.py --out $OUT/issue16_stacked.json --budget-s 230 --steps 3 --warmup 1 \
-        --sizes table1,smollm2-135m --lengths 16384,32768 \
-        --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph
+    # 2b: that case with the layer weights stored stacked (stacked_params), and with the loss over 512-token chunks,
+    # on both shapes (not yet run on a GPU; benchmarks/gpu_session.sh bench-stacked)
+    timeout 400 python workloads/benchmark.py --out $OUT/issue16_stacked.json --budget-s 340 --steps 3 --warmup 1 \
+        --sizes table1,smollm2-135m --lengths 16384,32768,131072 --cases llama-liger-ckpt,\
+cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph,\
+cond-sdpa-l512-groupckpt-accumulate-graph --target cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph
 A JSON cut short by `timeout` holds every finished measurement; `--replot FILE` adds its summary and pictures
 (`--replot FILE --target cond-sdpa-l512-group8-graph` summarises another case of it).
 The fastest configurations against the baseline, with kernel-time profiles:
@@ -86,6 +87,7 @@ class Case:
     max_step_cells: int = 0  # CondensationConfig.max_step_cells (0: a whole diagonal per step)
     weight_grads: str = "autograd"  # CondensationConfig.weight_grads
     stacked_params: bool = False  # CondensationConfig.stacked_params (layer weights stored stacked)
+    loss_chunk_tokens: int = 0  # CondensationConfig.loss_chunk_tokens (0: the model's default, 2048)
     graph: bool = False  # the whole step (forward, backward, AdamW) as one CUDA graph (condensation.cuda_graph)
     liger: bool = False  # Llama only: Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU)
     grad_ckpt: bool = False  # Llama only: transformers' gradient checkpointing (each decoder layer recomputed)
@@ -112,7 +114,7 @@ def default_cases(smoke: bool) -> list[Case]:
             Case("cond-sdpa-l32-graph", "condensation", "sdpa", 32, graph=True, lengths=L),  # eager off CUDA
             Case("cond-sdpa-l32-deferred", "condensation", "sdpa", 32, weight_grads="deferred", lengths=L),
             Case("cond-sdpa-l32-accumulate-stacked", "condensation", "sdpa", 32, weight_grads="accumulate",
-                 stacked_params=True, lengths=L),
+                 stacked_params=True, loss_chunk_tokens=16, lengths=L),
         ]
     short = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     long = [4096, 16384, 65536, 262144, 1048576]
@@ -182,6 +184,15 @@ def default_cases(smoke: bool) -> list[Case]:
         Case("cond-sdpa-l512-groupckpt-accumulate-cells10-stacked-graph", "condensation", "sdpa", 512,
              checkpoint_cells=True, checkpoint_group_steps=16, weight_grads="accumulate", max_step_cells=10,
              stacked_params=True, graph=True, lengths=long),
+        # the same with the fused loss over 512 tokens at a time: once the model's own activations are this small the
+        # loss's bf16 [chunk, V] logits are the peak (2048 x 128256 x 2 B = 525 MB on Table I, 201 MB on SmolLM2;
+        # Liger's fused loss takes ~128-256 tokens at a time on these shapes). Same sums; more, smaller lm-head GEMMs
+        Case("cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph", "condensation", "sdpa", 512,
+             checkpoint_cells=True, checkpoint_group_steps=16, weight_grads="accumulate", stacked_params=True,
+             loss_chunk_tokens=512, graph=True, lengths=long),
+        Case("cond-sdpa-l512-groupckpt-accumulate-cells10-stacked-chunk512-graph", "condensation", "sdpa", 512,
+             checkpoint_cells=True, checkpoint_group_steps=16, weight_grads="accumulate", max_step_cells=10,
+             stacked_params=True, loss_chunk_tokens=512, graph=True, lengths=long),
         # a Llama-3.2-1B-shaped model (random weights): model FLOP utilisation at 16K
         Case("llama-1b-sdpa", "llama", "sdpa", size="llama-3.2-1b", lengths=[4096, 16384]),
         Case("llama-1b-liger", "llama", "sdpa", liger=True, size="llama-3.2-1b", lengths=[4096, 16384]),
@@ -272,7 +283,8 @@ def build_model(case: Case, smoke: bool, device, dtype):
                        if case.kind == "condensation" else "sdpa", segment_schedule=case.schedule,
                        checkpoint_cells=case.checkpoint_cells, compile_cells=case.compile_cells,
                        checkpoint_group_steps=case.checkpoint_group_steps, weight_grads=case.weight_grads,
-                       max_step_cells=case.max_step_cells, stacked_params=case.stacked_params)
+                       max_step_cells=case.max_step_cells, stacked_params=case.stacked_params,
+                       **({"loss_chunk_tokens": case.loss_chunk_tokens} if case.loss_chunk_tokens else {}))
     # built on the device itself: random init of a 1B model on the host takes longer than its measurement
     with torch.device(device):
         if case.kind == "llama":
