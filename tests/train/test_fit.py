@@ -9,7 +9,9 @@ import os
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+from condensation.tokenizer import load_tokenizer
 from condensation.train import NonFiniteLossError, fit, param_digest
 
 from .conftest import debug_cfg, mlflow_runs
@@ -57,6 +59,9 @@ def test_zero2_lowers_loss_keeps_ranks_identical_and_logs_one_mlflow_run(ray_ses
     # the HF export loads with from_pretrained and holds the trained (rank-identical) weights
     model = CondensationForCausalLM.from_pretrained(res.hf_path)
     assert param_digest(model) == res.metrics["param_digest_rank0"]
+    # and the run's tokenizer, as any HF checkpoint folder does
+    sample = "def f(x):\n    return x + 1  # passkey 4721"
+    assert AutoTokenizer.from_pretrained(res.hf_path)(sample).input_ids == load_tokenizer(None)(sample).input_ids
     ids = torch.tensor(local_text_rows(128, 1, seed=5))
     with torch.no_grad():
         assert torch.isfinite(model(ids, labels=ids, return_logits=False).loss)

@@ -251,6 +251,13 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
 
         bar = tqdm(total=s.total_steps, initial=step, desc=cfg.run.name, file=sys.stdout, mininterval=10)
 
+    # the export carries the run's tokenizer, so AutoTokenizer.from_pretrained(hf) works as for any HF checkpoint
+    export_tokenizer = None
+    if rank == 0 and cfg.checkpoint.export_hf:
+        from ..tokenizer import load_tokenizer
+
+        export_tokenizer = load_tokenizer(cfg.data.tokenizer)
+
     def save(step: int, metrics: dict, final: bool) -> None:
         tmp = tempfile.mkdtemp(prefix=f"condensation-ckpt-r{rank}-")
         try:
@@ -263,6 +270,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
                     f.write(to_yaml(resolved))
                 if cfg.checkpoint.export_hf and (final or cfg.checkpoint.export_hf_every):
                     engine.module.save_pretrained(os.path.join(tmp, HF_DIR), safe_serialization=True)
+                    export_tokenizer.save_pretrained(os.path.join(tmp, HF_DIR))
             checkpoint = Checkpoint.from_directory(tmp) if os.listdir(tmp) else None  # nothing of this rank's to add
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
         finally:
