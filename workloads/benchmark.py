@@ -16,12 +16,16 @@ prints the summary of ratios against the baseline of the same run (kept in the J
     timeout 290 python workloads/benchmark.py --out $OUT/issue16_smollm2.json --budget-s 230 --steps 3 --warmup 1 \
         --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
         --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-graph,cond-sdpa-l512-group8-compile-graph
-    # 2b: that case with the layer weights stored stacked (stacked_params), and with the loss over 512-token chunks,
-    # on both shapes (not yet run on a GPU; benchmarks/gpu_session.sh bench-stacked)
-    timeout 400 python workloads/benchmark.py --out $OUT/issue16_stacked.json --budget-s 340 --steps 3 --warmup 1 \
-        --sizes table1,smollm2-135m --lengths 16384,32768,131072 --cases llama-liger-ckpt,\
-cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph,\
-cond-sdpa-l512-groupckpt-accumulate-graph --target cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph
+    # 2b: stacked_params (benchmarks/gpu_session.sh bench-stacked; not yet run on a GPU): Table I's fastest case
+    # stacked, and on both shapes the groupckpt-accumulate case stacked with the loss over 512-token chunks
+    timeout 200 python workloads/benchmark.py --out $OUT/issue16_stacked_table1.json --budget-s 170 --steps 3 \
+        --warmup 1 --sizes table1 --lengths 16384,32768,131072 --cases llama-liger-ckpt,\
+cond-sdpa-l512-group8-stacked-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph \
+        --target cond-sdpa-l512-group8-stacked-compile-graph
+    timeout 200 python workloads/benchmark.py --out $OUT/issue16_stacked_smollm2.json --budget-s 170 --steps 3 \
+        --warmup 1 --sizes smollm2-135m --lengths 16384,32768,131072 --cases llama-liger-ckpt,\
+cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph \
+        --target cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph
 A JSON cut short by `timeout` holds every finished measurement; `--replot FILE` adds its summary and pictures
 (`--replot FILE --target cond-sdpa-l512-group8-graph` summarises another case of it).
 The fastest configurations against the baseline, with kernel-time profiles:
@@ -158,6 +162,10 @@ def default_cases(smoke: bool) -> list[Case]:
              compile_cells=True, graph=True, lengths=short[:6]),
         Case("cond-sdpa-l512-group8-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8,
              compile_cells=True, graph=True, lengths=long),
+        # the same with the layer weights stored stacked (stacked_params): Table I's fastest case without its per-forward
+        # copy of the layer weights and their stacked gradients (CPU: -0.24 GB at 16K, cpu_stacked_params_s9.md)
+        Case("cond-sdpa-l512-group8-stacked-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8,
+             stacked_params=True, compile_cells=True, graph=True, lengths=long),
         # groups of 4 diagonals: the backward of one group's recomputed cells is the step's peak (tests/test_loss_memory.py's
         # attribution), so halving the group lowers the constant part of the memory; cells still run forward twice
         Case("cond-sdpa-l512-group4-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=4,
