@@ -73,17 +73,18 @@ bench-smollm2() {
 }
 
 bench-stacked() {  # issue 16: stacked_params. Table I: its fastest case stacked, and groupckpt-accumulate stacked with
-  # the loss over 512-token chunks; SmolLM2: the latter, and stacked alone. Half the time limit each
+  # the loss over 512-token chunks (with and without compiled elementwise pieces); SmolLM2: those two, and stacked
+  # alone. Half the time limit each
   mkdir -p "$OUT/bench"
   local t=$(( ${T:-400} / 2 )) r=0
   timeout $t python3 workloads/benchmark.py --out "$OUT/bench/stacked_table1.json" --budget-s $(( t - 30 )) \
     --steps 3 --warmup 1 --sizes table1 --lengths 16384,32768,131072 \
-    --cases llama-liger-ckpt,cond-sdpa-l512-group8-stacked-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph \
+    --cases llama-liger-ckpt,cond-sdpa-l512-group8-stacked-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph \
     --target cond-sdpa-l512-group8-stacked-compile-graph || r=$?
   timeout $t python3 workloads/benchmark.py --out "$OUT/bench/stacked_smollm2.json" --budget-s $(( t - 30 )) \
     --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768,131072 \
-    --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph \
-    --target cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph || r=$?
+    --cases llama-liger-ckpt,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph \
+    --target cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph || r=$?
   return $r
 }
 

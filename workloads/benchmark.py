@@ -20,12 +20,14 @@ prints the summary of ratios against the baseline of the same run (kept in the J
     # stacked, and on both shapes the groupckpt-accumulate case stacked with the loss over 512-token chunks
     timeout 200 python workloads/benchmark.py --out $OUT/issue16_stacked_table1.json --budget-s 170 --steps 3 \
         --warmup 1 --sizes table1 --lengths 16384,32768,131072 --cases llama-liger-ckpt,\
-cond-sdpa-l512-group8-stacked-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph \
+cond-sdpa-l512-group8-stacked-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph,\
+cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph \
         --target cond-sdpa-l512-group8-stacked-compile-graph
     timeout 200 python workloads/benchmark.py --out $OUT/issue16_stacked_smollm2.json --budget-s 170 --steps 3 \
         --warmup 1 --sizes smollm2-135m --lengths 16384,32768,131072 --cases llama-liger-ckpt,\
+cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph,\
 cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-graph \
-        --target cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph
+        --target cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph
 A JSON cut short by `timeout` holds every finished measurement; `--replot FILE` adds its summary and pictures
 (`--replot FILE --target cond-sdpa-l512-group8-graph` summarises another case of it).
 The fastest configurations against the baseline, with kernel-time profiles:
@@ -198,6 +200,12 @@ def default_cases(smoke: bool) -> list[Case]:
         Case("cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-graph", "condensation", "sdpa", 512,
              checkpoint_cells=True, checkpoint_group_steps=16, weight_grads="accumulate", stacked_params=True,
              loss_chunk_tokens=512, graph=True, lengths=long),
+        # and with compiled elementwise pieces (norms, RoPE, SwiGLU: with weight_grads="accumulate" only these compile,
+        # shapes dynamic, ~9 graphs, not one per diagonal size): on SmolLM2's 576-wide cells they move as many bytes
+        # as the small GEMMs
+        Case("cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph", "condensation", "sdpa", 512,
+             checkpoint_cells=True, checkpoint_group_steps=16, weight_grads="accumulate", stacked_params=True,
+             loss_chunk_tokens=512, compile_cells=True, graph=True, lengths=long),
         Case("cond-sdpa-l512-groupckpt-accumulate-cells10-stacked-chunk512-graph", "condensation", "sdpa", 512,
              checkpoint_cells=True, checkpoint_group_steps=16, weight_grads="accumulate", max_step_cells=10,
              stacked_params=True, loss_chunk_tokens=512, graph=True, lengths=long),
