@@ -435,7 +435,17 @@ def smollm2_preset() -> CurriculumConfig:
 
     A replay micro-batch has the passkey micro-batch's shape and runs after it, so peak memory stays that of a
     passkey micro-batch (measured 31.9 / 62.5 / 64.1 GiB against 31.6 / 62.3 / 64.1 without) while a stage takes about
-    twice its time; MLflow shows `replay_loss` beside `loss`."""
+    twice its time; MLflow shows `replay_loss` beside `loss`. (Weighted replay passed the GPU suite on both engines in
+    session 9; the chain above has not run yet.)
+
+    Past the trained length the needle fades after ~15-24 segments of 512 (session 7), whatever the length. The final
+    export (its HF folder carries the tokenizer) can be read at longer segments, fewer hops through the memory for the
+    same prompt, with SmolLM2's pretrained positions (8K) still covering memory plus segment up to l = 4096:
+
+        python workloads/evaluate.py model=<stage 2's hf folder> text=data/corpus/heldout_long.jsonl \
+            segment_lengths=[512,1024,2048] baseline=false passkey.lengths=[8192,16384,32768,65536]
+
+    (`benchmarks/gpu_session.sh relength` after the chain, in the same sequence of commands)."""
     train = merge(TrainConfig(), {
         "model": {"init_from": "smollm2-135m-instruct", "segment_length": 512,
                   "overrides": {"loss_reduction": "token_mean"}},

@@ -392,3 +392,19 @@ def test_workload_config_errors_before_any_model_loads(args, field, text, saved,
     assert err.startswith(f"config error: {field}: ") and "\n" not in err, err
     assert text in err
     assert not (saved / "runs").exists()
+
+
+def test_smollm2_docstring_relength_command_loads():
+    """The evaluation that smollm2_preset's docstring gives for reading the chain's export at longer segments: its
+    overrides load as a valid config (the model path is a placeholder there)."""
+    import shlex
+
+    from condensation.curriculum import smollm2_preset
+
+    doc = smollm2_preset.__doc__
+    cmd = next(c for c in doc.replace("\\\n", " ").split("\n\n") if "workloads/evaluate.py" in c)
+    args = shlex.split(cmd.replace("<stage 2's hf folder>", "runs/stage2/hf"))
+    assert args[:2] == ["python", "workloads/evaluate.py"]
+    cfg = _workload().load_eval_config(None, args[2:])
+    assert cfg.segment_lengths == [512, 1024, 2048] and cfg.baseline is False
+    assert cfg.passkey.lengths == [8192, 16384, 32768, 65536]
