@@ -9,7 +9,7 @@
 # (issue 14), throughput (issue 11), bench (issue 16), bench-stacked (issue 16: stacked_params on both shapes),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
-# cut and it continues), relength (issue 12: the chain's export read at segments of 512, 1024 and 2048 tokens).
+# cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
 # Each step's log goes to $OUT/logs/<step>.txt
 # (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_K (a pytest -k
 # expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, IDEAS_BPTT_ARGS, CHAIN_ARGS; T overrides a step's time limit (s).
@@ -116,12 +116,12 @@ chain() {  # issue 12: continual pretraining -> passkey stages -> grid and loss 
 relength() {  # issue 12: the chain's last export read at longer segments (fewer hops through the memory for one length)
   # A model trained at l=512 carries a needle through ~15-24 segments (h200_s7); at l=2048, 64K is 32 segments. SmolLM2
   # was pretrained to 8K positions, so segments up to 4K keep every position it knows. RELENGTH_MODEL: a HF folder
-  # (default: the newest finished stage's export under runs/).
+  # (default: the newest finished stage's export under runs/). l=512 is the chain's own grid (20 prompts a cell).
   local model=${RELENGTH_MODEL:-$(python3 -c "import glob, json, os; r = sorted(glob.glob('runs/**/stage_done.json', recursive=True), key=os.path.getmtime); print(json.load(open(r[-1]))['hf_path'] if r else '')")}
   [ -n "$model" ] || { echo "relength: no finished stage under runs/ (run the chain first)"; return 1; }
-  timeout "${T:-300}" python3 workloads/evaluate.py model="$model" tokenizer=smollm2-135m-instruct \
+  timeout "${T:-240}" python3 workloads/evaluate.py model="$model" tokenizer=smollm2-135m-instruct \
     text=data/corpus/heldout_long.jsonl \
-    lengths=[65536] n=2 segment_lengths=[512,1024,2048] baseline=false out="$PWD/runs" tracking.run_name=relength \
+    lengths=[65536] n=2 segment_lengths=[1024,2048] baseline=false out="$PWD/runs" tracking.run_name=relength \
     passkey.lengths=[8192,16384,32768,65536] passkey.n_per_cell=10 passkey.batch_size=10 ${RELENGTH_ARGS:-}
   local r=$?; mkdir -p "$OUT/relength"; cp runs/long-context/relength/*.{json,png,md} "$OUT/relength/" 2>/dev/null
   return $r
