@@ -474,8 +474,10 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
                 ss = [sk for n in range(a, min(b, t - 2) + 1) for sk in sinks_for(sinks[n], t - n)]
                 ys.append((a, _run_step(w_all.range(a, b + 1), xs, ms, ss, rope, cfg, attention, ckpt)))
             for a, y in ys:
-                for n in range(a, a + y.shape[0]):
-                    prev[n] = y[n - a]
+                # unbind, not y[i]: each index's backward would allocate and add a zero tensor the size of the whole
+                # step (k cells), k times over; unbind's is one stack of the k gradients
+                for n, y_n in enumerate(y.unbind(0), start=a):
+                    prev[n] = y_n
                     if n == t:  # segment 0
                         sinks[n] = sink_of(prev[n])
             if hi == n_layers - 1:
