@@ -394,16 +394,21 @@ def test_workload_config_errors_before_any_model_loads(args, field, text, saved,
     assert not (saved / "runs").exists()
 
 
-def test_smollm2_docstring_relength_command_loads():
+def test_smollm2_docstring_relength_command_loads(tmp_path):
     """The evaluation that smollm2_preset's docstring gives for reading the chain's export at longer segments: its
-    overrides load as a valid config (the model path is a placeholder there)."""
+    overrides load as a valid config (its model folder and held-out text stand in as empty ones here)."""
     import shlex
 
     from condensation.curriculum import smollm2_preset
 
     doc = smollm2_preset.__doc__
     cmd = next(c for c in doc.replace("\\\n", " ").split("\n\n") if "workloads/evaluate.py" in c)
-    args = shlex.split(cmd.replace("<stage 2's hf folder>", "runs/stage2/hf"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "heldout_long.jsonl").write_text("")
+    cmd = cmd.replace("<stage 2's hf folder>", str(tmp_path / "hf"))
+    assert "text=data/corpus/heldout_long.jsonl" in cmd
+    cmd = cmd.replace("text=data/corpus/heldout_long.jsonl", f"text={tmp_path / 'heldout_long.jsonl'}")
+    args = shlex.split(cmd)
     assert args[:2] == ["python", "workloads/evaluate.py"]
     cfg = _workload().load_eval_config(None, args[2:])
     assert cfg.segment_lengths == [512, 1024, 2048] and cfg.baseline is False
