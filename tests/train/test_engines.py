@@ -292,7 +292,6 @@ def test_deepspeed_engine_replay_update_follows_the_mean_of_passkey_and_text_gra
 
 def test_deepspeed_engine_refuses_stacked_params():
     # config.validate refuses the pair first; a model built elsewhere is refused before ZeRO flattens its parameters
-    pytest.importorskip("deepspeed")
     from condensation.config import ConfigError
 
     cfg = load_config(overrides=["schedule.total_steps=4", f"data.seq_len={SEQ}", "optim.warmup_steps=1"])
