@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run folders: {os.path.abspath(cfg.train.run.storage)}\ntracking: mlflow ui --backend-store-uri {uri}",
               flush=True)
 
-    import ray
-
-    from condensation.train.runtime import init_ray
+    from condensation.train.runtime import init_ray, shutdown_ray
 
     init_ray(args.ray_address, joining=bool(os.environ.get("RAY_ADDRESS")), use_gpu=cfg.train.schedule.use_gpu)
     # `ray job stop` sends SIGTERM: end the MLflow runs as KILLED as Ctrl-C does (ray.init's handler just exits)
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_curriculum(cfg)
     except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run and raises SystemExit
-        ray.shutdown()  # the workers stop logging before the runs are marked
+        shutdown_ray()  # the workers stop logging before the runs are marked
         end_runs(cfg, "KILLED")
         print(f"\ninterrupted; the same command continues curriculum {cfg.name!r} from its last checkpoint",
               file=sys.stderr)

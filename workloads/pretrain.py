@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.tracking.enabled:
         print(f"tracking: mlflow ui --backend-store-uri {tracking_uri(cfg)}", flush=True)
 
-    import ray
-
-    from condensation.train.runtime import init_ray
+    from condensation.train.runtime import init_ray, shutdown_ray
 
     init_ray(args.ray_address, joining=bool(os.environ.get("RAY_ADDRESS")), use_gpu=cfg.schedule.use_gpu)
     # `ray job stop` sends SIGTERM: end the MLflow run as KILLED as Ctrl-C does (ray.init's handler just exits)
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fit(cfg)
     except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run and raises SystemExit
-        ray.shutdown()  # the workers stop logging before the run is marked
+        shutdown_ray()  # the workers stop logging before the run is marked
         end_run(cfg, "KILLED")
         print(f"\ninterrupted; the same command continues run {cfg.run.name!r} from its last checkpoint", file=sys.stderr)
         return 130

@@ -84,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.tracking.enabled:
         print(f"tracking: mlflow ui --backend-store-uri {uri}", flush=True)
 
-    import ray
     import transformers
 
-    from condensation.train.runtime import init_ray
+    from condensation.train.runtime import init_ray, shutdown_ray
 
     transformers.logging.set_verbosity_error()  # "a model of type condensation to instantiate llama" is expected
     transformers.utils.logging.disable_progress_bar()
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_summarization(cfg)
     except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run and raises SystemExit
-        ray.shutdown()
+        shutdown_ray()
         end_runs(cfg, "KILLED")
         print(f"\ninterrupted; the same command continues {cfg.name!r}", file=sys.stderr)
         return 130

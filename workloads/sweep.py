@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.tracking.enabled:
         print(f"tracking: mlflow ui --backend-store-uri {uri}", flush=True)
 
-    import ray
-
-    from condensation.train.runtime import init_ray
+    from condensation.train.runtime import init_ray, shutdown_ray
 
     init_ray(args.ray_address, joining=bool(os.environ.get("RAY_ADDRESS")), use_gpu=cfg.train.schedule.use_gpu)
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`: end the MLflow runs as Ctrl-C does
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_sweep(cfg, log=lambda line: print(line, flush=True))
     except (KeyboardInterrupt, SystemExit):
-        ray.shutdown()
+        shutdown_ray()
         end_runs(cfg, "KILLED")
         print(f"\ninterrupted; the same command resumes sweep {cfg.name!r}", file=sys.stderr)
         return 130
