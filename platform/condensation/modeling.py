@@ -368,12 +368,18 @@ def cell_forward(
     cfg: CondensationConfig,
     attention: Callable[..., torch.Tensor],
     sink_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    memory: torch.Tensor | None = None,
 ):
     """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c) (Rope rows from
     p + l + offset, p = memory_sink_tokens), attending to prefix_kv ([m, B, Hkv, P, D]: memory keys, then keys of the
     segment's earlier tokens) and to itself causally. prefix_kv may cover only the first m < k cells: the rest (a
     wavefront's segment-0 cell) have no memory. sink_kv ([ms, B, Hkv, p, D], ms <= m) puts the attention sink's keys
-    before the prefix of the first ms cells. Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache."""
+    before the prefix of the first ms cells. Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache.
+
+    memory ([k, B, l, d], offset 0, no prefix_kv or sink_kv): every cell's memory y[s-1, n] as outputs. Its keys and
+    values (memory_kv's) and the segment's come from one matmul each over both, with one RoPE over rows [p, p + l + c)
+    (the memory's positions, then the segment's), and need no concatenation: the same computation in fewer kernels
+    (memory_kv then the segment's own k / v took two matmuls, two RoPEs and two cats)."""
     kc, B, c, _ = x.shape
     start = cfg.memory_sink_tokens + cfg.segment_length + offset
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -382,10 +388,20 @@ def cell_forward(
     pw = _pointwise(cfg)
     h = pw.rms_norm(x, w.input_norm, cfg.rms_norm_eps)
     q = pw.heads(_linear(h, w.q), H, cos_sin)  # [k, B, H, c, D]
-    k = pw.heads(_linear(h, w.k), Hkv, cos_sin)  # [k, B, Hkv, c, D]
-    v = pw.heads(_linear(h, w.v), Hkv)
-    outs = []
-    for a, b, parts in _kv_groups(kc, prefix_kv, sink_kv):  # one attention call per kind of keys
+    if memory is not None:
+        n_mem = memory.shape[2]
+        assert prefix_kv is None and sink_kv is None and start - n_mem == cfg.memory_sink_tokens
+        hm = torch.cat([pw.rms_norm(memory, w.memory_norm_weight(), cfg.rms_norm_eps), h], 2)  # [k, B, l + c, d]
+        keys = pw.heads(_linear(hm, w.k), Hkv, rope.rows(start - n_mem, n_mem + c))  # [k, B, Hkv, l + c, D]
+        values = pw.heads(_linear(hm, w.v), Hkv)
+        k, v = keys[:, :, :, n_mem:], values[:, :, :, n_mem:]
+        outs = [attention(q.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5)]
+    else:
+        k = pw.heads(_linear(h, w.k), Hkv, cos_sin)  # [k, B, Hkv, c, D]
+        v = pw.heads(_linear(h, w.v), Hkv)
+        outs = []
+    for a, b, parts in ([] if memory is not None else _kv_groups(kc, prefix_kv, sink_kv)):  # one attention call per
+        # kind of keys
         keys = torch.cat([_cells(p[0], a, b) for p in parts] + [_cells(k, a, b)], 3) if parts else _cells(k, a, b)
         values = torch.cat([_cells(p[1], a, b) for p in parts] + [_cells(v, a, b)], 3) if parts else _cells(v, a, b)
         outs.append(attention(_cells(q, a, b).flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5))
@@ -411,6 +427,8 @@ def _cells_step(xs, mems, sinks, w: LayerWeights, rope: Rope, cfg: CondensationC
     m, ms = len(mems), len(sinks)
     if m:
         mems = mems if isinstance(mems, torch.Tensor) else torch.stack(mems)  # [m, B, l, d]
+    if m == len(xs) and ms == 0:  # every cell has a memory (a full diagonal): its k / v with the segment's
+        return cell_forward(w, x, None, 0, rope, cfg, attention, memory=mems)[0]
     prefix = None if m == 0 else memory_kv(w if m == len(xs) else w.first(m), mems, rope, cfg,
                                            start=cfg.memory_sink_tokens)
     sink = None if ms == 0 else memory_kv(w.first(ms), torch.stack(sinks), rope, cfg, start=0)
