@@ -116,7 +116,10 @@ class StackedLayers:
     def range(self, lo: int, hi: int) -> LayerWeights:
         lo, hi = lo + self.offset, hi + self.offset
         if self.sink is not None:
-            return LayerWeights(*(t[lo:hi] if name.endswith("norm") else SlicedWeight(t, lo, hi, self.sink, name)
+            # the norms whole when the range is all of them: a slice's backward would allocate and fill a zero [N, d]
+            # gradient to copy its own into, for every step
+            return LayerWeights(*((t if (lo, hi) == (0, t.shape[0]) else t[lo:hi]) if name.endswith("norm")
+                                  else SlicedWeight(t, lo, hi, self.sink, name)
                                   for name, t in zip(LayerWeights._fields, self.all.present())))
         if self.all is None:  # a LayerStack: views of the parameters. A whole-stack range is view_as (a slice's
             # backward would allocate a zero gradient the size of the stack), not the Parameter itself: a compiled step
@@ -476,8 +479,8 @@ def compiled_step(cfg, step: Callable) -> Callable:
     # k takes every value 1..layers on the wavefront's ramps, each with and without memory. Past dynamo's default
     # limit of 8 variants it silently runs the rest eagerly, and a checkpoint's recomputation can then differ from its
     # forward (one compiled, one eager): allow them all, for the deepest model seen so far. With an attention sink,
-    # cells with and without a sink double the variants.
-    per_k = 4 if cfg.memory_sink_tokens == 0 else 8
+    # cells with and without a sink double the variants; memories given stacked (one tensor) or as a list double them.
+    per_k = 8 if cfg.memory_sink_tokens == 0 else 16
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, per_k * cfg.num_hidden_layers + 8)
     if (step, mode) not in _COMPILED:  # one compiled function per mode; dynamo re-specialises on k and on memory
         _COMPILED[step, mode] = torch.compile(step, mode=mode, dynamic=False)  # presence

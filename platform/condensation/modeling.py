@@ -269,19 +269,23 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight.view(weight.shape[0], *([1] * (x.dim() - 2)), -1) * xf.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., D] with its first half negated: rotate_half(x) * sin == x.roll(D / 2, -1) * _signed_sin(sin), bit
+    for bit ((-a) * b == a * (-b) in floating point)."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [..., c, D]; cos/sin [c, D]
-    return x * cos + _rotate_half(x) * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    # x [..., c, D]; cos [c, D], sin_signed [c, D] (_signed_sin). x * cos + rotate_half(x) * sin (HF's apply_rotary_pos_emb)
+    # with the rotation as one roll: rotate_half's neg + cat (and in backward neg + cat) were two kernels each, on all
+    # of q and k, three times a cell
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 def _heads(x: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    # [k, B, c, n*D] -> [k, B, n, c, D]; RoPE (cos/sin [c, D]) is applied before the transpose, while the tensor is
-    # contiguous, so its elementwise kernels run vectorised
+    # [k, B, c, n*D] -> [k, B, n, c, D]; RoPE (cos, signed sin [c, D]: _rope) is applied before the transpose, while
+    # the tensor is contiguous, so its elementwise kernels run vectorised
     k, B, c, _ = x.shape
     x = x.view(k, B, c, n, -1)
     if rope is not None:
@@ -316,6 +320,16 @@ class Rope(NamedTuple):
 
     cos: torch.Tensor
     sin: torch.Tensor
+    sin_signed: torch.Tensor | None = None  # _signed_sin(sin), made once per forward (Rope.of)
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> "Rope":
+        return cls(cos, sin, _signed_sin(sin))
+
+    def rows(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) of rows [start, start + n), as _rope takes them."""
+        sin_signed = _signed_sin(self.sin) if self.sin_signed is None else self.sin_signed
+        return self.cos[start : start + n], sin_signed[start : start + n]
 
 
 def memory_kv(w: LayerWeights, y: torch.Tensor, rope: Rope, cfg: CondensationConfig, start: int):
@@ -325,8 +339,7 @@ def memory_kv(w: LayerWeights, y: torch.Tensor, rope: Rope, cfg: CondensationCon
     pw = _pointwise(cfg)
     m = pw.rms_norm(y, w.memory_norm_weight(), cfg.rms_norm_eps)
     n_mem = y.shape[2]
-    cos, sin = rope.cos[start : start + n_mem], rope.sin[start : start + n_mem]
-    k = pw.heads(_linear(m, w.k), cfg.num_key_value_heads, (cos, sin))  # [k, B, Hkv, p, D]
+    k = pw.heads(_linear(m, w.k), cfg.num_key_value_heads, rope.rows(start, n_mem))  # [k, B, Hkv, p, D]
     v = pw.heads(_linear(m, w.v), cfg.num_key_value_heads)
     return k, v
 
@@ -340,6 +353,12 @@ def _kv_groups(kc: int, prefix_kv, sink_kv) -> list[tuple[int, int, list]]:
     return [(a, b, parts) for a, b, parts in groups if b > a]
 
 
+def _cells(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Cells [a, b) of t [k, ...]: t itself when that is all of them. A slice's backward allocates a zero tensor of
+    t's size and copies the gradient into it (two kernels per slice, five slices a diagonal), even for a full range."""
+    return t if a == 0 and b == t.shape[0] else t[a:b]
+
+
 def cell_forward(
     w: LayerWeights,
     x: torch.Tensor,
@@ -349,27 +368,43 @@ def cell_forward(
     cfg: CondensationConfig,
     attention: Callable[..., torch.Tensor],
     sink_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    memory: torch.Tensor | None = None,
 ):
     """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c) (Rope rows from
     p + l + offset, p = memory_sink_tokens), attending to prefix_kv ([m, B, Hkv, P, D]: memory keys, then keys of the
     segment's earlier tokens) and to itself causally. prefix_kv may cover only the first m < k cells: the rest (a
     wavefront's segment-0 cell) have no memory. sink_kv ([ms, B, Hkv, p, D], ms <= m) puts the attention sink's keys
-    before the prefix of the first ms cells. Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache."""
+    before the prefix of the first ms cells. Returns y [k, B, c, d] and this chunk's (k, v) for a generation cache.
+
+    memory ([k, B, l, d], offset 0, no prefix_kv or sink_kv): every cell's memory y[s-1, n] as outputs. Its keys and
+    values (memory_kv's) and the segment's come from one matmul each over both, with one RoPE over rows [p, p + l + c)
+    (the memory's positions, then the segment's), and need no concatenation: the same computation in fewer kernels
+    (memory_kv then the segment's own k / v took two matmuls, two RoPEs and two cats)."""
     kc, B, c, _ = x.shape
     start = cfg.memory_sink_tokens + cfg.segment_length + offset
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    cos, sin = rope.cos[start : start + c], rope.sin[start : start + c]
+    cos_sin = rope.rows(start, c)
 
     pw = _pointwise(cfg)
     h = pw.rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-    q = pw.heads(_linear(h, w.q), H, (cos, sin))  # [k, B, H, c, D]
-    k = pw.heads(_linear(h, w.k), Hkv, (cos, sin))  # [k, B, Hkv, c, D]
-    v = pw.heads(_linear(h, w.v), Hkv)
-    outs = []
-    for a, b, parts in _kv_groups(kc, prefix_kv, sink_kv):  # one attention call per kind of keys
-        keys = torch.cat([p[0][a:b] for p in parts] + [k[a:b]], 3) if parts else k[a:b]
-        values = torch.cat([p[1][a:b] for p in parts] + [v[a:b]], 3) if parts else v[a:b]
-        outs.append(attention(q[a:b].flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5))
+    q = pw.heads(_linear(h, w.q), H, cos_sin)  # [k, B, H, c, D]
+    if memory is not None:
+        n_mem = memory.shape[2]
+        assert prefix_kv is None and sink_kv is None and start - n_mem == cfg.memory_sink_tokens
+        hm = torch.cat([pw.rms_norm(memory, w.memory_norm_weight(), cfg.rms_norm_eps), h], 2)  # [k, B, l + c, d]
+        keys = pw.heads(_linear(hm, w.k), Hkv, rope.rows(start - n_mem, n_mem + c))  # [k, B, Hkv, l + c, D]
+        values = pw.heads(_linear(hm, w.v), Hkv)
+        k, v = keys[:, :, :, n_mem:], values[:, :, :, n_mem:]
+        outs = [attention(q.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5)]
+    else:
+        k = pw.heads(_linear(h, w.k), Hkv, cos_sin)  # [k, B, Hkv, c, D]
+        v = pw.heads(_linear(h, w.v), Hkv)
+        outs = []
+    for a, b, parts in ([] if memory is not None else _kv_groups(kc, prefix_kv, sink_kv)):  # one attention call per
+        # kind of keys
+        keys = torch.cat([_cells(p[0], a, b) for p in parts] + [_cells(k, a, b)], 3) if parts else _cells(k, a, b)
+        values = torch.cat([_cells(p[1], a, b) for p in parts] + [_cells(v, a, b)], 3) if parts else _cells(v, a, b)
+        outs.append(attention(_cells(q, a, b).flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [k*B, H, c, D]
     o = o.view(kc, B, H, c, D).transpose(2, 3).reshape(kc, B, c, H * D)
     x = x + _linear(o, w.o)
@@ -386,25 +421,34 @@ def cell_forward(
 
 def _cells_step(xs, mems, sinks, w: LayerWeights, rope: Rope, cfg: CondensationConfig, attention) -> torch.Tensor:
     """k cells: inputs xs (k tensors [B, l, d]), memories mems (m <= k tensors y[s-1, n] for the first m cells; the
-    rest have none) and attention sinks (ms <= m tensors y[0, n][:, :p] for the first ms cells) -> [k, B, l, d]."""
+    rest have none; or already stacked, one tensor [m, B, l, d]) and attention sinks (ms <= m tensors y[0, n][:, :p]
+    for the first ms cells) -> [k, B, l, d]."""
     x = torch.stack(xs)  # [k, B, l, d]
     m, ms = len(mems), len(sinks)
-    prefix = None if m == 0 else memory_kv(w if m == len(xs) else w.first(m), torch.stack(mems), rope, cfg,
+    if m:
+        mems = mems if isinstance(mems, torch.Tensor) else torch.stack(mems)  # [m, B, l, d]
+    if m == len(xs) and ms == 0:  # every cell has a memory (a full diagonal): its k / v with the segment's
+        return cell_forward(w, x, None, 0, rope, cfg, attention, memory=mems)[0]
+    prefix = None if m == 0 else memory_kv(w if m == len(xs) else w.first(m), mems, rope, cfg,
                                            start=cfg.memory_sink_tokens)
     sink = None if ms == 0 else memory_kv(w.first(ms), torch.stack(sinks), rope, cfg, start=0)
     return cell_forward(w, x, prefix, 0, rope, cfg, attention, sink)[0]
 
 
 def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> torch.Tensor:
-    """One scheduled step. Under checkpointing the saved inputs are the cell outputs themselves (each y[s, n] is the
-    input of (s, n+1) and the memory of (s+1, n), and is kept once), not stacked copies."""
+    """One scheduled step (mems: a list of tensors, or one stacked tensor; _cells_step). Under checkpointing the saved
+    inputs are the cell outputs themselves (each y[s, n] is the input of (s, n+1) and the memory of (s+1, n), and is
+    kept once), not stacked copies."""
     fn = compiled_step(cfg, _cells_step)  # _cells_step itself unless compile_cells
     if not ckpt:
         return fn(xs, mems, sinks, w, rope, cfg, attention)
+    stacked = isinstance(mems, torch.Tensor)
+    mems = [mems] if stacked else list(mems)
     k, m, ms = len(xs), len(mems), len(sinks)
 
     def step(*tensors):
-        return fn(list(tensors[:k]), list(tensors[k : k + m]), list(tensors[k + m : k + m + ms]),
+        mem = tensors[k] if stacked else list(tensors[k : k + m])
+        return fn(list(tensors[:k]), mem, list(tensors[k + m : k + m + ms]),
                   LayerWeights(*tensors[k + m + ms :]), rope, cfg, attention)
 
     return checkpoint(step, *xs, *mems, *sinks, *w.present(), use_reentrant=False, preserve_rng_state=False)  # no RNG
@@ -460,6 +504,10 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
         unset or off); returns the new frontier, the sinks and the last layer's outputs of the segments finished
         meanwhile."""
         prev, sinks, done = list(state[:n_layers]), list(state[n_layers:]), []
+        # source[n] = (y, i) when prev[n] is y.unbind(0)[i] of a step output y of the previous diagonal: a step whose
+        # memories are all of y, in order, reads y itself instead of stacking a copy of its cells (one stack less per
+        # step, and in backward y's memory gradient arrives whole: no add of it into every cell's gradient)
+        source = {}
         for t in range(t0, t1):
             # cells (t - n, n) for layers lo .. hi in batched steps of at most `cap` cells (layers a .. b); those with
             # s >= 1 have a memory (layers a .. min(b, t - 1)), those with s >= 2 also the sink (layers
@@ -471,13 +519,20 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
                 b = min(hi, a + cap - 1)
                 xs = [segment(t) if n == 0 else prev[n - 1] for n in range(a, b + 1)]
                 ms = [mem_for(prev[n], t - n) for n in range(a, min(b, t - 1) + 1)]
+                y_src = source.get(a, (None,))[0]
+                if (ms and y_src is not None and y_src.shape[0] == len(ms)
+                        and all(mm is prev[n] and n in source and source[n][0] is y_src and source[n][1] == n - a
+                                for n, mm in enumerate(ms, start=a))):
+                    ms = y_src  # [m, B, l, d]: the memories' own stacked tensor
                 ss = [sk for n in range(a, min(b, t - 2) + 1) for sk in sinks_for(sinks[n], t - n)]
                 ys.append((a, _run_step(w_all.range(a, b + 1), xs, ms, ss, rope, cfg, attention, ckpt)))
+            source = {}
             for a, y in ys:
                 # unbind, not y[i]: each index's backward would allocate and add a zero tensor the size of the whole
                 # step (k cells), k times over; unbind's is one stack of the k gradients
                 for n, y_n in enumerate(y.unbind(0), start=a):
                     prev[n] = y_n
+                    source[n] = (y, n - a)
                     if n == t:  # segment 0
                         sinks[n] = sink_of(prev[n])
             if hi == n_layers - 1:
@@ -685,7 +740,7 @@ class CondensationModel(CondensationPreTrainedModel):
         p, l = self.config.memory_sink_tokens, self.config.segment_length
         positions = torch.arange(-p, 2 * l, device=like.device)[None]  # see Rope
         cos, sin = self.rotary_emb(like, positions)
-        return Rope(cos[0], sin[0])
+        return Rope.of(cos[0], sin[0])
 
     def forward(self, input_ids=None, inputs_embeds=None, cache: CondensationCache | None = None,
                 final_norm: bool = True, keep_last: int = 0) -> torch.Tensor:
