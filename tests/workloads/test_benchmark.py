@@ -71,6 +71,16 @@ def test_smoke_run_writes_json_ratios_and_pictures(benchmark, tmp_path, capsys):
     assert {"bench.json", "bench_speed.png", "bench_generation.png"} <= artifacts
 
 
+def test_measured_steps_continue_until_the_minimum_time(benchmark):
+    case = next(c for c in benchmark.default_cases(smoke=True) if c.name == "cond-sdpa-l32")
+    cpu, f32 = torch.device("cpu"), torch.float32
+    once = benchmark.measure(case, 64, True, cpu, f32, steps=1, warmup=1)
+    assert once["status"] == "ok" and once["steps"] == 1
+    timed = benchmark.measure(case, 64, True, cpu, f32, steps=1, warmup=1, min_measure_s=6 * once["step_s"])
+    assert timed["steps"] > 1 and timed["step_s_min"] <= timed["step_s"] <= timed["step_s_max"]
+    assert timed["steps"] * timed["step_s_max"] >= 6 * once["step_s"]  # it stopped only once the time was spent
+
+
 def test_ratios_pick_the_plain_llama_of_the_same_size_and_batch(benchmark):
     cfg = lambda **kw: {"kind": "condensation", "attention": "sdpa", "graph": False, "size": "table1", "batch": 1, **kw}
     results = {
