@@ -12,7 +12,7 @@
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
 # Each step's log goes to $OUT/logs/<step>.txt
 # (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_K (a pytest -k
-# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, IDEAS_BPTT_ARGS, CHAIN_ARGS; T overrides a step's time limit (s).
+# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, IDEAS_BPTT_ARGS, CHAIN_ARGS, CHAIN_PRESET (smollm2-replay); T overrides a step's time limit (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -105,7 +105,7 @@ ideas-bptt() {  # issue 12: random lengths x truncated backpropagation through t
 }
 
 chain() {  # issue 12: continual pretraining -> passkey stages -> grid and loss by position (README's smollm2 chain)
-  timeout "${T:-540}" python3 workloads/curriculum.py --preset smollm2 ${CHAIN_ARGS:-}
+  timeout "${T:-540}" python3 workloads/curriculum.py --preset "${CHAIN_PRESET:-smollm2-replay}" ${CHAIN_ARGS:-}
   local r=$?
   # the results without checkpoints or weights, one file (the device tool brings back no nested folders)
   find runs -name 'checkpoint*' -prune -o -type f \( -name '*.png' -o -name '*.json' -o -name '*.md' -o -name '*.yaml' \) \

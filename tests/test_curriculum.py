@@ -16,7 +16,7 @@ from condensation.config import ConfigError
 from condensation.curriculum import PRESETS, STAGE_DONE_TAG, load_curriculum_config, run_curriculum, stage_name
 
 
-@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"smollm2"}))
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"smollm2", "smollm2-replay"}))  # data/corpus: below
 def test_every_preset_validates(name):
     cfg = load_curriculum_config(name)
     assert cfg.stages and all(s.steps > 0 for s in cfg.stages)
@@ -58,9 +58,9 @@ def corpus(tmp_path_factory):
     return folder
 
 
-def smollm2_small(tiny_llama, corpus, storage, *more):
+def smollm2_small(tiny_llama, corpus, storage, *more, preset="smollm2"):
     """The smollm2 preset with its model, text, lengths and steps scaled down to seconds on a CPU."""
-    return load_curriculum_config("smollm2", overrides=[*_small_overrides(tiny_llama, corpus, storage), *more])
+    return load_curriculum_config(preset, overrides=[*_small_overrides(tiny_llama, corpus, storage), *more])
 
 
 def _small_overrides(tiny_llama, corpus, storage):
@@ -88,6 +88,18 @@ def test_smollm2_preset_is_the_chain(monkeypatch, tiny_llama, corpus, tmp_path):
     assert max(full.evaluation.lengths) == 8 * full.stages[-1].total_tokens and full.evaluation.n_per_cell >= 20
     assert full.evaluation.final_only and full.long_context.text
     assert cfg.pretraining.steps == 2 and cfg.stages[0].per_worker_batch == 4
+
+
+def test_smollm2_replay_preset_is_the_chain_with_weighted_replay():
+    plain, replay = PRESETS["smollm2"](), PRESETS["smollm2-replay"]()
+    assert [s.replay_micro_batches for s in plain.stages] == [0, 0, 0] and plain.train.schedule.replay_weight == 1
+    assert [s.replay_micro_batches for s in replay.stages] == [1, 1, 2] and replay.train.schedule.replay_weight == 0.2
+    assert replay.name != plain.name  # its finished stages are not mistaken for the plain chain's
+    # everything else is the plain chain
+    for s in replay.stages:
+        s.replay_micro_batches = 0
+    replay.train.schedule.replay_weight, replay.name = 1, plain.name
+    assert replay == plain
 
 
 def test_final_only_scores_earlier_stages_at_their_own_length():
@@ -384,24 +396,20 @@ def test_replay_weight_reaches_the_stages_train_config(tiny_llama, corpus, tmp_p
     assert weights(cfg) == [0.5, 0.2]  # a stage's own weight, the schedule's for the other
 
 
-def test_smollm2_docstring_replay_command_parses(tiny_llama, corpus, tmp_path):
-    """The command that smollm2_preset's docstring gives for replay with a weight: its overrides load as written."""
+def test_smollm2_replay_docstring_command_loads(tiny_llama, corpus, tmp_path):
+    """The command that smollm2_replay_preset's docstring gives: its preset loads, and every stage replays text at
+    weight 0.2 (here with the three stages scaled down field by field, which keeps their replay settings)."""
     import shlex
 
-    from condensation.curriculum import smollm2_preset, stage_train_config
+    from condensation.curriculum import smollm2_replay_preset, stage_train_config
 
-    doc = smollm2_preset.__doc__
-    cmd = next(c for c in doc.replace("\\\n", " ").split("\n\n") if "replay_weight" in c and "python " in c)
-    args = shlex.split(cmd)
-    assert args[:4] == ["python", "workloads/curriculum.py", "--preset", "smollm2"]
-    overrides = args[4:]
-    assert "train.schedule.replay_weight=0.2" in overrides
-    # the full preset's three stages, scaled down (a YAML file: the command's stages.N keys then address them)
-    stages = tmp_path / "stages.yaml"
-    stages.write_text("stages:\n" + "".join(f"  - {{total_tokens: 96, steps: 2, per_worker_batch: {b}}}\n"
-                                            for b in (4, 4, 2)))
+    line = next(x for x in smollm2_replay_preset.__doc__.splitlines() if "workloads/curriculum.py" in x)
+    args = shlex.split(line.split("&&")[-1])
+    assert args == ["python", "workloads/curriculum.py", "--preset", "smollm2-replay"]
+    scaled = [f"stages.{i}.{k}={v}" for i, b in enumerate((4, 4, 2))
+              for k, v in (("total_tokens", 96), ("steps", 2), ("per_worker_batch", b))]
     small = [o for o in _small_overrides(tiny_llama, corpus, tmp_path) if not o.startswith("stages=")]
-    cfg = load_curriculum_config("smollm2", str(stages), small + overrides)
+    cfg = load_curriculum_config(args[3], overrides=small + scaled)
     assert [st.replay_micro_batches for st in cfg.stages] == [1, 1, 2]
     assert [stage_train_config(cfg, i).schedule.replay_weight for i in range(3)] == [0.2, 0.2, 0.2]
 

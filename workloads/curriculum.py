@@ -5,6 +5,7 @@ with a passkey accuracy grid after every stage, tracked in MLflow (a parent run,
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python workloads/curriculum.py   # on a cluster (README "Clusters")
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python workloads/curriculum.py --preset paper train.model.init_from=/ckpt/hf
     python workloads/make_corpus.py && python workloads/curriculum.py --preset smollm2    # SmolLM2 chain, one GPU machine
+    python workloads/make_corpus.py && python workloads/curriculum.py --preset smollm2-replay   # the same, text replayed
     python workloads/curriculum.py --preset h200                     # one H200, from meta-llama/Llama-3.2-1B
     python workloads/curriculum.py --config my.yaml stages.0.steps=200 evaluation.n_per_cell=20
 
