@@ -284,6 +284,69 @@ def _linear(x: torch.Tensor, w: torch.Tensor | SlicedWeight) -> torch.Tensor:
     return y.view(*shape[:-1], y.shape[2])
 
 
+
+# bytes of gate / up gradient computed at once in _SwiGLUDown's backward (a few cells of a step at a time)
+SWIGLU_GRAD_CHUNK_BYTES = 16 << 20
+
+
+def _values(fn: Callable, a: torch.Tensor, b: torch.Tensor, *args) -> torch.Tensor:
+    """fn(a, b, *args) as computed when a and b require grad (a compiled fn runs its training graph, as in the step
+    it replaces), without keeping the graph."""
+    with torch.enable_grad():
+        return fn(a.detach().requires_grad_(), b.detach().requires_grad_(), *args).detach()
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down(swiglu(gate, up)) for a SlicedWeight `down`: the SwiGLU output ([k, M, I], as large as gate) is not saved
+    for the down weight's gradient but recomputed from gate and up in backward, and the gradients of gate and up are
+    computed a few cells at a time (SWIGLU_GRAD_CHUNK_BYTES) into gate's and up's own storage, which nothing needs
+    after. Autograd's SwiGLU backward held gate, up, their output's gradient and both new gradients at once: on a
+    30-cell SmolLM2 step at the peak of a training step, 2 x 47 MB above this. The same ops on the same values
+    (elementwise, so the same per element whatever the chunk), the down matmul and its sink as _SlicedBmm's: the
+    same bits."""
+
+    @staticmethod
+    def forward(ctx, gate, up, full, w: SlicedWeight, swiglu: Callable, act: str):
+        sw = _values(swiglu, gate, up, act)
+        ctx.save_for_backward(gate, up, full)
+        ctx.w, ctx.swiglu, ctx.act = w, swiglu, act
+        out = torch.bmm(sw.reshape(sw.shape[0], -1, sw.shape[-1]), full[w.lo : w.hi])
+        return out.view(*sw.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        gate, up, full = ctx.saved_tensors
+        w, k = ctx.w, gate.shape[0]
+        g = g.reshape(k, -1, g.shape[-1])
+        sw = _values(ctx.swiglu, gate, up, ctx.act)
+        w.sink.add(w.name, w.lo, sw.reshape(k, -1, sw.shape[-1]), g, full)
+        del sw
+        grad_sw = torch.bmm(g, full[w.lo : w.hi].transpose(1, 2)).view(gate.shape)
+        del g
+        cells = max(1, SWIGLU_GRAD_CHUNK_BYTES // max(1, gate[0].numel() * gate.element_size()))
+        for a in range(0, k, cells):
+            b = min(k, a + cells)
+            with torch.enable_grad():
+                gi, ui = gate[a:b].detach().requires_grad_(), up[a:b].detach().requires_grad_()
+                si = ctx.swiglu(gi, ui, ctx.act)
+            gg, gu = torch.autograd.grad(si, (gi, ui), grad_sw[a:b])
+            del si, gi, ui
+            if cells >= k:  # one chunk: the gradients themselves
+                return gg, gu, None, None, None, None
+            gate[a:b].copy_(gg)
+            up[a:b].copy_(gu)
+            del gg, gu
+        return gate, up, None, None, None, None
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor | SlicedWeight, swiglu: Callable,
+                  act: str) -> torch.Tensor:
+    """_linear(swiglu(gate, up, act), w); with a SlicedWeight through _SwiGLUDown (no saved SwiGLU output)."""
+    if isinstance(w, SlicedWeight) and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLUDown.apply(gate, up, w.full, w, swiglu, act)
+    return _linear(swiglu(gate, up, act), w)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stacked parameters (stacked_params). Stacking per forward (StackedLayers over per-layer parameters) costs a copy of
 # all layer weights, and with weight sinks a stacked gradient buffer beside the per-layer .grads: ~2 x 212 MB on

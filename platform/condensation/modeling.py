@@ -51,6 +51,7 @@ from .fast_train import (
     _at_least_fp32,
     _GradFromEmbeddingSink,
     _linear,
+    swiglu_linear,
     _SinkEmbedding,
     compiled_pointwise,
     compiled_step,
@@ -78,7 +79,9 @@ class CondensationConfig(LlamaConfig):
         "token_mean" (mean over all target tokens).
     checkpoint_group_steps: with the wavefront, also checkpoint groups of this many diagonal steps, keeping only
         each group's frontier (one segment per layer): activation memory O(L * d) with a small constant, at the cost
-        of one more forward. 0 (default) is off.
+        of one more forward. 0 (default) is off. "auto": ceil(sqrt(diagonals)) steps a group (diagonals = segments +
+        layers - 1), which balances the frontiers kept (one per group) against the outputs a group's recomputation
+        holds (one per step of the group); the computation and its cost are the same for every group size.
     max_step_cells: with the wavefront, run each diagonal's cells in batched steps of at most this many cells
         (0, the default: a whole diagonal, up to one cell per layer, in one step). With checkpoint_cells, a step's
         activations are what backward holds beyond the checkpoints: on deep models (SmolLM2's 30 layers, 0.5 GB a
@@ -137,7 +140,7 @@ class CondensationConfig(LlamaConfig):
     loss_reduction: str = "segment_sum"
     loss_chunk_tokens: int = 2048
     compile_cells: bool | str = False
-    checkpoint_group_steps: int = 0
+    checkpoint_group_steps: int | str = 0
     max_step_cells: int = 0
     weight_grads: str = "autograd"
     memory_sink_tokens: int = 0
@@ -156,8 +159,10 @@ class CondensationConfig(LlamaConfig):
             raise ValueError(f"segment_schedule must be 'wavefront' or 'sequential', got {self.segment_schedule!r}")
         if self.loss_reduction not in ("segment_sum", "token_mean"):
             raise ValueError(f"loss_reduction must be 'segment_sum' or 'token_mean', got {self.loss_reduction!r}")
-        if self.checkpoint_group_steps < 0:
-            raise ValueError(f"checkpoint_group_steps must be >= 0, got {self.checkpoint_group_steps!r}")
+        if self.checkpoint_group_steps != "auto" and (not isinstance(self.checkpoint_group_steps, int)
+                                                      or isinstance(self.checkpoint_group_steps, bool)
+                                                      or self.checkpoint_group_steps < 0):
+            raise ValueError(f"checkpoint_group_steps must be an int >= 0 or 'auto', got {self.checkpoint_group_steps!r}")
         if not isinstance(self.max_step_cells, int) or isinstance(self.max_step_cells, bool) or self.max_step_cells < 0:
             raise ValueError(f"max_step_cells must be an int >= 0, got {self.max_step_cells!r}")
         if self.loss_chunk_tokens <= 0:
@@ -410,7 +415,8 @@ def cell_forward(
     x = x + _linear(o, w.o)
 
     h = pw.rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-    y = x + _linear(pw.swiglu(_linear(h, w.gate), _linear(h, w.up), cfg.hidden_act), w.down)
+    # the SwiGLU output is not saved with a weight sink (fast_train._SwiGLUDown)
+    y = x + swiglu_linear(_linear(h, w.gate), _linear(h, w.up), w.down, pw.swiglu, cfg.hidden_act)
     return y, (k, v)
 
 
@@ -454,6 +460,18 @@ def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> t
     return checkpoint(step, *xs, *mems, *sinks, *w.present(), use_reentrant=False, preserve_rng_state=False)  # no RNG
 
 
+def group_steps(option: int | str, n_steps: int) -> int:
+    """Diagonal steps per group checkpoint (checkpoint_group_steps; 0: none) for a wavefront of n_steps diagonals.
+    "auto": ceil(sqrt(n_steps)). At the peak of a step's backward, memory holds the frontier of every earlier group and
+    the outputs of the steps of its own group recomputed so far, besides one step's activations: with groups of g,
+    about n_steps / g + g diagonal outputs, least at g = sqrt(n_steps). The cells computed are the same for every g
+    (each runs forward three times under per-step checkpoints, twice without). On SmolLM2's 30 layers at 16K
+    (61 diagonals): 8, where 16 held 132 more cell outputs (78 MB) at the peak."""
+    if option == "auto":
+        return max(1, math.ceil(math.sqrt(n_steps)))
+    return option
+
+
 def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rope: Rope, cfg: CondensationConfig,
                  schedule: str, ckpt: bool):
     """Run all (segment, layer) cells. segment(s) gives segment s's input embeddings [B, l, d] (the last segment
@@ -495,7 +513,8 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
         return torch.stack(outs, 1)
 
     w_all = StackedLayers(layers, cfg.weight_grads)
-    n_steps, group = n_seg + n_layers - 1, cfg.checkpoint_group_steps
+    n_steps = n_seg + n_layers - 1
+    group = group_steps(cfg.checkpoint_group_steps, n_steps)
     grouped = bool(group and torch.is_grad_enabled())
     cap = cfg.max_step_cells or n_layers  # cells per batched step
 
@@ -753,7 +772,7 @@ class CondensationModel(CondensationPreTrainedModel):
         # are kept, and each group's gradient rows are added into one [V, d] buffer (EmbeddingSink) instead of being
         # gathered into an [L, d] tensor at the end of backward (2-3 GiB at 1M tokens on the Table I model) or
         # costing a dense [V, d] embedding gradient per group.
-        embed_in_groups = (inputs_embeds is None and cfg.checkpoint_group_steps > 0
+        embed_in_groups = (inputs_embeds is None and bool(cfg.checkpoint_group_steps)
                            and cfg.segment_schedule == "wavefront" and torch.is_grad_enabled())
         if embed_in_groups:
             x = None
