@@ -319,12 +319,18 @@ class _SwiGLUDown(torch.autograd.Function):
         gate, up, full = ctx.saved_tensors
         w, k = ctx.w, gate.shape[0]
         g = g.reshape(k, -1, g.shape[-1])
+        cells = max(1, SWIGLU_GRAD_CHUNK_BYTES // max(1, gate[0].numel() * gate.element_size()))
+        if cells >= k:  # one chunk: the recomputed SwiGLU serves the sink and its own backward
+            with torch.enable_grad():
+                gi, ui = gate.detach().requires_grad_(), up.detach().requires_grad_()
+                sw = ctx.swiglu(gi, ui, ctx.act)
+            w.sink.add(w.name, w.lo, sw.detach().reshape(k, -1, sw.shape[-1]), g, full)
+            grad_sw = torch.bmm(g, full[w.lo : w.hi].transpose(1, 2)).view(gate.shape)
+            return (*torch.autograd.grad(sw, (gi, ui), grad_sw), None, None, None, None)
         sw = _values(ctx.swiglu, gate, up, ctx.act)
         w.sink.add(w.name, w.lo, sw.reshape(k, -1, sw.shape[-1]), g, full)
         del sw
         grad_sw = torch.bmm(g, full[w.lo : w.hi].transpose(1, 2)).view(gate.shape)
-        del g
-        cells = max(1, SWIGLU_GRAD_CHUNK_BYTES // max(1, gate[0].numel() * gate.element_size()))
         for a in range(0, k, cells):
             b = min(k, a + cells)
             with torch.enable_grad():
@@ -332,9 +338,7 @@ class _SwiGLUDown(torch.autograd.Function):
                 si = ctx.swiglu(gi, ui, ctx.act)
             gg, gu = torch.autograd.grad(si, (gi, ui), grad_sw[a:b])
             del si, gi, ui
-            if cells >= k:  # one chunk: the gradients themselves
-                return gg, gu, None, None, None, None
-            gate[a:b].copy_(gg)
+            gate[a:b].copy_(gg)  # gate and up are needed no more once their cells' gradients exist
             up[a:b].copy_(gu)
             del gg, gu
         return gate, up, None, None, None, None
