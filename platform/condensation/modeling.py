@@ -21,6 +21,7 @@ sink) at positions [-k, 0), right before the memory (which stays at [0, l), the 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -460,16 +461,37 @@ def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> t
     return checkpoint(step, *xs, *mems, *sinks, *w.present(), use_reentrant=False, preserve_rng_state=False)  # no RNG
 
 
-def group_steps(option: int | str, n_steps: int) -> int:
-    """Diagonal steps per group checkpoint (checkpoint_group_steps; 0: none) for a wavefront of n_steps diagonals.
-    "auto": ceil(sqrt(n_steps)). At the peak of a step's backward, memory holds the frontier of every earlier group and
-    the outputs of the steps of its own group recomputed so far, besides one step's activations: with groups of g,
-    about n_steps / g + g diagonal outputs, least at g = sqrt(n_steps). The cells computed are the same for every g
-    (each runs forward three times under per-step checkpoints, twice without). On SmolLM2's 30 layers at 16K
-    (61 diagonals): 8, where 16 held 132 more cell outputs (78 MB) at the peak."""
+def group_steps(option: int | str, n_seg: int, n_layers: int) -> int:
+    """Diagonal steps per group checkpoint (checkpoint_group_steps; 0: none) for a wavefront of n_seg segments over
+    n_layers layers. "auto": the group size that keeps the fewest cell outputs at once in backward. While a step of
+    group j is backpropagated, memory holds the frontier of every earlier group (the outputs of its last diagonal)
+    and the outputs of the steps of group j recomputed before it, besides that step's own activations: with groups of
+    g, about n_steps / g + g diagonals' outputs, least near g = sqrt(n_steps), here counted cell by cell on the
+    wavefront (ramps included). The cells computed are the same for every g (each runs forward three times under
+    per-step checkpoints, twice without). SmolLM2's 30 layers at 16K (61 diagonals): 5, where 16 held 345 cell
+    outputs (0.2 GB) at the peak, 5 at most 197."""
     if option == "auto":
-        return max(1, math.ceil(math.sqrt(n_steps)))
+        return _least_held_group(n_seg, n_layers)
     return option
+
+
+@functools.lru_cache(maxsize=256)
+def _least_held_group(n_seg: int, n_layers: int) -> int:
+    n = n_seg + n_layers - 1
+    cells = [min(t, n_layers - 1) - max(0, t - n_seg + 1) + 1 for t in range(n)]
+    before = [0]  # before[t]: cells of diagonals 0 .. t-1
+    for c in cells:
+        before.append(before[-1] + c)
+    best = (before[-1] + 1, 1)
+    for g in range(1, n + 1):
+        front = worst = 0
+        for t0 in range(0, n, g):
+            t1 = min(n, t0 + g)
+            worst = max(worst, front + before[t1 - 1] - before[t0])  # the group's last step: all its earlier outputs
+            front += cells[t1 - 1]
+        if worst <= best[0]:  # ties: the larger groups (fewer checkpoints)
+            best = (worst, g)
+    return best[1]
 
 
 def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rope: Rope, cfg: CondensationConfig,
@@ -514,7 +536,7 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
 
     w_all = StackedLayers(layers, cfg.weight_grads)
     n_steps = n_seg + n_layers - 1
-    group = group_steps(cfg.checkpoint_group_steps, n_steps)
+    group = group_steps(cfg.checkpoint_group_steps, n_seg, n_layers)
     grouped = bool(group and torch.is_grad_enabled())
     cap = cfg.max_step_cells or n_layers  # cells per batched step
 
@@ -558,6 +580,12 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
                 # under group checkpoints a finished segment's output is kept to the end of the forward: a copy, not a
                 # view pinning its whole diagonal (n_layers cells: 4.5 GB of views at 128K on SmolLM2's 30 layers)
                 done.append(prev[hi].clone() if grouped else prev[hi])
+            # layer n's last output y[n_seg - 1, n] (diagonal n_seg - 1 + n) is read by the next layer's last cell on
+            # the diagonal after it, and by nothing else: dropped then. Kept in the frontier, that view pinned its whole
+            # diagonal's output until its group's backward (344 cells, 0.2 GB, in the 16K SmolLM2 frontier of t = 47
+            # with groups of 16)
+            for n in range(min(t - n_seg + 1, n_layers - 1)):
+                prev[n] = None
         return (*prev, *sinks, *done)
 
     if not grouped:
