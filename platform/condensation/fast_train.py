@@ -344,6 +344,43 @@ class _SwiGLUDown(torch.autograd.Function):
         return gate, up, None, None, None, None
 
 
+class _NormOfStack(torch.autograd.Function):
+    """rms_norm(x, weight) for x = stack(parts) (a step's inputs, kept anyway as its checkpoint's inputs) saving the
+    parts, not x: the norm's own backward needs x, so autograd kept the stacked copy of the step's inputs to the end
+    of the step's backward (17.7 MB on a 30-cell SmolLM2 step). Backward stacks the parts again and runs the norm's
+    backward on them: the same graph (a compiled norm's training graph) on the same values, the same bits."""
+
+    @staticmethod
+    def forward(ctx, x, weight, rms_norm: Callable, eps: float, *parts):
+        ctx.save_for_backward(weight, *parts)
+        ctx.rms_norm, ctx.eps = rms_norm, eps
+        return _values(rms_norm, x, weight, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh):
+        weight, *parts = ctx.saved_tensors
+        with torch.enable_grad():
+            x = torch.stack([p.detach() for p in parts]).requires_grad_()
+            w = weight.detach().requires_grad_()
+            h = ctx.rms_norm(x, w, ctx.eps)
+        gx, gw = torch.autograd.grad(h, (x, w), gh)
+        return (gx, gw if ctx.needs_input_grad[1] else None, None, None, *([None] * len(parts)))
+
+
+def norm_of_stack(x: torch.Tensor, parts: list[torch.Tensor] | None, weight: torch.Tensor, rms_norm: Callable,
+                  eps: float) -> torch.Tensor:
+    """rms_norm(x, weight, eps) for x = torch.stack(parts); through _NormOfStack (x not saved) when parts are given
+    and the norm is compiled (one kernel to recompute; eager, its ops would be as many again)."""
+    if parts is not None and torch.is_grad_enabled() and x.requires_grad and _is_compiled(rms_norm):
+        return _NormOfStack.apply(x, weight, rms_norm, eps, *parts)
+    return rms_norm(x, weight, eps)
+
+
+def _is_compiled(fn: Callable) -> bool:
+    return any(fn is c for pieces in _COMPILED_POINTWISE.values() for c in pieces)
+
+
 def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor | SlicedWeight, swiglu: Callable,
                   act: str) -> torch.Tensor:
     """_linear(swiglu(gate, up, act), w); with a SlicedWeight through _SwiGLUDown (no saved SwiGLU output)."""

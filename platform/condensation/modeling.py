@@ -52,6 +52,7 @@ from .fast_train import (
     _at_least_fp32,
     _GradFromEmbeddingSink,
     _linear,
+    norm_of_stack,
     swiglu_linear,
     _SinkEmbedding,
     compiled_pointwise,
@@ -375,6 +376,7 @@ def cell_forward(
     attention: Callable[..., torch.Tensor],
     sink_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     memory: torch.Tensor | None = None,
+    inputs: list[torch.Tensor] | None = None,
 ):
     """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c) (Rope rows from
     p + l + offset, p = memory_sink_tokens), attending to prefix_kv ([m, B, Hkv, P, D]: memory keys, then keys of the
@@ -385,14 +387,17 @@ def cell_forward(
     memory ([k, B, l, d], offset 0, no prefix_kv or sink_kv): every cell's memory y[s-1, n] as outputs. Its keys and
     values (memory_kv's) and the segment's come from one matmul each over both, with one RoPE over rows [p, p + l + c)
     (the memory's positions, then the segment's), and need no concatenation: the same computation in fewer kernels
-    (memory_kv then the segment's own k / v took two matmuls, two RoPEs and two cats)."""
+    (memory_kv then the segment's own k / v took two matmuls, two RoPEs and two cats).
+
+    inputs: the k tensors x was stacked from (a wavefront step's), which its norm's backward then stacks again instead
+    of keeping x (fast_train.norm_of_stack; with compiled pointwise pieces)."""
     kc, B, c, _ = x.shape
     start = cfg.memory_sink_tokens + cfg.segment_length + offset
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     cos_sin = rope.rows(start, c)
 
     pw = _pointwise(cfg)
-    h = pw.rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+    h = norm_of_stack(x, inputs, w.input_norm, pw.rms_norm, cfg.rms_norm_eps)  # x = stack(inputs): not saved
     q = pw.heads(_linear(h, w.q), H, cos_sin)  # [k, B, H, c, D]
     if memory is not None:
         n_mem = memory.shape[2]
@@ -435,11 +440,11 @@ def _cells_step(xs, mems, sinks, w: LayerWeights, rope: Rope, cfg: CondensationC
     if m:
         mems = mems if isinstance(mems, torch.Tensor) else torch.stack(mems)  # [m, B, l, d]
     if m == len(xs) and ms == 0:  # every cell has a memory (a full diagonal): its k / v with the segment's
-        return cell_forward(w, x, None, 0, rope, cfg, attention, memory=mems)[0]
+        return cell_forward(w, x, None, 0, rope, cfg, attention, memory=mems, inputs=xs)[0]
     prefix = None if m == 0 else memory_kv(w if m == len(xs) else w.first(m), mems, rope, cfg,
                                            start=cfg.memory_sink_tokens)
     sink = None if ms == 0 else memory_kv(w.first(ms), torch.stack(sinks), rope, cfg, start=0)
-    return cell_forward(w, x, prefix, 0, rope, cfg, attention, sink)[0]
+    return cell_forward(w, x, prefix, 0, rope, cfg, attention, sink, inputs=xs)[0]
 
 
 def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> torch.Tensor:
