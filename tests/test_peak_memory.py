@@ -9,6 +9,8 @@ to be the same computation bit for bit and to lower a step's peak, with the old 
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -58,17 +60,27 @@ def test_swiglu_down_equals_autograd_bit_for_bit(options, cells, monkeypatch):
         assert torch.equal(new[name], g), name
 
 
+def _old_norm_of_stack(x, inputs, weight, rms_norm, eps):
+    return rms_norm(x, weight, eps)
+
+
 def test_swiglu_down_with_compiled_pointwise_equals_autograd_bit_for_bit(monkeypatch):
-    """compile_cells with a weight sink compiles the SwiGLU itself: recomputed through the same compiled (training)
-    graph, chunk by chunk, it gives the forward's output and the compiled backward's gradients exactly."""
+    """compile_cells with a weight sink compiles the SwiGLU and the norms themselves: recomputed through the same
+    compiled (training) graphs, the SwiGLU chunk by chunk and the input norm from the step's inputs stacked again
+    (_NormOfStack), they give the forward's outputs and the compiled backward's gradients exactly."""
     cfg = CondensationConfig(**ARCH, segment_length=8, checkpoint_cells=True, checkpoint_group_steps=4,
                              weight_grads="accumulate", stacked_params=True, compile_cells=True)
     torch.manual_seed(0)
     model = CondensationForCausalLM(cfg).to(torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(fast_train, "SWIGLU_GRAD_CHUNK_BYTES", 2 * cfg.segment_length * cfg.intermediate_size * 2)
+    used = []
+    apply = fast_train._NormOfStack.apply
+    monkeypatch.setattr(fast_train._NormOfStack, "apply", lambda *a: used.append(1) or apply(*a))
     loss, new = _grads(model, ids)
+    assert used
     monkeypatch.setattr(modeling, "swiglu_linear", _old_swiglu_linear)
+    monkeypatch.setattr(modeling, "norm_of_stack", _old_norm_of_stack)
     loss_old, old = _grads(model, ids)
     assert torch.equal(loss, loss_old)
     for name, g in old.items():
@@ -102,6 +114,52 @@ def test_swiglu_down_lowers_a_steps_peak(monkeypatch):
     assert new <= old - 1.0 * unit, (old, new, unit)
     again, _ = _mlp_heavy_step_peak(monkeypatch, old=True)  # the assertion discriminates
     assert not again <= old - 1.0 * unit, (old, again, unit)
+
+
+def _saved_by_a_compiled_step(old: bool, monkeypatch) -> tuple[int, int]:
+    """(bytes of the distinct storages one full wavefront step saves for backward, not counting its inputs and the
+    parameters, bytes of its stacked inputs [k, B, l, d]) with compiled pointwise pieces."""
+    from condensation.fast_train import StackedLayers
+    from condensation.modeling import SEGMENT_ATTENTION, _run_step
+
+    k = 4
+    cfg = CondensationConfig(**ARCH, segment_length=8, weight_grads="accumulate", stacked_params=True,
+                             compile_cells=True)
+    torch.manual_seed(0)
+    model = CondensationForCausalLM(cfg)
+    l, d = cfg.segment_length, cfg.hidden_size
+    xs = [torch.randn(1, l, d, requires_grad=True) for _ in range(k)]
+    mems = torch.randn(k, 1, l, d, requires_grad=True)
+    rope = model.model.rope(xs[0])
+    w = StackedLayers(model.model.layers, cfg.weight_grads).range(0, k)
+    monkeypatch.setattr(modeling, "norm_of_stack", _old_norm_of_stack if old else fast_train.norm_of_stack)
+    skip = {t.untyped_storage().data_ptr() for t in [*xs, mems, *model.parameters()]}
+    holders = []
+
+    class Holder:  # kept by the graph as long as the node saving it lives (a graph built and dropped inside frees it)
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        h = Holder(t)
+        holders.append(weakref.ref(h))
+        return h
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        y = _run_step(w, xs, mems, [], rope, cfg, SEGMENT_ATTENTION[cfg.segment_attention], False)
+    seen = {h.t.untyped_storage().data_ptr(): h.t.untyped_storage().nbytes() for r in holders if (h := r()) is not None}
+    seen = {ptr: b for ptr, b in seen.items() if ptr not in skip}
+    del y
+    return sum(seen.values()), k * l * d * 4
+
+
+def test_norm_of_stack_saves_no_stacked_copy_of_a_steps_inputs(monkeypatch):
+    """A compiled input norm saves its input: the stacked copy of the step's inputs, [k, B, l, d], kept to the end of
+    the step's backward beside the inputs themselves (and its float32 [k, B, l, 1] rsqrt). Through _NormOfStack the
+    step saves neither."""
+    new, x_bytes = _saved_by_a_compiled_step(False, monkeypatch)
+    old, _ = _saved_by_a_compiled_step(True, monkeypatch)
+    assert old - new >= x_bytes, (old, new, x_bytes)
 
 
 def test_auto_group_steps_hold_the_fewest_outputs():
