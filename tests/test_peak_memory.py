@@ -225,3 +225,44 @@ def test_group_frontiers_after_the_last_segment_hold_only_live_layers():
     kept = _retained_bytes(lambda: out.__setitem__("y", model.model(ids, final_norm=False)))
     cell = cfg.segment_length * cfg.hidden_size * 4
     assert kept <= 46 * cell, (kept / cell)
+
+
+def test_a_ramp_steps_attention_outputs_reach_the_o_projection_without_a_copy(monkeypatch):
+    """A step with a segment-0 cell (no memory) runs two attention calls; their outputs were concatenated head-major
+    and the reshape to [k, B, c, H * D] copied them again (kept for the o-projection's weight gradient beside the
+    attention's own outputs). Concatenated token-major, the reshape is a view: the step's forward makes no copy."""
+    import torch.nn.attention.bias as bias
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from condensation.fast_train import StackedLayers
+    from condensation.modeling import SEGMENT_ATTENTION, _run_step
+
+    lower_right = bias.causal_lower_right
+
+    def causal_lower_right(*a):  # a tensor subclass that cannot be created under a dispatch mode
+        with _disable_current_modes():
+            return lower_right(*a)
+
+    monkeypatch.setattr(bias, "causal_lower_right", causal_lower_right)
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ in ("clone", "_reshape_copy", "_unsafe_view_copy")
+            return func(*args, **(kwargs or {}))
+
+    k = 4
+    cfg = CondensationConfig(**ARCH, segment_length=8, weight_grads="accumulate", stacked_params=True)
+    model = CondensationForCausalLM(cfg)
+    l, d = cfg.segment_length, cfg.hidden_size
+    xs = [torch.randn(1, l, d, requires_grad=True) for _ in range(k)]
+    mems = [torch.randn(1, l, d, requires_grad=True) for _ in range(k - 1)]  # the last cell is segment 0's
+    rope = model.model.rope(xs[0])
+    w = StackedLayers(model.model.layers, cfg.weight_grads).range(0, k)
+    mode = Copies()
+    with mode:
+        _run_step(w, xs, mems, [], rope, cfg, SEGMENT_ATTENTION[cfg.segment_attention], False)
+    assert mode.n == 0
