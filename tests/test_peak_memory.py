@@ -229,8 +229,8 @@ def test_group_frontiers_after_the_last_segment_hold_only_live_layers():
 
 def test_a_ramp_steps_attention_outputs_reach_the_o_projection_without_a_copy(monkeypatch):
     """A step with a segment-0 cell (no memory) runs two attention calls; their outputs were concatenated head-major
-    and the reshape to [k, B, c, H * D] copied them again (kept for the o-projection's weight gradient beside the
-    attention's own outputs). Concatenated token-major, the reshape is a view: the step's forward makes no copy."""
+    and the reshape to [k, B, c, H * D] copied them again (a kernel; the copy, not the concatenation, was then kept
+    for the o-projection). Concatenated token-major, the reshape is a view: the step's forward makes no copy."""
     import torch.nn.attention.bias as bias
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 

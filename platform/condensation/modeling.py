@@ -417,8 +417,8 @@ def cell_forward(
         values = torch.cat([_cells(p[1], a, b) for p in parts] + [_cells(v, a, b)], 3) if parts else _cells(v, a, b)
         outs.append(attention(_cells(q, a, b).flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5))
     # [k*B, c, H, D]: several calls' outputs are concatenated token-major, so that the o-projection reads the
-    # concatenation itself; concatenated head-major it was copied again by the reshape (a [k, c, d] copy, 17.7 MB on a
-    # 30-cell SmolLM2 ramp step, kept for the o-projection's weight gradient beside the attention's own output)
+    # concatenation itself; concatenated head-major, the reshape copied it once more (one kernel more; the same
+    # bytes kept, the copy instead of the concatenation)
     o = outs[0].transpose(1, 2) if len(outs) == 1 else torch.cat([t.transpose(1, 2) for t in outs])
     o = o.reshape(kc, B, c, H * D)
     x = x + _linear(o, w.o)
