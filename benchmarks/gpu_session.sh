@@ -7,6 +7,7 @@
 #
 # Steps: setup, suite (the platform's GPU tests; suite-train, suite-faults and suite-model split it), summarize
 # (issue 14), throughput (issue 11), bench (issue 16), bench-stacked (issue 16: stacked_params on both shapes),
+# bench-peakmem (issue 16: the SmolLM2 16K peak),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
@@ -88,6 +89,16 @@ bench-stacked() {  # issue 16: stacked_params. Table I: its fastest case stacked
   return $r
 }
 
+bench-peakmem() {  # issue 16, SmolLM2 16K peak (benchmarks/results/cpu_peak_smollm2_s10.md): the stacked chunk512
+  # compile case (now without the saved SwiGLU output) and the same with checkpoint_group_steps="auto", against
+  # Llama + Liger + ckpt
+  mkdir -p "$OUT/bench"
+  timeout "${T:-400}" python3 workloads/benchmark.py --out "$OUT/bench/peakmem_smollm2.json" \
+    --budget-s $(( ${T:-400} - 30 )) --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-groupauto-accumulate-stacked-chunk512-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph \
+    --target cond-sdpa-l512-groupauto-accumulate-stacked-chunk512-compile-graph
+}
+
 sweep() {  # issue 13: 8 SmolLM2 trials, 4 at once on one GPU, segment length x learning rate, ASHA
   timeout "${T:-420}" python3 workloads/sweep.py --preset h200 ${SWEEP_ARGS:-}
   local r=$?; mkdir -p "$OUT/sweep"; cp -r runs/sweep-h200/*.{json,png,md,yaml} "$OUT/sweep/" 2>/dev/null; return $r
@@ -139,7 +150,8 @@ status=0
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|sweep|\
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|\
+      sweep|\
       ideas|ideas-bptt|chain|relength) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;
     esac

@@ -6,7 +6,11 @@ step lengths over the diagonals added (benchmarks/op_count.py prints the same by
 The budgets are the counts after the cuts of issue 16 (no full-range slices, RoPE by one roll, a step's memories read
 as the previous step's output, memory and segment keys/values from one matmul); before them the same diagonals cost
 58 / 204.75 (groupckpt-accumulate), 58 / 170.25 (group-autograd) kernel ops in forward / backward. A change that adds
-ops to every diagonal fails here: if it is worth its ops, raise the budget with the reason."""
+ops to every diagonal fails here: if it is worth its ops, raise the budget with the reason.
+
+Raised: +2 backward ops a diagonal with weight sinks (160.75 -> 162.75), the SwiGLU recomputed from gate and up in
+the down projection's backward (fast_train._SwiGLUDown: its output, [k, l, I], no longer saved; 47 MB a 30-cell
+SmolLM2 step, and the MLP's gradients no longer all at once at a step's peak)."""
 
 from __future__ import annotations
 
@@ -66,9 +70,9 @@ def _step_ops(model, n_seg: int) -> _KernelOps:
 CASES = {
     # the SmolLM2 benchmark's cond-sdpa-l512-groupckpt-accumulate-graph (and -stacked-)
     "groupckpt-accumulate": (dict(checkpoint_cells=True, checkpoint_group_steps=4, weight_grads="accumulate"),
-                             47.25, 160.75),
+                             47.25, 162.75),
     "groupckpt-accumulate-stacked": (dict(checkpoint_cells=True, checkpoint_group_steps=4,
-                                          weight_grads="accumulate", stacked_params=True), 47.25, 160.75),
+                                          weight_grads="accumulate", stacked_params=True), 47.25, 162.75),
     # cond-sdpa-l512-group8-graph (weight gradients through autograd)
     "group-autograd": (dict(checkpoint_group_steps=4), 47.25, 134.25),
 }

@@ -89,7 +89,7 @@ class Case:
     schedule: str = "wavefront"
     checkpoint_cells: bool = False
     compile_cells: bool | str = False
-    checkpoint_group_steps: int = 0
+    checkpoint_group_steps: int | str = 0  # CondensationConfig.checkpoint_group_steps (or "auto")
     max_step_cells: int = 0  # CondensationConfig.max_step_cells (0: a whole diagonal per step)
     weight_grads: str = "autograd"  # CondensationConfig.weight_grads
     stacked_params: bool = False  # CondensationConfig.stacked_params (layer weights stored stacked)
@@ -205,6 +205,12 @@ def default_cases(smoke: bool) -> list[Case]:
         # as the small GEMMs
         Case("cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph", "condensation", "sdpa", 512,
              checkpoint_cells=True, checkpoint_group_steps=16, weight_grads="accumulate", stacked_params=True,
+             loss_chunk_tokens=512, compile_cells=True, graph=True, lengths=long),
+        # the same with checkpoint_group_steps="auto" (the group size holding the fewest cell outputs in backward: 5 at 16K,
+        # 8 at 32K, 14 at 128K on SmolLM2), not 16: the same cells computed, fewer diagonal outputs held while a group
+        # is recomputed (benchmarks/results/cpu_peak_smollm2_s10.md)
+        Case("cond-sdpa-l512-groupauto-accumulate-stacked-chunk512-compile-graph", "condensation", "sdpa", 512,
+             checkpoint_cells=True, checkpoint_group_steps="auto", weight_grads="accumulate", stacked_params=True,
              loss_chunk_tokens=512, compile_cells=True, graph=True, lengths=long),
         Case("cond-sdpa-l512-groupckpt-accumulate-cells10-stacked-chunk512-graph", "condensation", "sdpa", 512,
              checkpoint_cells=True, checkpoint_group_steps=16, weight_grads="accumulate", max_step_cells=10,

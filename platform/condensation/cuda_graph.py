@@ -93,5 +93,9 @@ class CUDAGraphStep:
         self.zero_grad()
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode=self.capture_error_mode):
+        # captured on the eager steps' own side stream, not torch.cuda.graph's default capture stream: cuBLAS keeps one
+        # workspace per (handle, stream) in the caching allocator (up to 32 MiB each on Hopper), and a second stream held a
+        # second one through every replay, inside the peak an eager step does not have
+        self._stream = self._stream or torch.cuda.Stream()
+        with torch.cuda.graph(self.graph, stream=self._stream, capture_error_mode=self.capture_error_mode):
             self.static_loss = self.step_fn(self.static_batch)

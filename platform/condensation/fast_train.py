@@ -284,6 +284,110 @@ def _linear(x: torch.Tensor, w: torch.Tensor | SlicedWeight) -> torch.Tensor:
     return y.view(*shape[:-1], y.shape[2])
 
 
+
+# bytes of gate / up gradient computed at once in _SwiGLUDown's backward (a few cells of a step at a time)
+SWIGLU_GRAD_CHUNK_BYTES = 16 << 20
+
+
+def _values(fn: Callable, a: torch.Tensor, b: torch.Tensor, *args) -> torch.Tensor:
+    """fn(a, b, *args) as computed when a and b require grad (a compiled fn runs its training graph, as in the step
+    it replaces), without keeping the graph."""
+    with torch.enable_grad():
+        return fn(a.detach().requires_grad_(), b.detach().requires_grad_(), *args).detach()
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down(swiglu(gate, up)) for a SlicedWeight `down`: the SwiGLU output ([k, M, I], as large as gate) is not saved
+    for the down weight's gradient but recomputed from gate and up in backward, and the gradients of gate and up are
+    computed a few cells at a time (SWIGLU_GRAD_CHUNK_BYTES) into gate's and up's own storage, which nothing needs
+    after. Autograd's SwiGLU backward held gate, up, their output's gradient and both new gradients at once: on a
+    30-cell SmolLM2 step at the peak of a training step, 2 x 47 MB above this. The same ops on the same values
+    (elementwise, so the same per element whatever the chunk), the down matmul and its sink as _SlicedBmm's: the
+    same bits."""
+
+    @staticmethod
+    def forward(ctx, gate, up, full, w: SlicedWeight, swiglu: Callable, act: str):
+        sw = _values(swiglu, gate, up, act)
+        ctx.save_for_backward(gate, up, full)
+        ctx.w, ctx.swiglu, ctx.act = w, swiglu, act
+        out = torch.bmm(sw.reshape(sw.shape[0], -1, sw.shape[-1]), full[w.lo : w.hi])
+        return out.view(*sw.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        gate, up, full = ctx.saved_tensors
+        w, k = ctx.w, gate.shape[0]
+        g = g.reshape(k, -1, g.shape[-1])
+        cells = max(1, SWIGLU_GRAD_CHUNK_BYTES // max(1, gate[0].numel() * gate.element_size()))
+        if cells >= k:  # one chunk: the recomputed SwiGLU serves the sink and its own backward
+            with torch.enable_grad():
+                gi, ui = gate.detach().requires_grad_(), up.detach().requires_grad_()
+                sw = ctx.swiglu(gi, ui, ctx.act)
+            w.sink.add(w.name, w.lo, sw.detach().reshape(k, -1, sw.shape[-1]), g, full)
+            grad_sw = torch.bmm(g, full[w.lo : w.hi].transpose(1, 2)).view(gate.shape)
+            return (*torch.autograd.grad(sw, (gi, ui), grad_sw), None, None, None, None)
+        sw = _values(ctx.swiglu, gate, up, ctx.act)
+        w.sink.add(w.name, w.lo, sw.reshape(k, -1, sw.shape[-1]), g, full)
+        del sw
+        grad_sw = torch.bmm(g, full[w.lo : w.hi].transpose(1, 2)).view(gate.shape)
+        for a in range(0, k, cells):
+            b = min(k, a + cells)
+            with torch.enable_grad():
+                gi, ui = gate[a:b].detach().requires_grad_(), up[a:b].detach().requires_grad_()
+                si = ctx.swiglu(gi, ui, ctx.act)
+            gg, gu = torch.autograd.grad(si, (gi, ui), grad_sw[a:b])
+            del si, gi, ui
+            gate[a:b].copy_(gg)  # gate and up are needed no more once their cells' gradients exist
+            up[a:b].copy_(gu)
+            del gg, gu
+        return gate, up, None, None, None, None
+
+
+class _NormOfStack(torch.autograd.Function):
+    """rms_norm(x, weight) for x = stack(parts) (a step's inputs, kept anyway as its checkpoint's inputs) saving the
+    parts, not x: the norm's own backward needs x, so autograd kept the stacked copy of the step's inputs to the end
+    of the step's backward (17.7 MB on a 30-cell SmolLM2 step). Backward stacks the parts again and runs the norm's
+    backward on them: the same graph (a compiled norm's training graph) on the same values, the same bits."""
+
+    @staticmethod
+    def forward(ctx, x, weight, rms_norm: Callable, eps: float, *parts):
+        ctx.save_for_backward(weight, *parts)
+        ctx.rms_norm, ctx.eps = rms_norm, eps
+        return _values(rms_norm, x, weight, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh):
+        weight, *parts = ctx.saved_tensors
+        with torch.enable_grad():
+            x = torch.stack([p.detach() for p in parts]).requires_grad_()
+            w = weight.detach().requires_grad_()
+            h = ctx.rms_norm(x, w, ctx.eps)
+        gx, gw = torch.autograd.grad(h, (x, w), gh)
+        return (gx, gw if ctx.needs_input_grad[1] else None, None, None, *([None] * len(parts)))
+
+
+def norm_of_stack(x: torch.Tensor, parts: list[torch.Tensor] | None, weight: torch.Tensor, rms_norm: Callable,
+                  eps: float) -> torch.Tensor:
+    """rms_norm(x, weight, eps) for x = torch.stack(parts); through _NormOfStack (x not saved) when parts are given
+    and the norm is compiled (one kernel to recompute; eager, its ops would be as many again)."""
+    if parts is not None and torch.is_grad_enabled() and x.requires_grad and _is_compiled(rms_norm):
+        return _NormOfStack.apply(x, weight, rms_norm, eps, *parts)
+    return rms_norm(x, weight, eps)
+
+
+def _is_compiled(fn: Callable) -> bool:
+    return any(fn is c for pieces in _COMPILED_POINTWISE.values() for c in pieces)
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor | SlicedWeight, swiglu: Callable,
+                  act: str) -> torch.Tensor:
+    """_linear(swiglu(gate, up, act), w); with a SlicedWeight through _SwiGLUDown (no saved SwiGLU output)."""
+    if isinstance(w, SlicedWeight) and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLUDown.apply(gate, up, w.full, w, swiglu, act)
+    return _linear(swiglu(gate, up, act), w)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stacked parameters (stacked_params). Stacking per forward (StackedLayers over per-layer parameters) costs a copy of
 # all layer weights, and with weight sinks a stacked gradient buffer beside the per-layer .grads: ~2 x 212 MB on

@@ -21,6 +21,7 @@ sink) at positions [-k, 0), right before the memory (which stays at [0, l), the 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from .fast_train import (
     _at_least_fp32,
     _GradFromEmbeddingSink,
     _linear,
+    norm_of_stack,
+    swiglu_linear,
     _SinkEmbedding,
     compiled_pointwise,
     compiled_step,
@@ -78,7 +81,9 @@ class CondensationConfig(LlamaConfig):
         "token_mean" (mean over all target tokens).
     checkpoint_group_steps: with the wavefront, also checkpoint groups of this many diagonal steps, keeping only
         each group's frontier (one segment per layer): activation memory O(L * d) with a small constant, at the cost
-        of one more forward. 0 (default) is off.
+        of one more forward. 0 (default) is off. "auto": ceil(sqrt(diagonals)) steps a group (diagonals = segments +
+        layers - 1), which balances the frontiers kept (one per group) against the outputs a group's recomputation
+        holds (one per step of the group); the computation and its cost are the same for every group size.
     max_step_cells: with the wavefront, run each diagonal's cells in batched steps of at most this many cells
         (0, the default: a whole diagonal, up to one cell per layer, in one step). With checkpoint_cells, a step's
         activations are what backward holds beyond the checkpoints: on deep models (SmolLM2's 30 layers, 0.5 GB a
@@ -137,7 +142,7 @@ class CondensationConfig(LlamaConfig):
     loss_reduction: str = "segment_sum"
     loss_chunk_tokens: int = 2048
     compile_cells: bool | str = False
-    checkpoint_group_steps: int = 0
+    checkpoint_group_steps: int | str = 0
     max_step_cells: int = 0
     weight_grads: str = "autograd"
     memory_sink_tokens: int = 0
@@ -156,8 +161,10 @@ class CondensationConfig(LlamaConfig):
             raise ValueError(f"segment_schedule must be 'wavefront' or 'sequential', got {self.segment_schedule!r}")
         if self.loss_reduction not in ("segment_sum", "token_mean"):
             raise ValueError(f"loss_reduction must be 'segment_sum' or 'token_mean', got {self.loss_reduction!r}")
-        if self.checkpoint_group_steps < 0:
-            raise ValueError(f"checkpoint_group_steps must be >= 0, got {self.checkpoint_group_steps!r}")
+        if self.checkpoint_group_steps != "auto" and (not isinstance(self.checkpoint_group_steps, int)
+                                                      or isinstance(self.checkpoint_group_steps, bool)
+                                                      or self.checkpoint_group_steps < 0):
+            raise ValueError(f"checkpoint_group_steps must be an int >= 0 or 'auto', got {self.checkpoint_group_steps!r}")
         if not isinstance(self.max_step_cells, int) or isinstance(self.max_step_cells, bool) or self.max_step_cells < 0:
             raise ValueError(f"max_step_cells must be an int >= 0, got {self.max_step_cells!r}")
         if self.loss_chunk_tokens <= 0:
@@ -369,6 +376,7 @@ def cell_forward(
     attention: Callable[..., torch.Tensor],
     sink_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     memory: torch.Tensor | None = None,
+    inputs: list[torch.Tensor] | None = None,
 ):
     """Rules 3-5 for k cells at once: x [k, B, c, d] at positions [l + offset, l + offset + c) (Rope rows from
     p + l + offset, p = memory_sink_tokens), attending to prefix_kv ([m, B, Hkv, P, D]: memory keys, then keys of the
@@ -379,14 +387,17 @@ def cell_forward(
     memory ([k, B, l, d], offset 0, no prefix_kv or sink_kv): every cell's memory y[s-1, n] as outputs. Its keys and
     values (memory_kv's) and the segment's come from one matmul each over both, with one RoPE over rows [p, p + l + c)
     (the memory's positions, then the segment's), and need no concatenation: the same computation in fewer kernels
-    (memory_kv then the segment's own k / v took two matmuls, two RoPEs and two cats)."""
+    (memory_kv then the segment's own k / v took two matmuls, two RoPEs and two cats).
+
+    inputs: the k tensors x was stacked from (a wavefront step's), which its norm's backward then stacks again instead
+    of keeping x (fast_train.norm_of_stack; with compiled pointwise pieces)."""
     kc, B, c, _ = x.shape
     start = cfg.memory_sink_tokens + cfg.segment_length + offset
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     cos_sin = rope.rows(start, c)
 
     pw = _pointwise(cfg)
-    h = pw.rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+    h = norm_of_stack(x, inputs, w.input_norm, pw.rms_norm, cfg.rms_norm_eps)  # x = stack(inputs): not saved
     q = pw.heads(_linear(h, w.q), H, cos_sin)  # [k, B, H, c, D]
     if memory is not None:
         n_mem = memory.shape[2]
@@ -405,12 +416,16 @@ def cell_forward(
         keys = torch.cat([_cells(p[0], a, b) for p in parts] + [_cells(k, a, b)], 3) if parts else _cells(k, a, b)
         values = torch.cat([_cells(p[1], a, b) for p in parts] + [_cells(v, a, b)], 3) if parts else _cells(v, a, b)
         outs.append(attention(_cells(q, a, b).flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), D**-0.5))
-    o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [k*B, H, c, D]
-    o = o.view(kc, B, H, c, D).transpose(2, 3).reshape(kc, B, c, H * D)
+    # [k*B, c, H, D]: several calls' outputs are concatenated token-major, so that the o-projection reads the
+    # concatenation itself; concatenated head-major, the reshape copied it once more (one kernel more; the same
+    # bytes kept, the copy instead of the concatenation)
+    o = outs[0].transpose(1, 2) if len(outs) == 1 else torch.cat([t.transpose(1, 2) for t in outs])
+    o = o.reshape(kc, B, c, H * D)
     x = x + _linear(o, w.o)
 
     h = pw.rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-    y = x + _linear(pw.swiglu(_linear(h, w.gate), _linear(h, w.up), cfg.hidden_act), w.down)
+    # the SwiGLU output is not saved with a weight sink (fast_train._SwiGLUDown)
+    y = x + swiglu_linear(_linear(h, w.gate), _linear(h, w.up), w.down, pw.swiglu, cfg.hidden_act)
     return y, (k, v)
 
 
@@ -428,11 +443,11 @@ def _cells_step(xs, mems, sinks, w: LayerWeights, rope: Rope, cfg: CondensationC
     if m:
         mems = mems if isinstance(mems, torch.Tensor) else torch.stack(mems)  # [m, B, l, d]
     if m == len(xs) and ms == 0:  # every cell has a memory (a full diagonal): its k / v with the segment's
-        return cell_forward(w, x, None, 0, rope, cfg, attention, memory=mems)[0]
+        return cell_forward(w, x, None, 0, rope, cfg, attention, memory=mems, inputs=xs)[0]
     prefix = None if m == 0 else memory_kv(w if m == len(xs) else w.first(m), mems, rope, cfg,
                                            start=cfg.memory_sink_tokens)
     sink = None if ms == 0 else memory_kv(w.first(ms), torch.stack(sinks), rope, cfg, start=0)
-    return cell_forward(w, x, prefix, 0, rope, cfg, attention, sink)[0]
+    return cell_forward(w, x, prefix, 0, rope, cfg, attention, sink, inputs=xs)[0]
 
 
 def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> torch.Tensor:
@@ -452,6 +467,39 @@ def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> t
                   LayerWeights(*tensors[k + m + ms :]), rope, cfg, attention)
 
     return checkpoint(step, *xs, *mems, *sinks, *w.present(), use_reentrant=False, preserve_rng_state=False)  # no RNG
+
+
+def group_steps(option: int | str, n_seg: int, n_layers: int) -> int:
+    """Diagonal steps per group checkpoint (checkpoint_group_steps; 0: none) for a wavefront of n_seg segments over
+    n_layers layers. "auto": the group size that keeps the fewest cell outputs at once in backward. While a step of
+    group j is backpropagated, memory holds the frontier of every earlier group (the outputs of its last diagonal)
+    and the outputs of the steps of group j recomputed before it, besides that step's own activations: with groups of
+    g, about n_steps / g + g diagonals' outputs, least near g = sqrt(n_steps), here counted cell by cell on the
+    wavefront (ramps included). The cells computed are the same for every g (each runs forward three times under
+    per-step checkpoints, twice without). SmolLM2's 30 layers at 16K (61 diagonals): 5, where 16 held 345 cell
+    outputs (0.2 GB) at the peak, 5 at most 197."""
+    if option == "auto":
+        return _least_held_group(n_seg, n_layers)
+    return option
+
+
+@functools.lru_cache(maxsize=256)
+def _least_held_group(n_seg: int, n_layers: int) -> int:
+    n = n_seg + n_layers - 1
+    cells = [min(t, n_layers - 1) - max(0, t - n_seg + 1) + 1 for t in range(n)]
+    before = [0]  # before[t]: cells of diagonals 0 .. t-1
+    for c in cells:
+        before.append(before[-1] + c)
+    best = (before[-1] + 1, 1)
+    for g in range(1, n + 1):
+        front = worst = 0
+        for t0 in range(0, n, g):
+            t1 = min(n, t0 + g)
+            worst = max(worst, front + before[t1 - 1] - before[t0])  # the group's last step: all its earlier outputs
+            front += cells[t1 - 1]
+        if worst <= best[0]:  # ties: the larger groups (fewer checkpoints)
+            best = (worst, g)
+    return best[1]
 
 
 def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rope: Rope, cfg: CondensationConfig,
@@ -495,7 +543,8 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
         return torch.stack(outs, 1)
 
     w_all = StackedLayers(layers, cfg.weight_grads)
-    n_steps, group = n_seg + n_layers - 1, cfg.checkpoint_group_steps
+    n_steps = n_seg + n_layers - 1
+    group = group_steps(cfg.checkpoint_group_steps, n_seg, n_layers)
     grouped = bool(group and torch.is_grad_enabled())
     cap = cfg.max_step_cells or n_layers  # cells per batched step
 
@@ -539,6 +588,12 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
                 # under group checkpoints a finished segment's output is kept to the end of the forward: a copy, not a
                 # view pinning its whole diagonal (n_layers cells: 4.5 GB of views at 128K on SmolLM2's 30 layers)
                 done.append(prev[hi].clone() if grouped else prev[hi])
+            # layer n's last output y[n_seg - 1, n] (diagonal n_seg - 1 + n) is read by the next layer's last cell on
+            # the diagonal after it, and by nothing else: dropped then. Kept in the frontier, that view pinned its whole
+            # diagonal's output until its group's backward (344 cells, 0.2 GB, in the 16K SmolLM2 frontier of t = 47
+            # with groups of 16)
+            for n in range(min(t - n_seg + 1, n_layers - 1)):
+                prev[n] = None
         return (*prev, *sinks, *done)
 
     if not grouped:
@@ -753,7 +808,7 @@ class CondensationModel(CondensationPreTrainedModel):
         # are kept, and each group's gradient rows are added into one [V, d] buffer (EmbeddingSink) instead of being
         # gathered into an [L, d] tensor at the end of backward (2-3 GiB at 1M tokens on the Table I model) or
         # costing a dense [V, d] embedding gradient per group.
-        embed_in_groups = (inputs_embeds is None and cfg.checkpoint_group_steps > 0
+        embed_in_groups = (inputs_embeds is None and bool(cfg.checkpoint_group_steps)
                            and cfg.segment_schedule == "wavefront" and torch.is_grad_enabled())
         if embed_in_groups:
             x = None
