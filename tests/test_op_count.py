@@ -14,56 +14,34 @@ SmolLM2 step, and the MLP's gradients no longer all at once at a step's peak).""
 
 from __future__ import annotations
 
-from collections import Counter
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from condensation import CondensationConfig, CondensationForCausalLM
 
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-class _KernelOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.phase = "forward"
-        self.counts = {"forward": Counter(), "backward": Counter()}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL:
-            self.counts[self.phase][func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+@pytest.fixture(scope="module")
+def op_count():
+    """benchmarks/op_count.py, whose counter this test uses: the budgets below are its numbers."""
+    spec = importlib.util.spec_from_file_location("op_count", ROOT / "benchmarks" / "op_count.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["op_count"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
-def causal_bias_outside_the_mode(monkeypatch):
-    """SDPA's CausalBias is a tensor subclass that cannot be created under a dispatch mode: made outside it (it holds
-    only its shape; no kernel)."""
+def causal_bias_restored(monkeypatch):
+    """op_count.count_step swaps SDPA's causal_lower_right for one made outside its dispatch mode: put back after."""
     import torch.nn.attention.bias as bias
 
-    made = {}
-
-    def causal_lower_right(c, kv_len):
-        if (c, kv_len) not in made:
-            with _disable_current_modes():
-                made[c, kv_len] = bias.CausalBias(bias.CausalVariant.LOWER_RIGHT, c, kv_len)
-        return made[c, kv_len]
-
-    monkeypatch.setattr(bias, "causal_lower_right", causal_lower_right)
-
-
-def _step_ops(model, n_seg: int) -> _KernelOps:
-    l = model.config.segment_length
-    ids = torch.randint(0, model.config.vocab_size, (1, n_seg * l), generator=torch.Generator().manual_seed(0))
-    model.zero_grad(set_to_none=True)
-    mode = _KernelOps()
-    with mode:
-        loss = model(ids, labels=ids, return_logits=False).loss
-        mode.phase = "backward"
-        loss.backward()
-    return mode
+    monkeypatch.setattr(bias, "causal_lower_right", bias.causal_lower_right)
 
 
 # (config, budget forward, budget backward): kernel ops a diagonal
@@ -79,16 +57,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kernel_ops_per_diagonal_stay_within_budget(case, causal_bias_outside_the_mode):
+def test_kernel_ops_per_diagonal_stay_within_budget(case, op_count, causal_bias_restored):
     overrides, budget_fwd, budget_bwd = CASES[case]
     cfg = CondensationConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2, segment_length=8, **overrides)
     torch.manual_seed(0)
     model = CondensationForCausalLM(cfg)
-    short, long = _step_ops(model, 4), _step_ops(model, 12)  # 8 more full diagonals (two more groups of 4)
-    per_diag = {phase: (sum(long.counts[phase].values()) - sum(short.counts[phase].values())) / 8
-                for phase in ("forward", "backward")}
-    ops = {phase: {op: (long.counts[phase][op] - short.counts[phase][op]) / 8 for op in long.counts[phase]}
-           for phase in ("forward", "backward")}
+    ops = op_count.per_diagonal(model, 4, 8)["kernels"]  # 8 more full diagonals (two more groups of 4)
+    per_diag = {phase: sum(ops[phase].values()) for phase in ("forward", "backward")}
     assert per_diag["forward"] <= budget_fwd, (per_diag, ops["forward"])
     assert per_diag["backward"] <= budget_bwd, (per_diag, ops["backward"])

@@ -34,6 +34,13 @@ def _grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _calls(monkeypatch, fn: type) -> list:
+    """A list that grows by one at each fn.apply (a custom autograd Function): the path under test was taken."""
+    used, apply = [], fn.apply
+    monkeypatch.setattr(fn, "apply", lambda *a: used.append(1) or apply(*a))
+    return used
+
+
 OPTIONS = [dict(checkpoint_cells=True, checkpoint_group_steps=4, weight_grads="accumulate", stacked_params=True),
            dict(checkpoint_cells=True, checkpoint_group_steps=4, weight_grads="accumulate"),
            dict(weight_grads="deferred", stacked_params=True), dict(weight_grads="deferred", max_step_cells=3)]
@@ -48,9 +55,7 @@ def test_swiglu_down_equals_autograd_bit_for_bit(options, cells, monkeypatch):
     ids = torch.randint(0, cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(0))
     cell_bytes = cfg.segment_length * cfg.intermediate_size * 2
     monkeypatch.setattr(fast_train, "SWIGLU_GRAD_CHUNK_BYTES", cells * cell_bytes)
-    used = []
-    apply = fast_train._SwiGLUDown.apply
-    monkeypatch.setattr(fast_train._SwiGLUDown, "apply", lambda *a: used.append(1) or apply(*a))
+    used = _calls(monkeypatch, fast_train._SwiGLUDown)
     loss, new = _grads(model, ids)
     assert used
     monkeypatch.setattr(modeling, "swiglu_linear", _old_swiglu_linear)
@@ -74,9 +79,7 @@ def test_swiglu_down_with_compiled_pointwise_equals_autograd_bit_for_bit(monkeyp
     model = CondensationForCausalLM(cfg).to(torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(fast_train, "SWIGLU_GRAD_CHUNK_BYTES", 2 * cfg.segment_length * cfg.intermediate_size * 2)
-    used = []
-    apply = fast_train._NormOfStack.apply
-    monkeypatch.setattr(fast_train._NormOfStack, "apply", lambda *a: used.append(1) or apply(*a))
+    used = _calls(monkeypatch, fast_train._NormOfStack)
     loss, new = _grads(model, ids)
     assert used
     monkeypatch.setattr(modeling, "swiglu_linear", _old_swiglu_linear)
