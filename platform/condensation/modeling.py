@@ -81,9 +81,10 @@ class CondensationConfig(LlamaConfig):
         "token_mean" (mean over all target tokens).
     checkpoint_group_steps: with the wavefront, also checkpoint groups of this many diagonal steps, keeping only
         each group's frontier (one segment per layer): activation memory O(L * d) with a small constant, at the cost
-        of one more forward. 0 (default) is off. "auto": ceil(sqrt(diagonals)) steps a group (diagonals = segments +
-        layers - 1), which balances the frontiers kept (one per group) against the outputs a group's recomputation
-        holds (one per step of the group); the computation and its cost are the same for every group size.
+        of one more forward. 0 (default) is off. "auto": the group size that holds the fewest cell outputs at once in
+        backward (frontiers kept, one per group, against the outputs a group's recomputation holds, one per step of
+        the group; near sqrt(diagonals), counted cell by cell: group_steps); the computation and its cost are the
+        same for every group size.
     max_step_cells: with the wavefront, run each diagonal's cells in batched steps of at most this many cells
         (0, the default: a whole diagonal, up to one cell per layer, in one step). With checkpoint_cells, a step's
         activations are what backward holds beyond the checkpoints: on deep models (SmolLM2's 30 layers, 0.5 GB a
