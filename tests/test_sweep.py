@@ -506,3 +506,47 @@ def test_heldout_windows_of_heldout_tokens_and_their_tail(source):
                                              objective=out["heldout_loss"], metrics={"heldout_loss_tail": 1.5})],
                                 "heldout_loss")
     assert "heldout_loss_tail" in table.splitlines()[0] and "1.5000" in table
+
+
+def test_trial_returns_only_after_its_last_handed_over_report_is_taken(monkeypatch):
+    """Ray 2.60's trial actor moves a report handed over by Train's controller from a queue of one to its result
+    queue of one with a blocking put: a trial function returning before that move lets Tune's closing report take
+    the result queue, and the actor hangs. _await_reports_taken holds the function until both queues stay empty."""
+    import queue
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import ray.train._internal.session as ray_session
+
+    from condensation import sweep
+
+    session = SimpleNamespace(_inter_actor_queue=queue.Queue(1), result_queue=queue.Queue(1))
+    session._inter_actor_queue.put({"step": 4})
+    monkeypatch.setattr(ray_session, "get_session", lambda: session)
+    moved = threading.Event()
+
+    def main_thread():  # the actor's get_next: late, then take, move, and hand the result to Tune
+        time.sleep(0.3)
+        item = session._inter_actor_queue.get()
+        time.sleep(0.05)
+        session.result_queue.put(item)
+        time.sleep(0.2)
+        session.result_queue.get()
+        moved.set()
+
+    threading.Thread(target=main_thread, daemon=True).start()
+    t0 = time.monotonic()
+    sweep._await_reports_taken(timeout_s=5, quiet_s=0.2)
+    assert moved.is_set() and time.monotonic() - t0 < 3
+
+    # nobody takes the report (Tune no longer asks for results): it gives up after timeout_s
+    session._inter_actor_queue.put({"step": 6})
+    t0 = time.monotonic()
+    sweep._await_reports_taken(timeout_s=0.5, quiet_s=0.2)
+    assert 0.5 <= time.monotonic() - t0 < 2
+    # no report was ever handed over: it returns at once
+    monkeypatch.setattr(ray_session, "get_session", lambda: SimpleNamespace(_inter_actor_queue=None))
+    t0 = time.monotonic()
+    sweep._await_reports_taken()
+    assert time.monotonic() - t0 < 0.1

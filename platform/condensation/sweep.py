@@ -966,7 +966,36 @@ def _trial(config: dict, sweep: dict, parent_run_id: str | None, evaluator: "Eva
     finally:
         if tcfg is not None and rec.get("status") not in ("unfinished", "diverged", "kept"):
             _write_json(os.path.join(tcfg.run.run_dir, TRIAL_DONE_FILE), rec)
+        _await_reports_taken()
         _TrialState.finished.set()
+
+
+def _await_reports_taken(timeout_s: float = 10.0, quiet_s: float = 0.5) -> None:
+    """Before a trial's function returns: wait (at most timeout_s) until the trial actor's main thread has taken and
+    passed on the last report that the Train controller handed over. Ray 2.60's `_TrainSession.get_next` reads that
+    hand-over queue (one item) before its own result queue (one item) and moves what it read with a blocking put. If
+    the function returned in between, Tune's closing report (RESULT_DUPLICATE) fills the result queue first, nothing
+    empties it again, and the trial actor and the sweep hang (seen once in CI: the resumed sweep's trial stopped by
+    ASHA). Both queues empty for quiet_s means the main thread is past that point."""
+    import time
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queues = [getattr(session, "_inter_actor_queue", None), getattr(session, "result_queue", None)]
+    if queues[0] is None:  # no report was ever handed over
+        return
+    deadline, quiet_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            empty = all(q is None or q.empty() for q in queues)
+        except Exception:  # the hand-over queue's actor is gone with its trial
+            return
+        now = time.monotonic()
+        quiet_since = (quiet_since or now) if empty else None
+        if quiet_since is not None and now - quiet_since >= quiet_s:
+            return
+        time.sleep(0.02)
 
 
 def _write_json(path: str, obj: dict) -> None:
