@@ -328,7 +328,7 @@ class Rope(NamedTuple):
 
     cos: torch.Tensor
     sin: torch.Tensor
-    sin_signed: torch.Tensor | None = None  # _signed_sin(sin), made once per forward (Rope.of)
+    sin_signed: torch.Tensor  # _signed_sin(sin), made once per forward (Rope.of)
 
     @classmethod
     def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> "Rope":
@@ -336,8 +336,7 @@ class Rope(NamedTuple):
 
     def rows(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed sin) of rows [start, start + n), as _rope takes them."""
-        sin_signed = _signed_sin(self.sin) if self.sin_signed is None else self.sin_signed
-        return self.cos[start : start + n], sin_signed[start : start + n]
+        return self.cos[start : start + n], self.sin_signed[start : start + n]
 
 
 def memory_kv(w: LayerWeights, y: torch.Tensor, rope: Rope, cfg: CondensationConfig, start: int):
