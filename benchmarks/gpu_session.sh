@@ -7,13 +7,13 @@
 #
 # Steps: setup, suite (the platform's GPU tests; suite-train, suite-faults and suite-model split it), summarize
 # (issue 14), throughput (issue 11), bench (issue 16), bench-stacked (issue 16: stacked_params on both shapes),
-# bench-peakmem (issue 16: the SmolLM2 16K peak),
+# bench-peakmem (issue 16: the 16K peak, SmolLM2 and Table I),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
 # Each step's log goes to $OUT/logs/<step>.txt
 # (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_K (a pytest -k
-# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, IDEAS_BPTT_ARGS, CHAIN_ARGS, CHAIN_PRESET (smollm2-replay); T overrides a step's time limit (s).
+# expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, IDEAS_BPTT_ARGS, CHAIN_ARGS, CHAIN_PRESET (smollm2-replay), PEAKMEM_SIZES; T overrides a step's time limit (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -89,14 +89,19 @@ bench-stacked() {  # issue 16: stacked_params. Table I: its fastest case stacked
   return $r
 }
 
-bench-peakmem() {  # issue 16, SmolLM2 16K peak (benchmarks/results/cpu_peak_smollm2_s10.md): the stacked chunk512
-  # compile case (now without the saved SwiGLU output) and the same with checkpoint_group_steps="auto", against
-  # Llama + Liger + ckpt
+bench-peakmem() {  # issue 16, the 16K peak (benchmarks/results/cpu_peak_smollm2_s10.md): the stacked chunk512 compile
+  # case (now without the saved SwiGLU output) and the same with checkpoint_group_steps="auto", against Llama + Liger +
+  # ckpt; SmolLM2 first, then Table I (PEAKMEM_SIZES), each half the time limit
   mkdir -p "$OUT/bench"
-  timeout "${T:-400}" python3 workloads/benchmark.py --out "$OUT/bench/peakmem_smollm2.json" \
-    --budget-s $(( ${T:-400} - 30 )) --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768,131072 \
-    --cases llama-liger-ckpt,cond-sdpa-l512-groupauto-accumulate-stacked-chunk512-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph \
-    --target cond-sdpa-l512-groupauto-accumulate-stacked-chunk512-compile-graph
+  local sizes=${PEAKMEM_SIZES:-smollm2-135m table1} r=0 size
+  local t=$(( ${T:-400} / $(echo $sizes | wc -w) ))
+  for size in $sizes; do
+    timeout $t python3 workloads/benchmark.py --out "$OUT/bench/peakmem_$size.json" \
+      --budget-s $(( t - 30 )) --steps 3 --warmup 1 --sizes "$size" --lengths 16384,32768,131072 \
+      --cases llama-liger-ckpt,cond-sdpa-l512-groupauto-accumulate-stacked-chunk512-compile-graph,cond-sdpa-l512-groupckpt-accumulate-stacked-chunk512-compile-graph \
+      --target cond-sdpa-l512-groupauto-accumulate-stacked-chunk512-compile-graph || r=$?
+  done
+  return $r
 }
 
 sweep() {  # issue 13: 8 SmolLM2 trials, 4 at once on one GPU, segment length x learning rate, ASHA
