@@ -11,12 +11,17 @@
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
-# Each step's log goes to $OUT/logs/<step>.txt
-# (OUT defaults to ./gpu-out) and its results to $OUT/<step>/. Extra arguments: SUITE_K (a pytest -k
+# Each step's log goes to logs/<step>.txt
+# and its results to <step>/ of the archive (above). Extra arguments: SUITE_K (a pytest -k
 # expression), SUMMARIZE_ARGS, SUITE_TESTS, THROUGHPUT_ARGS, SWEEP_ARGS, IDEAS_ARGS, IDEAS_BPTT_ARGS, CHAIN_ARGS, CHAIN_PRESET (smollm2-replay), PEAKMEM_SIZES; T overrides a step's time limit (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
+# Steps write under a folder of their own; at the end it is packed into one archive in $OUT (default ./gpu-out),
+# gpu-session-<time>.tgz, since the device tool brings back at most 8 files a command (a failed test's log was lost
+# to that limit in session 11). PACK=0 writes straight into $OUT instead.
+FINAL_OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$FINAL_OUT"
+if [ "${PACK:-1}" = 1 ]; then OUT=$(mktemp -d /tmp/gpu-session.XXXXXX); else OUT=$FINAL_OUT; fi
 mkdir -p "$OUT/logs"
 export PYTHONPATH=/tmp/site:$PWD/platform RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 GGUF=/tmp/gpu-stage/models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -152,6 +157,7 @@ run_step() {  # one step, its log in $OUT/logs
 }
 
 status=0
+ARCHIVE=$(date -u +%H%M%S)
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
@@ -166,5 +172,9 @@ for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has ro
   for step in ${group//+/ }; do run_step "$step" > "$OUT/logs/.$step.summary" & pids+=($!); done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   for step in ${group//+/ }; do cat "$OUT/logs/.$step.summary"; done
+  if [ "$OUT" != "$FINAL_OUT" ]; then  # packed after every group, so that a command cut by its limit keeps the rest
+    tar czf "$FINAL_OUT/gpu-session-$ARCHIVE.tgz" -C "$OUT" --exclude='*.summary' . || status=1
+  fi
 done
+[ "$OUT" != "$FINAL_OUT" ] && echo "results: $FINAL_OUT/gpu-session-$ARCHIVE.tgz"
 exit $status

@@ -210,8 +210,12 @@ def main(argv=None):
             torch.cuda.empty_cache()
             write()
 
+    from condensation.train.runtime import init_ray, shutdown_ray
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray, as the tests start it
-    ray.init(address="local", num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=True)
+    # with its own dashboard, which Ray Train's placement-group cleaner asks (without one it printed "Failed to query
+    # Ray Train Controller actor state" every few seconds of the 2-GPU runs, session 11)
+    init_ray(None, joining=False, use_gpu=True)
     storage = tempfile.mkdtemp(prefix="train-throughput-")
     longest = 0.0
     for variant in engines:
@@ -236,6 +240,7 @@ def main(argv=None):
                 print(json.dumps({"L": L, "batch": B, "engine": variant, "workers": W, **r}), flush=True)
                 write()
     shutil.rmtree(storage, ignore_errors=True)
+    shutdown_ray()
     write()
     print()
     for line in summarize(results):

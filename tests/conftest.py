@@ -11,3 +11,14 @@ def ray_session():
     each Ray Train run ends without waiting (tests/private_ray.py)."""
     with private_ray(2) as ray:
         yield ray
+
+
+def pytest_runtest_logreport(report):
+    """A failed GPU test's traceback at once, not in the summary at the end: on the GPU machine a Ray fixture's
+    teardown after a failed multi-GPU run can hang until the command's time limit, and the summary never came
+    (session 11, the 2-GPU SIGKILL test)."""
+    if report.failed and "gpu" in report.keywords:
+        import sys
+
+        sys.stderr.write(f"\n{report.nodeid} FAILED ({report.when}):\n{report.longreprtext}\n")
+        sys.stderr.flush()

@@ -112,12 +112,13 @@ def test_bf16_fused_loss_gradients_as_close_as_the_reference(variant, reference)
 
 @pytest.mark.parametrize("weight_grads", ["autograd", "deferred"])
 def test_cuda_graph_step_equals_eager_steps(weight_grads):
-    """Four AdamW steps on four different batches: eager, and through CUDAGraphStep (two eager warm-up steps, a
-    capture, replays). float32, so the two must agree to round-off; a replay that ignored its new batch or
-    accumulated gradients across replays would not."""
+    """Seven AdamW steps on seven different batches: eager, and through CUDAGraphStep (two eager warm-up steps, a
+    capture, a replay; then `reset`, which frees the graph's pool, and again two eager steps, a capture, a replay).
+    float32, so the two must agree to round-off; a replay that ignored its new batch or accumulated gradients across
+    replays would not, nor would a second capture that kept the first graph's buffers."""
     from condensation.cuda_graph import CUDAGraphStep
 
-    batches = [{"input_ids": torch.randint(0, 4096, (1, 1100), device="cuda")} for _ in range(4)]
+    batches = [{"input_ids": torch.randint(0, 4096, (1, 1100), device="cuda")} for _ in range(7)]
     models, losses = [], []
     for graphed in (False, True):
         model = _model(torch.float32, segment_length=256, checkpoint_cells=True, weight_grads=weight_grads)
@@ -135,10 +136,21 @@ def test_cuda_graph_step_equals_eager_steps(weight_grads):
             def run(batch):
                 opt.zero_grad(set_to_none=True)
                 return step(batch)
-        losses.append([run(b).item() for b in batches])
+        out = []
+        for i, b in enumerate(batches):
+            if graphed and i == 4:
+                assert run.graph is not None
+                held = torch.cuda.memory_allocated()
+                run.reset()
+                freed = held - torch.cuda.memory_allocated()
+                assert run.graph is None and freed > 0, freed
+            out.append(run(b).item())
+        if graphed:
+            assert run.graph is not None  # captured again
+        losses.append(out)
         models.append(model)
-    print({"eager": losses[0], "graphed": losses[1]})
-    assert len(set(losses[1])) == 4  # each replay saw its own batch
+    print({"eager": losses[0], "graphed": losses[1], "freed_by_reset": freed})
+    assert len(set(losses[1])) == 7  # each replay saw its own batch
     for a, b in zip(*losses):
         assert abs(a - b) < 1e-4 * abs(a)
     diff = max((p - q).abs().max().item() for p, q in zip(models[0].parameters(), models[1].parameters()))

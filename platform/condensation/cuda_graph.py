@@ -99,3 +99,13 @@ class CUDAGraphStep:
         self._stream = self._stream or torch.cuda.Stream()
         with torch.cuda.graph(self.graph, stream=self._stream, capture_error_mode=self.capture_error_mode):
             self.static_loss = self.step_fn(self.static_batch)
+
+    def reset(self) -> None:
+        """Frees the captured graph, its memory pool and the static inputs; the next call warms up and captures again.
+        A graph that holds an NCCL collective must be freed before the process group is destroyed, or the destroy
+        waits (pytorch/pytorch#115388: Ray Train's shutdown of a 2-GPU run timed out after 30 s)."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
+            self.graph.reset()
+        self.graph = self.static_batch = self.static_loss = None
+        self.calls = 0

@@ -68,6 +68,8 @@ class Engine(Protocol):
 
     def load(self, path: str) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def resolved(cfg: TrainConfig) -> dict:
     """What the engine of `cfg` resolves to, for the run's resolved config (the same on the driver and the workers)."""
@@ -172,6 +174,9 @@ class DeepSpeedEngine:
 
     def load(self, path: str) -> None:
         self._ds.load_checkpoint(path, tag=DS_TAG)
+
+    def close(self) -> None:
+        pass
 
 
 class TorchEngine:
@@ -366,4 +371,12 @@ class TorchEngine:
             else:
                 g["lr"] = float(g["lr"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def close(self) -> None:
+        """Frees the two CUDA graphs before Ray Train destroys the process group: graph B holds the NCCL all-reduce,
+        and a live graph with a captured collective keeps the destroy waiting (pytorch/pytorch#115388)."""
+        for graph in (self._grads_graph, self._update_graph):
+            if graph is not None:
+                graph.reset()
+        self._grads_graph = self._update_graph = None
 

@@ -154,6 +154,9 @@ def train_loop_per_worker(config: dict) -> None:
     except Exception as e:
         _record_error(cfg, progress["step"], rank, e)
         raise
+    # before Ray Train destroys the process group (TorchEngine.close); not after an error, where a peer's collective
+    # may never end and the graphs' synchronize would wait for it
+    progress["engine"].close()
 
 
 def _quiet_worker_logs() -> None:
@@ -207,6 +210,7 @@ def _train(cfg: TrainConfig, config: dict, progress: dict) -> None:
     model.train()
     seq_cfg = model.config
     engine = make_engine(cfg, model, device, world)
+    progress["engine"] = engine
 
     logger = make_logger(cfg, run_id, rank, system_metrics=device.type == "cuda")
     step = 0
