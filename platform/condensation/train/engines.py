@@ -68,7 +68,8 @@ class Engine(Protocol):
 
     def load(self, path: str) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Called once training ended without an error, before Ray Train destroys the process group."""
 
 
 def resolved(cfg: TrainConfig) -> dict:
