@@ -14,7 +14,13 @@ step (parameters, AdamW's exp_avg / exp_avg_sq) is added from the model and opti
 kernel's workspace freed before it returns) is not seen; --profiler also runs the CPU allocator's own count
 (tests/memory_probe.py) over the same step to compare. compile_cells is turned off unless --compile (inductor's
 buffers are allocated outside the dispatcher, so a compiled piece's saved tensors would be charged to it only as
-they leave it)."""
+they leave it).
+
+--gpu-ce: on a GPU the fused loss's cross-entropy gradient is one Triton program per row, in place in the bf16
+[chunk, V] logits (kernels.cross_entropy_grad_); on CPU its torch fallback makes a float32 copy of the whole chunk
+first (1.05 GB at 2048 tokens of a 128K vocabulary, twice the logits), which can be the CPU step's peak but is not the
+GPU's. With --gpu-ce the fallback runs a few rows at a time (CE_ROWS), in place as the GPU does: the same values row
+by row (logsumexp and the elementwise ops are per row), a scratch of CE_ROWS float32 rows instead of the chunk's."""
 
 from __future__ import annotations
 
@@ -35,6 +41,17 @@ OURS = ("/condensation/", "/workloads/", "/benchmarks/", "/torch/optim/", "/torc
         "/torch/utils/checkpoint")
 
 
+CE_ROWS = 8
+
+
+def _row_chunked_cross_entropy_grad_(logits, targets, weights):
+    """kernels.cross_entropy_grad_torch_ over CE_ROWS rows at a time (in place in logits, as the GPU's kernel)."""
+    from condensation.kernels import cross_entropy_grad_torch_
+
+    return torch.cat([cross_entropy_grad_torch_(logits[i : i + CE_ROWS], targets[i : i + CE_ROWS],
+                                                weights[i : i + CE_ROWS]) for i in range(0, logits.shape[0], CE_ROWS)])
+
+
 def _site() -> str:
     f = sys._getframe(2)
     while f is not None:
@@ -53,7 +70,7 @@ class AllocTracker(TorchDispatchMode):
         self.events: list[tuple[int, int, str]] = []  # (serial, +bytes or -bytes, site)
         self.live: dict[int, tuple[int, int]] = {}  # data_ptr -> (serial, bytes)
         self.serial = 0
-        self.phase = "step"
+        self.phase = "forward"  # "backward" from the fused loss's backward (the first node) on (main)
         self.min_bytes = min_bytes
 
     def _free(self, ptr: int, serial: int) -> None:
@@ -86,8 +103,12 @@ class AllocTracker(TorchDispatchMode):
 
     def peak(self, grads: set[int] | None = None) -> dict:
         total = peak = peak_at = 0
-        for i, (_, nb, _) in enumerate(self.events):
+        forward_peak, in_forward = 0, True  # the forward's peak (with the fused loss's), before backward's
+        for i, (_, nb, site) in enumerate(self.events):
             total += nb
+            in_forward = in_forward and not site.startswith("backward|")
+            if in_forward:
+                forward_peak = max(forward_peak, total)
             if total > peak:
                 peak, peak_at = total, i
         live: dict[int, tuple[int, str]] = {}
@@ -99,8 +120,8 @@ class AllocTracker(TorchDispatchMode):
         sites: dict[str, int] = defaultdict(int)
         for nb, site in live.values():
             sites[site] += nb
-        return {"peak_bytes": peak, "peak_event": peak_at, "events": len(self.events), "end_bytes": total,
-                "peak_site": self.events[peak_at][2],
+        return {"peak_bytes": peak, "forward_peak_bytes": forward_peak, "peak_event": peak_at,
+                "events": len(self.events), "end_bytes": total, "peak_site": self.events[peak_at][2],
                 "live_at_peak": sorted(sites.items(), key=lambda kv: -kv[1])}
 
 
@@ -114,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="keep the case's compile_cells")
     ap.add_argument("--profiler", action="store_true", help="also the CPU allocator's peak (tests/memory_probe.py)")
     ap.add_argument("--no-track", action="store_true", help="only the profiler's peak (e.g. with --compile)")
+    ap.add_argument("--gpu-ce", action="store_true", help="the loss's CE gradient in place, a few rows at a time, as "
+                    "the GPU's Triton kernel (no float32 copy of a whole [chunk, V] logits chunk)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
@@ -127,6 +150,10 @@ def main(argv=None):
     case = next(c for c in default_cases(False) if c.name == args.case)
     over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     case = dataclasses.replace(case, size=args.size, **over, **({} if args.compile else {"compile_cells": False}))
+    if args.gpu_ce:
+        import condensation.fast_train as fast_train
+
+        fast_train.cross_entropy_grad_ = _row_chunked_cross_entropy_grad_
     torch.manual_seed(0)
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
     model = build_model(case, False, device, dtype)
@@ -155,12 +182,23 @@ def main(argv=None):
             return lower_right(*a)
 
     bias.causal_lower_right = causal_lower_right
+    # the fused loss's backward is the first node of backward: allocations from there on are charged to "backward"
+    import condensation.fast_train as fast_train
+
+    loss_backward = fast_train.NormLinearCrossEntropy.backward
+
+    def backward_marked(ctx, *grads):
+        tracker.phase = "backward"
+        return loss_backward(ctx, *grads)
+
+    fast_train.NormLinearCrossEntropy.backward = staticmethod(backward_marked)
     if args.no_track:
         sys.path.insert(0, str(ROOT / "tests"))
         from memory_probe import peak_live_bytes
 
         peak = peak_live_bytes(lambda: run(batch))
         print(json.dumps({"case": case.name, "size": args.size, "length": args.length, "set": args.set,
+                          "gpu_ce": args.gpu_ce,
                           "compile_cells": case.compile_cells, "params_bytes": params, "opt_state_bytes": opt_state,
                           "first_step_s": round(first_s, 1), "profiler_peak_step_bytes": peak,
                           "predicted_gpu_peak_gib": (params + opt_state + peak) / 2**30}, indent=1))
@@ -168,14 +206,17 @@ def main(argv=None):
     t0 = time.perf_counter()
     with tracker:
         loss1 = float(run(batch).detach())  # zero_grad(set_to_none=True) frees the first step's gradients first
+    fast_train.NormLinearCrossEntropy.backward = staticmethod(loss_backward)
     step_s = time.perf_counter() - t0
     grad_ptrs = {p.grad.untyped_storage().data_ptr(): n for n, p in model.named_parameters() if p.grad is not None}
     res = tracker.peak()
     res["live_at_peak"] = [(s, b) for s, b in res["live_at_peak"]]
     out = {"case": case.name, "size": args.size, "length": args.length, "dtype": args.dtype, "set": args.set,
+           "gpu_ce": args.gpu_ce,
            "compile_cells": case.compile_cells, "params_bytes": params, "opt_state_bytes": opt_state,
            "grads_before_step_bytes": old_grads, "first_loss": loss0, "loss": loss1, "first_step_s": round(first_s, 1),
            "tracked_step_s": round(step_s, 1), "peak_step_bytes": res["peak_bytes"],
+           "forward_peak_step_bytes": res["forward_peak_bytes"],
            "predicted_gpu_peak_gib": (params + opt_state + res["peak_bytes"]) / 2**30,
            "end_of_step_bytes": res["end_bytes"], "peak_site": res["peak_site"], "events": res["events"],
            "grads_after_step_bytes": sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()

@@ -7,7 +7,8 @@
 #
 # Steps: setup, suite (the platform's GPU tests; suite-train, suite-faults and suite-model split it), summarize
 # (issue 14), throughput (issue 11), bench (issue 16), bench-stacked (issue 16: stacked_params on both shapes),
-# bench-peakmem (issue 16: the 16K peak, SmolLM2 and Table I),
+# bench-peakmem (issue 16: the 16K peak, SmolLM2 and Table I), bench-t1peak (issue 16: Table I's fast cases with the
+# one-chunk fused loss, groups of 4 and 8),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
@@ -109,6 +110,19 @@ bench-peakmem() {  # issue 16, the 16K peak (benchmarks/results/cpu_peak_smollm2
   return $r
 }
 
+bench-t1peak() {  # issue 16, Table I (benchmarks/results/cpu_peak_table1_s11.md): the fast autograd-gradient cases,
+  # stacked, now that the fused loss holds one chunk of logits at a time; groups of 4 first (predicted 1.6-1.9 GiB at
+  # 16K), the old group-8 case (2.51 GiB in session 8: does it drop, i.e. was its peak the loss?), then group 8 stacked
+  # and the chunk-512 variants
+  mkdir -p "$OUT/bench"
+  timeout "${T:-420}" python3 workloads/benchmark.py --out "$OUT/bench/t1peak.json" --budget-s $(( ${T:-420} - 40 )) \
+    --steps 3 --warmup 1 --sizes table1 --lengths 16384,32768,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-group4-stacked-compile-graph,cond-sdpa-l512-group8-compile-graph,\
+cond-sdpa-l512-group8-stacked-compile-graph,cond-sdpa-l512-groupauto-stacked-chunk512-compile-graph,\
+cond-sdpa-l512-group8-stacked-chunk512-compile-graph \
+    --target cond-sdpa-l512-group4-stacked-compile-graph
+}
+
 sweep() {  # issue 13: 8 SmolLM2 trials, 4 at once on one GPU, segment length x learning rate, ASHA
   timeout "${T:-420}" python3 workloads/sweep.py --preset h200 ${SWEEP_ARGS:-}
   local r=$?; mkdir -p "$OUT/sweep"; cp -r runs/sweep-h200/*.{json,png,md,yaml} "$OUT/sweep/" 2>/dev/null; return $r
@@ -161,7 +175,7 @@ ARCHIVE=$(date -u +%H%M%S)
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|\
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|\
       sweep|\
       ideas|ideas-bptt|chain|relength) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;

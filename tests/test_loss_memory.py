@@ -103,3 +103,29 @@ def test_wavefront_backward_takes_a_steps_cells_apart_without_zero_tensors_per_c
     ops = Counter(e.name for e in prof.events())
     assert ops["aten::unbind_backward"] + ops["aten::stack"] > 0, ops.most_common(20)  # the profile sees backward ops
     assert ops["aten::select_backward"] == 0, ops["aten::select_backward"]
+
+
+def test_fused_loss_forward_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+    """NormLinearCrossEntropy's forward keeps one chunk's [c, V] logits at a time: the previous chunk's are freed
+    before the next chunk's lm-head matmul. Held by the loop variable, they stayed alive through it: two chunks of
+    logits at once (2 x 525 MB at 2048 tokens of the Table I model's 128K vocabulary in bf16, the fused loss's forward
+    peak on a GPU). The cross-entropy gradient runs in place a few rows at a time here, as the GPU's Triton kernel does
+    (the CPU torch path's float32 copy of a whole chunk would be the peak otherwise)."""
+    from condensation.kernels import cross_entropy_grad_torch_
+
+    def in_place(logits, targets, weights):
+        return torch.cat([cross_entropy_grad_torch_(logits[i : i + 8], targets[i : i + 8], weights[i : i + 8])
+                          for i in range(0, logits.shape[0], 8)])
+
+    monkeypatch.setattr(fast_train, "cross_entropy_grad_", in_place)
+    monkeypatch.setattr(fast_train, "_LM_GRAD_ROWS", 4000)
+    c, n, V, d = 128, 3 * 128, 32000, 32
+    g = torch.Generator().manual_seed(0)
+    y, lm = torch.randn(n, d, generator=g), torch.randn(V, d, generator=g) * 0.1
+    norm_w, targets, weights = torch.ones(d), torch.randint(0, V, (n,), generator=g), torch.full((n,), 1.0 / n)
+    out = {}
+    peak = peak_live_bytes(lambda: out.__setitem__("loss", fast_train.NormLinearCrossEntropy.apply(
+        y, norm_w, lm, targets, weights, 1e-5, c)))
+    logits, grad_lm = c * V * 4, V * d * 4  # float32: 16.4 MB a chunk, 4.1 MB
+    assert peak - grad_lm < 1.5 * logits, (peak, logits, grad_lm)
+    assert out["loss"][0].isfinite()

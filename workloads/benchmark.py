@@ -168,6 +168,18 @@ def default_cases(smoke: bool) -> list[Case]:
         # copy of the layer weights and their stacked gradients (CPU: -0.24 GB at 16K, cpu_stacked_params_s9.md)
         Case("cond-sdpa-l512-group8-stacked-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8,
              stacked_params=True, compile_cells=True, graph=True, lengths=long),
+        # the same with groups of 4 (a group's recomputed activations, the backward's peak once the fused loss holds one
+        # chunk of logits, halved), or with the loss over 512-token chunks, or both with auto groups (6 at 16K on
+        # Table I, but 20 at 128K: without per-step checkpoints a group keeps all its cells' activations)
+        # (benchmarks/results/cpu_peak_table1_s11.md)
+        Case("cond-sdpa-l512-group4-stacked-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=4,
+             stacked_params=True, compile_cells=True, graph=True, lengths=long),
+        Case("cond-sdpa-l512-group8-stacked-chunk512-compile-graph", "condensation", "sdpa", 512,
+             checkpoint_group_steps=8, stacked_params=True, loss_chunk_tokens=512, compile_cells=True, graph=True,
+             lengths=long),
+        Case("cond-sdpa-l512-groupauto-stacked-chunk512-compile-graph", "condensation", "sdpa", 512,
+             checkpoint_group_steps="auto", stacked_params=True, loss_chunk_tokens=512, compile_cells=True, graph=True,
+             lengths=long),
         # groups of 4 diagonals: the backward of one group's recomputed cells is the step's peak (tests/test_loss_memory.py's
         # attribution), so halving the group lowers the constant part of the memory; cells still run forward twice
         Case("cond-sdpa-l512-group4-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=4,

@@ -234,3 +234,22 @@ def test_summary_holds_issue16_targets(benchmark):
     assert g["32768"]["condensation_status"] == "oom" and g["32768"]["llama_status"] == "not measured"
     text = "\n".join(benchmark.summary_lines(s))
     assert "128K  190 / 40 = 4.75x | 4.00 / 11.00 = 0.36" in text and "(oom, llama not measured)" in text
+
+
+def test_gpu_session_steps_name_only_known_cases(benchmark):
+    """Every --cases list of benchmarks/gpu_session.sh names cases of default_cases (a typo there would fail only on
+    the GPU machine, after its setup), and Table I's new fast cases build (meta device) with their options."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", "")
+    cases = {c.name: c for c in benchmark.default_cases(smoke=False)}
+    named = [n for m in re.finditer(r"--cases (\S+)", text) for n in m.group(1).split(",") if n]
+    assert "cond-sdpa-l512-group4-stacked-compile-graph" in named
+    assert [n for n in named if n not in cases] == []
+    for name, group, chunk in [("cond-sdpa-l512-group4-stacked-compile-graph", 4, 2048),
+                               ("cond-sdpa-l512-group8-stacked-chunk512-compile-graph", 8, 512),
+                               ("cond-sdpa-l512-groupauto-stacked-chunk512-compile-graph", "auto", 512)]:
+        cfg = benchmark.build_model(cases[name], False, torch.device("meta"), torch.bfloat16).config
+        assert (cfg.checkpoint_group_steps, cfg.loss_chunk_tokens, cfg.stacked_params, cfg.weight_grads,
+                cfg.checkpoint_cells, bool(cfg.compile_cells)) == (group, chunk, True, "autograd", False, True), name
