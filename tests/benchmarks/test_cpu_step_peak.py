@@ -1,26 +1,16 @@
 """benchmarks/cpu_step_peak.py: --gpu-ce's row-chunked cross-entropy gradient (the GPU kernel's memory, the torch
 path's values) and the tracker's forward peak, without running a model step."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from condensation.kernels import cross_entropy_grad_torch_
 from memory_probe import peak_live_bytes
 
-ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = "cpu_step_peak"  # conftest's `script` fixture
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("cpu_step_peak", ROOT / "benchmarks" / "cpu_step_peak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_row_chunked_cross_entropy_grad_is_the_torch_path_bit_for_bit_with_row_scratch_only():
-    csp = _module()
+def test_row_chunked_cross_entropy_grad_is_the_torch_path_bit_for_bit_with_row_scratch_only(script):
+    csp = script
     g = torch.Generator().manual_seed(0)
     n, V = 37, 4099  # n not a multiple of CE_ROWS
     logits = (torch.randn(n, V, generator=g) * 4).to(torch.bfloat16)
@@ -40,8 +30,8 @@ def test_row_chunked_cross_entropy_grad_is_the_torch_path_bit_for_bit_with_row_s
     assert rows <= 3 * csp.CE_ROWS * V * 4
 
 
-def test_forward_peak_stops_at_backwards_first_allocation():
-    csp = _module()
+def test_forward_peak_stops_at_backwards_first_allocation(script):
+    csp = script
     t = csp.AllocTracker()
     # forward: +100, +50 (150; the fused loss's own autograd.grad runs nodes too), -100 (50); backward: +300 (350)
     t.events = [(1, 100, "forward| a | mm"), (2, 50, "forward| b | mm <ToCopyBackward0>"), (1, -100, ""),

@@ -1,17 +1,7 @@
 """benchmarks/memory_breakdown.py's replay of the CUDA allocator history, on a synthetic trace (the script itself
 needs a GPU)."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("memory_breakdown", ROOT / "benchmarks" / "memory_breakdown.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = "memory_breakdown"  # conftest's `script` fixture
 
 
 def _frames(path, line, name):
@@ -19,8 +9,8 @@ def _frames(path, line, name):
             {"filename": path, "line": line, "name": name}]
 
 
-def test_peak_is_found_and_attributed_to_our_frames():
-    mb = _module()
+def test_peak_is_found_and_attributed_to_our_frames(script):
+    mb = script
     model = _frames("/r/platform/condensation/modeling.py", 10, "cell_forward")
     loss = _frames("/r/platform/condensation/modeling.py", 20, "forward")
     trace = [

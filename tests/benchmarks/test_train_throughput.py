@@ -1,20 +1,17 @@
 """benchmarks/train_throughput.py off the GPU: every run it would start has a valid config, and its ratios and table
 come out of a results dict as the GPU run fills it."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = "train_throughput"  # conftest's `script` fixture
 
 
 @pytest.fixture(scope="module")
-def tt():
-    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def tt(script):
+    return script
 
 
 @pytest.mark.parametrize("variant", ["deepspeed", "torch", "torch-graph"])
