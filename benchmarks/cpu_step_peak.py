@@ -19,8 +19,8 @@ they leave it).
 --gpu-ce: on a GPU the fused loss's cross-entropy gradient is one Triton program per row, in place in the bf16
 [chunk, V] logits (kernels.cross_entropy_grad_); on CPU its torch fallback makes a float32 copy of the whole chunk
 first (1.05 GB at 2048 tokens of a 128K vocabulary, twice the logits), which can be the CPU step's peak but is not the
-GPU's. With --gpu-ce the fallback runs a few rows at a time (CE_ROWS), in place as the GPU does: the same values row
-by row (logsumexp and the elementwise ops are per row), a scratch of CE_ROWS float32 rows instead of the chunk's."""
+GPU's. With --gpu-ce the fallback runs a few rows at a time, in place as the GPU does
+(tests/memory_probe.py's row_chunked_cross_entropy_grad_: the same values, a scratch of a few float32 rows)."""
 
 from __future__ import annotations
 
@@ -39,17 +39,6 @@ from torch.utils._pytree import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("/condensation/", "/workloads/", "/benchmarks/", "/torch/optim/", "/torch/nn/utils/clip_grad",
         "/torch/utils/checkpoint")
-
-
-CE_ROWS = 8
-
-
-def _row_chunked_cross_entropy_grad_(logits, targets, weights):
-    """kernels.cross_entropy_grad_torch_ over CE_ROWS rows at a time (in place in logits, as the GPU's kernel)."""
-    from condensation.kernels import cross_entropy_grad_torch_
-
-    return torch.cat([cross_entropy_grad_torch_(logits[i : i + CE_ROWS], targets[i : i + CE_ROWS],
-                                                weights[i : i + CE_ROWS]) for i in range(0, logits.shape[0], CE_ROWS)])
 
 
 def _site() -> str:
@@ -150,10 +139,12 @@ def main(argv=None):
     case = next(c for c in default_cases(False) if c.name == args.case)
     over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     case = dataclasses.replace(case, size=args.size, **over, **({} if args.compile else {"compile_cells": False}))
-    if args.gpu_ce:
-        import condensation.fast_train as fast_train
+    sys.path.insert(0, str(ROOT / "tests"))
+    import condensation.fast_train as fast_train
+    from memory_probe import peak_live_bytes, row_chunked_cross_entropy_grad_
 
-        fast_train.cross_entropy_grad_ = _row_chunked_cross_entropy_grad_
+    if args.gpu_ce:
+        fast_train.cross_entropy_grad_ = row_chunked_cross_entropy_grad_
     torch.manual_seed(0)
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
     model = build_model(case, False, device, dtype)
@@ -183,8 +174,6 @@ def main(argv=None):
 
     bias.causal_lower_right = causal_lower_right
     # the fused loss's backward is the first node of backward: allocations from there on are charged to "backward"
-    import condensation.fast_train as fast_train
-
     loss_backward = fast_train.NormLinearCrossEntropy.backward
 
     def backward_marked(ctx, *grads):
@@ -193,8 +182,6 @@ def main(argv=None):
 
     fast_train.NormLinearCrossEntropy.backward = staticmethod(backward_marked)
     if args.no_track:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from memory_probe import peak_live_bytes
 
         peak = peak_live_bytes(lambda: run(batch))
         print(json.dumps({"case": case.name, "size": args.size, "length": args.length, "set": args.set,
@@ -223,8 +210,6 @@ def main(argv=None):
                                          if p.grad is not None),
            "live_at_peak": res["live_at_peak"][: args.top]}
     if args.profiler:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from memory_probe import peak_live_bytes
 
         out["profiler_peak_step_bytes"] = peak_live_bytes(lambda: run(batch))
     text = json.dumps(out, indent=1)

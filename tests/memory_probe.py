@@ -1,8 +1,11 @@
 """Peak CPU allocator bytes of a call, for the tests that show a working set is bounded (generation's prefill, the
-fused loss and embedding gradient): the CPU profiler's allocation events, summed in time order."""
+fused loss and embedding gradient): the CPU profiler's allocation events, summed in time order. Also the fused loss's
+cross-entropy gradient with the GPU's memory (`row_chunked_cross_entropy_grad_`), for CPU peaks that stand for GPU
+ones."""
 
 from __future__ import annotations
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -18,3 +21,16 @@ def peak_live_bytes(fn) -> int:
         now += e.nbytes()
         peak = max(peak, now)
     return peak
+
+
+CE_ROWS = 8
+
+
+def row_chunked_cross_entropy_grad_(logits, targets, weights):
+    """`kernels.cross_entropy_grad_torch_` over CE_ROWS rows at a time, in place in the logits: the memory of the GPU's
+    Triton kernel (one program per row, in place), where the torch path's float32 copy of the whole [chunk, V] logits
+    would be a CPU-only peak. The same values row by row (logsumexp and the elementwise ops are per row)."""
+    from condensation.kernels import cross_entropy_grad_torch_
+
+    return torch.cat([cross_entropy_grad_torch_(logits[i : i + CE_ROWS], targets[i : i + CE_ROWS],
+                                                weights[i : i + CE_ROWS]) for i in range(0, logits.shape[0], CE_ROWS)])

@@ -113,9 +113,9 @@ def test_bf16_fused_loss_gradients_as_close_as_the_reference(variant, reference)
 @pytest.mark.parametrize("weight_grads", ["autograd", "deferred"])
 def test_cuda_graph_step_equals_eager_steps(weight_grads):
     """Seven AdamW steps on seven different batches: eager, and through CUDAGraphStep (two eager warm-up steps, a
-    capture, a replay; then `reset`, which frees the graph's pool, and again two eager steps, a capture, a replay).
-    float32, so the two must agree to round-off; a replay that ignored its new batch or accumulated gradients across
-    replays would not, nor would a second capture that kept the first graph's buffers."""
+    capture, a replay; then `reset`, which drops the graph and its static inputs, and again two eager steps, a capture, a
+    replay). float32, so the two must agree to round-off; a replay that ignored its new batch or accumulated gradients
+    across replays would not, nor would a second capture that read the first one's static inputs."""
     from condensation.cuda_graph import CUDAGraphStep
 
     batches = [{"input_ids": torch.randint(0, 4096, (1, 1100), device="cuda")} for _ in range(7)]

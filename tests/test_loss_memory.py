@@ -9,7 +9,7 @@ import torch
 
 from condensation import CondensationConfig, CondensationForCausalLM
 from condensation import fast_train
-from memory_probe import peak_live_bytes
+from memory_probe import peak_live_bytes, row_chunked_cross_entropy_grad_
 from test_modeling import ARCH, max_diff, randomize_
 
 
@@ -111,13 +111,7 @@ def test_fused_loss_forward_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     logits at once (2 x 525 MB at 2048 tokens of the Table I model's 128K vocabulary in bf16, the fused loss's forward
     peak on a GPU). The cross-entropy gradient runs in place a few rows at a time here, as the GPU's Triton kernel does
     (the CPU torch path's float32 copy of a whole chunk would be the peak otherwise)."""
-    from condensation.kernels import cross_entropy_grad_torch_
-
-    def in_place(logits, targets, weights):
-        return torch.cat([cross_entropy_grad_torch_(logits[i : i + 8], targets[i : i + 8], weights[i : i + 8])
-                          for i in range(0, logits.shape[0], 8)])
-
-    monkeypatch.setattr(fast_train, "cross_entropy_grad_", in_place)
+    monkeypatch.setattr(fast_train, "cross_entropy_grad_", row_chunked_cross_entropy_grad_)
     monkeypatch.setattr(fast_train, "_LM_GRAD_ROWS", 4000)
     c, n, V, d = 128, 3 * 128, 32000, 32
     g = torch.Generator().manual_seed(0)

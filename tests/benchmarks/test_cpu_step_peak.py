@@ -1,16 +1,15 @@
-"""benchmarks/cpu_step_peak.py: --gpu-ce's row-chunked cross-entropy gradient (the GPU kernel's memory, the torch
-path's values) and the tracker's forward peak, without running a model step."""
+"""benchmarks/cpu_step_peak.py: --gpu-ce's row-chunked cross-entropy gradient (tests/memory_probe.py's; the GPU
+kernel's memory, the torch path's values) and the tracker's forward peak, without running a model step."""
 
 import torch
 
 from condensation.kernels import cross_entropy_grad_torch_
-from memory_probe import peak_live_bytes
+from memory_probe import CE_ROWS, peak_live_bytes, row_chunked_cross_entropy_grad_
 
 SCRIPT = "cpu_step_peak"  # conftest's `script` fixture
 
 
-def test_row_chunked_cross_entropy_grad_is_the_torch_path_bit_for_bit_with_row_scratch_only(script):
-    csp = script
+def test_row_chunked_cross_entropy_grad_is_the_torch_path_bit_for_bit_with_row_scratch_only():
     g = torch.Generator().manual_seed(0)
     n, V = 37, 4099  # n not a multiple of CE_ROWS
     logits = (torch.randn(n, V, generator=g) * 4).to(torch.bfloat16)
@@ -19,15 +18,14 @@ def test_row_chunked_cross_entropy_grad_is_the_torch_path_bit_for_bit_with_row_s
     weights = torch.rand(n, generator=g)
     ref_logits, rows_logits = logits.clone(), logits.clone()
     ref_ce = cross_entropy_grad_torch_(ref_logits, targets, weights)
-    rows_ce = csp._row_chunked_cross_entropy_grad_(rows_logits, targets, weights)
+    rows_ce = row_chunked_cross_entropy_grad_(rows_logits, targets, weights)
     assert torch.equal(rows_ce, ref_ce)
     assert torch.equal(rows_logits, ref_logits)  # the gradient, written over the logits in place
     # scratch: a few float32 rows, not a float32 copy of the whole chunk (the torch path's 4 bytes a logit)
     whole = peak_live_bytes(lambda: cross_entropy_grad_torch_(logits.clone(), targets, weights)) - logits.nbytes
-    chunked = csp._row_chunked_cross_entropy_grad_
-    rows = peak_live_bytes(lambda: chunked(logits.clone(), targets, weights)) - logits.nbytes
+    rows = peak_live_bytes(lambda: row_chunked_cross_entropy_grad_(logits.clone(), targets, weights)) - logits.nbytes
     assert whole >= n * V * 4
-    assert rows <= 3 * csp.CE_ROWS * V * 4
+    assert rows <= 3 * CE_ROWS * V * 4
 
 
 def test_forward_peak_stops_at_backwards_first_allocation(script):
