@@ -23,6 +23,7 @@ Shapes as in modeling.py: k layers (cells) of a step, M rows, d hidden, V vocab.
 from __future__ import annotations
 
 import functools
+import inspect
 from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
@@ -580,6 +581,7 @@ def compiled_pointwise(cfg, eager: tuple) -> tuple:
 # evaluates and generates (tests/test_modeling.py). Over dynamo's default of 8 then, but bounded: 32 still stops a
 # runaway.
 _PIECE_RECOMPILE_LIMIT = 32
+_PER_FUNCTION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
 def _compiled_piece(fn: Callable) -> Callable:
@@ -592,7 +594,9 @@ def _compiled_piece(fn: Callable) -> Callable:
     recompile limit (8) at its ninth variant of _heads and ran eagerly from there. The last dim (hidden, head dim,
     intermediate) is fixed by the model and stays static, so that the kernels' index arithmetic keeps it a constant
     (RoPE's roll by D / 2). A view's base is marked as well: dynamo guards its sizes too."""
-    compiled = torch.compile(fn, recompile_limit=_PIECE_RECOMPILE_LIMIT)
+    # torch.compile's per-function recompile_limit is recent (2.13 has it); without it, dynamo's default (8) still
+    # holds a training process's variants (<= 5), and evaluation or generation past it runs those variants eager
+    compiled = torch.compile(fn, **({"recompile_limit": _PIECE_RECOMPILE_LIMIT} if _PER_FUNCTION_LIMIT else {}))
 
     @functools.wraps(fn)
     def piece(*args):
