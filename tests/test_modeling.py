@@ -297,6 +297,42 @@ def test_schedules_and_checkpointing_give_same_gradients(variant):
         assert max_diff(ga[name], gb[name]) < tol * max(1.0, ga[name].abs().max().item()), name
 
 
+def test_compiled_pieces_keep_few_variants(monkeypatch):
+    """compile_cells with a weight sink compiles a cell's elementwise pieces (fast_train.compiled_pointwise), which a
+    deep wavefront calls with every number of cells k = 1 .. layers, with segments, memories and sinks of different
+    lengths, with q's and k's head counts, RoPE taken or not. Each piece must keep a few compiled variants, fewer than
+    dynamo's default recompile limit (8): on the Llama-3.2-1B shape (16 layers, 32 / 8 heads) _heads reached it and
+    ran eagerly from there. Guards and recompiles are dynamo's whatever the backend: aot_eager keeps this fast."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from condensation import fast_train, modeling
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(fast_train, "_COMPILED_POINTWISE", {})  # pieces compiled anew, with aot_eager
+    arch = dict(ARCH, hidden_size=64, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=4)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for n_seg, variant in ((18, dict(weight_grads="deferred")),  # every diagonal size, k = 1 .. 16
+                                   (9, dict(weight_grads="accumulate", memory_sink_tokens=2, memory_norm="separate",
+                                            checkpoint_cells=True, checkpoint_group_steps=3, max_step_cells=5))):
+                model = CondensationForCausalLM(CondensationConfig(**arch, segment_length=4, compile_cells=True,
+                                                                   **variant))
+                ids = torch.randint(0, arch["vocab_size"], (2, 4 * n_seg - 1), generator=torch.Generator().manual_seed(0))
+                model(ids, labels=ids, return_logits=False).loss.backward()
+            training = {f.__name__: len(_debug_get_cache_entry_list(f.__code__)) for f in modeling._EAGER_POINTWISE}
+            # the same process then evaluates and generates (no grad, chunks of 1 token): more variants, all compiled
+            with torch.no_grad():
+                model.eval()(ids, labels=ids)
+                model.generate(ids[:1, :6], max_new_tokens=3, do_sample=False, pad_token_id=-1, eos_token_id=None)
+            variants = {f.__name__: len(_debug_get_cache_entry_list(f.__code__)) for f in modeling._EAGER_POINTWISE}
+    finally:
+        torch._dynamo.reset()  # no aot_eager entries left for the inductor-compiled pieces of other tests
+    assert max(training.values()) <= 5, training
+    assert max(variants.values()) <= 16, variants  # compiled all the same, under the pieces' own limit (32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Attention implementations
 

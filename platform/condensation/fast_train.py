@@ -22,6 +22,8 @@ Shapes as in modeling.py: k layers (cells) of a step, M rows, d hidden, V vocab.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
@@ -561,14 +563,51 @@ _COMPILED_POINTWISE: dict[tuple, tuple] = {}
 
 
 def compiled_pointwise(cfg, eager: tuple) -> tuple:
-    """A cell's elementwise pieces (modeling.Pointwise), compiled (fused kernels, shapes dynamic) when a cell is
-    compiled piecewise: compile_cells with weight_grads other than "autograd", whose matmuls stay eager. Otherwise
-    plain: either eager, or traced inside the compiled step."""
+    """A cell's elementwise pieces (modeling.Pointwise), compiled (fused kernels, shapes dynamic: _compiled_piece)
+    when a cell is compiled piecewise: compile_cells with weight_grads other than "autograd", whose matmuls stay eager.
+    Otherwise plain: either eager, or traced inside the compiled step."""
     if not cfg.compile_cells or cfg.weight_grads == "autograd":
         return eager
     if eager not in _COMPILED_POINTWISE:
-        _COMPILED_POINTWISE[eager] = type(eager)(*(torch.compile(f) for f in eager))
+        _COMPILED_POINTWISE[eager] = type(eager)(*(_compiled_piece(f) for f in eager))
     return _COMPILED_POINTWISE[eager]
+
+
+# Variants one compiled piece may keep (torch.compile's own recompile_limit: for these functions only, not dynamo's
+# global one). With its sizes dynamic (_compiled_piece), what is left to specialise on are facts of two values each: a
+# size of 1 or more (cells, tokens, batch; dynamo specialises 0 and 1 whatever the marks), a RoPE row slice at storage
+# offset 0 or not, an input that is a view or not, grad mode, requires_grad: a handful per process, not a number that
+# grows with depth or length: at most 5 per piece while training the Llama-3.2-1B shape, 13 once the same process also
+# evaluates and generates (tests/test_modeling.py). Over dynamo's default of 8 then, but bounded: 32 still stops a
+# runaway.
+_PIECE_RECOMPILE_LIMIT = 32
+_PER_FUNCTION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
+
+
+def _compiled_piece(fn: Callable) -> Callable:
+    """fn through torch.compile, every dim of its tensor arguments but the last dynamic from the first call.
+
+    A piece is called with all the sizes of a wavefront: k = 1 .. layers cells, c = l tokens of a segment, l + c of a
+    memory and its segment, p of an attention sink, H or Hkv heads. Left to dynamo's automatic dynamic shapes, a dim
+    was compiled static first and recompiled dynamic at its first change, once for each variant the piece had
+    otherwise: with the head split and the RoPE, taken or not, in one compiled function, the Llama-3.2-1B shape hit the
+    recompile limit (8) at its ninth variant of _heads and ran eagerly from there. The last dim (hidden, head dim,
+    intermediate) is fixed by the model and stays static, so that the kernels' index arithmetic keeps it a constant
+    (RoPE's roll by D / 2). A view's base is marked as well: dynamo guards its sizes too."""
+    # torch.compile's per-function recompile_limit is recent (2.13 has it); without it, dynamo's default (8) still
+    # holds a training process's variants (<= 5), and evaluation or generation past it runs those variants eager
+    compiled = torch.compile(fn, **({"recompile_limit": _PIECE_RECOMPILE_LIMIT} if _PER_FUNCTION_LIMIT else {}))
+
+    @functools.wraps(fn)
+    def piece(*args):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                for t in (a, a._base) if a._base is not None else (a,):
+                    for dim in range(t.dim() - 1):
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
+        return compiled(*args)
+
+    return piece
 
 
 _COMPILED: dict[tuple, Callable] = {}

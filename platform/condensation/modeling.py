@@ -291,13 +291,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
-def _heads(x: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def _heads(x: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+           apply_rope: Callable[..., torch.Tensor] = _rope) -> torch.Tensor:
     # [k, B, c, n*D] -> [k, B, n, c, D]; RoPE (cos, signed sin [c, D]: _rope) is applied before the transpose, while
     # the tensor is contiguous, so its elementwise kernels run vectorised
     k, B, c, _ = x.shape
     x = x.view(k, B, c, n, -1)
     if rope is not None:
-        x = _rope(x, rope[0][:, None], rope[1][:, None])
+        x = apply_rope(x, rope[0][:, None], rope[1][:, None])
     return x.transpose(2, 3)
 
 
@@ -309,11 +310,16 @@ class Pointwise(NamedTuple):
     """A cell's elementwise pieces, between its matmuls."""
 
     rms_norm: Callable[..., torch.Tensor]
-    heads: Callable[..., torch.Tensor]
+    rope: Callable[..., torch.Tensor]
     swiglu: Callable[..., torch.Tensor]
 
+    def heads(self, x: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """_heads with this RoPE. The piece is the RoPE, not _heads: the split into heads and the transpose are views,
+        and compiled whole, _heads compiled a variant per head count and per RoPE taken or not (fast_train)."""
+        return _heads(x, n, rope, self.rope)
 
-_EAGER_POINTWISE = Pointwise(_rms_norm, _heads, _swiglu)
+
+_EAGER_POINTWISE = Pointwise(_rms_norm, _rope, _swiglu)
 
 
 def _pointwise(cfg: CondensationConfig) -> Pointwise:
