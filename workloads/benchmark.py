@@ -180,6 +180,37 @@ def default_cases(smoke: bool) -> list[Case]:
         Case("cond-sdpa-l512-groupauto-stacked-chunk512-compile-graph", "condensation", "sdpa", 512,
              checkpoint_group_steps="auto", stacked_params=True, loss_chunk_tokens=512, compile_cells=True, graph=True,
              lengths=long),
+        # issue 16 on SmolLM2 (benchmarks/results/cpu_peak_smollm2_s12.md): between group4-stacked (2 forwards a cell,
+        # 1.82x but 2.64 GiB at 16K: a group's 4 diagonals of up to 30 cells keep all their activations for its
+        # backward) and groupauto-accumulate-stacked-chunk512 (1.59 GiB, 3 forwards and piecewise compile, 1.40x).
+        # Smaller groups without per-step checkpoints: still 2 forwards, half / three quarters of a group's
+        # activations, more group frontiers (one diagonal's outputs each)
+        Case("cond-sdpa-l512-group2-stacked-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=2,
+             stacked_params=True, compile_cells=True, graph=True, lengths=long),
+        Case("cond-sdpa-l512-group3-stacked-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=3,
+             stacked_params=True, compile_cells=True, graph=True, lengths=long),
+        # per-step checkpoints inside auto groups (one diagonal's activations at a time, as groupauto-accumulate) with
+        # the whole step compiled and autograd's weight gradients (the fast path of group4-stacked): 3 forwards a cell,
+        # but each a whole compiled step; the default 2048-token loss chunks, or 512
+        Case("cond-sdpa-l512-ckpt-groupauto-stacked-compile-graph", "condensation", "sdpa", 512, checkpoint_cells=True,
+             checkpoint_group_steps="auto", stacked_params=True, compile_cells=True, graph=True, lengths=long),
+        Case("cond-sdpa-l512-ckpt-groupauto-stacked-chunk512-compile-graph", "condensation", "sdpa", 512,
+             checkpoint_cells=True, checkpoint_group_steps="auto", stacked_params=True, loss_chunk_tokens=512,
+             compile_cells=True, graph=True, lengths=long),
+        # the same with diagonals run 10 cells at a time: a third of a 30-cell step's activations at the peak, smaller
+        # batched matmuls (with stacked_params a step's weights are views of the stack: no copy)
+        Case("cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph", "condensation", "sdpa", 512,
+             checkpoint_cells=True, checkpoint_group_steps="auto", max_step_cells=10, stacked_params=True,
+             compile_cells=True, graph=True, lengths=long),
+        # 15 cells at a time: two steps a 30-cell diagonal (fewer, larger matmuls than cells10), half its activations
+        Case("cond-sdpa-l512-ckpt-groupauto-cells15-stacked-compile-graph", "condensation", "sdpa", 512,
+             checkpoint_cells=True, checkpoint_group_steps="auto", max_step_cells=15, stacked_params=True,
+             compile_cells=True, graph=True, lengths=long),
+        # groupauto-accumulate-stacked with the default loss chunk (2048 tokens): fewer, larger lm-head GEMMs and a
+        # quarter of the float32 lm-head gradient's read-modify-writes, if the loss is not the peak
+        Case("cond-sdpa-l512-groupauto-accumulate-stacked-compile-graph", "condensation", "sdpa", 512,
+             checkpoint_cells=True, checkpoint_group_steps="auto", weight_grads="accumulate", stacked_params=True,
+             compile_cells=True, graph=True, lengths=long),
         # groups of 4 diagonals: the backward of one group's recomputed cells is the step's peak (tests/test_loss_memory.py's
         # attribution), so halving the group lowers the constant part of the memory; cells still run forward twice
         Case("cond-sdpa-l512-group4-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=4,

@@ -1,6 +1,7 @@
 """workloads/benchmark.py's CPU smoke mode: every case runs a real training step and the report holds what the GPU
 run's does (timings, FLOPs, ratios against Llama-sdpa of the same run, pictures)."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -253,3 +254,18 @@ def test_gpu_session_steps_name_only_known_cases(benchmark):
         cfg = benchmark.build_model(cases[name], False, torch.device("meta"), torch.bfloat16).config
         assert (cfg.checkpoint_group_steps, cfg.loss_chunk_tokens, cfg.stacked_params, cfg.weight_grads,
                 cfg.checkpoint_cells, bool(cfg.compile_cells)) == (group, chunk, True, "autograd", False, True), name
+    # SmolLM2's cases between group4-stacked and groupauto-accumulate (benchmarks/results/cpu_peak_smollm2_s12.md)
+    assert "cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph" in named
+    for name, group, ckpt, cells, grads, chunk in [
+            ("cond-sdpa-l512-group2-stacked-compile-graph", 2, False, 0, "autograd", 2048),
+            ("cond-sdpa-l512-group3-stacked-compile-graph", 3, False, 0, "autograd", 2048),
+            ("cond-sdpa-l512-ckpt-groupauto-stacked-compile-graph", "auto", True, 0, "autograd", 2048),
+            ("cond-sdpa-l512-ckpt-groupauto-stacked-chunk512-compile-graph", "auto", True, 0, "autograd", 512),
+            ("cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph", "auto", True, 10, "autograd", 2048),
+            ("cond-sdpa-l512-ckpt-groupauto-cells15-stacked-compile-graph", "auto", True, 15, "autograd", 2048),
+            ("cond-sdpa-l512-groupauto-accumulate-stacked-compile-graph", "auto", True, 0, "accumulate", 2048)]:
+        cfg = benchmark.build_model(dataclasses.replace(cases[name], size="smollm2-135m"), False, torch.device("meta"),
+                                    torch.bfloat16).config
+        assert (cfg.checkpoint_group_steps, cfg.checkpoint_cells, cfg.max_step_cells, cfg.weight_grads,
+                cfg.loss_chunk_tokens, cfg.stacked_params, bool(cfg.compile_cells)) == (
+                    group, ckpt, cells, grads, chunk, True, True), name
