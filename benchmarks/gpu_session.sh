@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh setup               # once: the offline bundle (../shared/offline-gpu), SmolLM2, corpus
 #   bash benchmarks/gpu_session.sh suite summarize     # then any steps, in order, each under its own time limit
 #   bash benchmarks/gpu_session.sh suite+summarize     # two steps at the same time
+#   PIN_GPUS=1 bash benchmarks/gpu_session.sh a+b      # a on GPU 0, b on GPU 1 (a 2-GPU machine: timed steps)
 #
 # Steps: setup, suite (the platform's GPU tests; suite-train, suite-faults and suite-model split it), summarize
 # (issue 14), throughput (issue 11), bench (issue 16), bench-stacked (issue 16: stacked_params on both shapes),
@@ -202,7 +203,15 @@ for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has ro
   done
   echo "=== $group $(date -u +%T)"
   pids=()
-  for step in ${group//+/ }; do run_step "$step" > "$OUT/logs/.$step.summary" & pids+=($!); done
+  gpu=0
+  for step in ${group//+/ }; do  # PIN_GPUS=1: the steps of a group on GPUs 0, 1, ... (timed steps side by side)
+    if [ "${PIN_GPUS:-0}" = 1 ]; then
+      CUDA_VISIBLE_DEVICES=$gpu run_step "$step" > "$OUT/logs/.$step.summary" & pids+=($!)
+    else
+      run_step "$step" > "$OUT/logs/.$step.summary" & pids+=($!)
+    fi
+    gpu=$(( gpu + 1 ))
+  done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   for step in ${group//+/ }; do cat "$OUT/logs/.$step.summary"; done
   if [ "$OUT" != "$FINAL_OUT" ]; then  # packed after every group, so that a command cut by its limit keeps the rest
