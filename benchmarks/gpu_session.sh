@@ -10,6 +10,7 @@
 # (issue 14), throughput (issue 11), bench (issue 16), bench-stacked (issue 16: stacked_params on both shapes),
 # bench-peakmem (issue 16: the 16K peak, SmolLM2 and Table I), bench-t1peak (issue 16: Table I's fast cases with the
 # one-chunk fused loss, groups of 4 and 8), bench-smolpeak (issue 16: SmolLM2's per-step-checkpoint autograd cases),
+# bench-1b-t1 (issue 16: the 1B shape, then Table I; beside bench-smolpeak with PIN_GPUS=1),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
@@ -113,20 +114,28 @@ bench-peakmem() {  # issue 16, the 16K peak (benchmarks/results/cpu_peak_smollm2
 
 bench-smolpeak() {  # issue 16, SmolLM2 (benchmarks/results/cpu_peak_smollm2_s12.md): per-step checkpoints in auto
   # groups with whole compiled steps and autograd's weight gradients, 10 / 15 / 30 cells a step (predicted 1.44-1.49,
-  # 1.5-1.55, 1.69-1.74 GiB at 16K against Llama + Liger + ckpt's 1.71), at 16K and 32K; then Table I 16K (4 layers:
-  # cells10 is the whole diagonal there), where group4-stacked met the target. One process per shape: the SmolLM2
-  # cases share compiled step graphs (cells10's are a subset of cells15's, of the whole diagonal's)
+  # 1.5-1.55, 1.69-1.74 GiB at 16K against Llama + Liger + ckpt's 1.71), at 16K, 32K and 128K. One process: the cases
+  # share compiled step graphs (cells10's are a subset of cells15's, of the whole diagonal's)
   mkdir -p "$OUT/bench"
-  local t=$(( ${T:-360} * 3 / 4 )) r=0
-  timeout $t python3 workloads/benchmark.py --out "$OUT/bench/smolpeak_smollm2.json" --budget-s $(( t - 30 )) \
-    --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768 \
+  timeout "${T:-360}" python3 workloads/benchmark.py --out "$OUT/bench/smolpeak_smollm2.json" \
+    --budget-s $(( ${T:-360} - 30 )) --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768,131072 \
     --cases llama-liger-ckpt,cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph,\
 cond-sdpa-l512-ckpt-groupauto-cells15-stacked-compile-graph,cond-sdpa-l512-ckpt-groupauto-stacked-compile-graph \
-    --target cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph || r=$?
-  timeout $(( ${T:-360} - t )) python3 workloads/benchmark.py --out "$OUT/bench/smolpeak_table1.json" \
-    --budget-s $(( ${T:-360} - t - 20 )) --steps 3 --warmup 1 --sizes table1 --lengths 16384 \
-    --cases llama-liger-ckpt,cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph \
-    --target cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph || r=$?
+    --target cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph
+}
+
+bench-1b-t1() {  # issue 16 beside bench-smolpeak (PIN_GPUS=1): the Llama-1B shape's MFU (deferred weight gradients,
+  # compiled pieces: dynamo's recompile limit was hit on _heads in session 12), then Table I with group4-stacked (every
+  # target met in session 12) and SmolLM2's low-memory candidate
+  mkdir -p "$OUT/bench"
+  local t=$(( ${T:-360} / 3 )) r=0
+  timeout $t python3 workloads/benchmark.py --out "$OUT/bench/1b.json" --budget-s $(( t - 20 )) \
+    --sizes llama-3.2-1b --lengths 16384 --cases llama-liger,cond-sdpa-l512-deferred-compile-graph \
+    --target cond-sdpa-l512-deferred-compile-graph --baseline llama-liger || r=$?
+  timeout $(( ${T:-360} - t )) python3 workloads/benchmark.py --out "$OUT/bench/table1.json" \
+    --budget-s $(( ${T:-360} - t - 30 )) --steps 3 --warmup 1 --sizes table1 --lengths 16384,32768,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-group4-stacked-compile-graph,\
+cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph --target cond-sdpa-l512-group4-stacked-compile-graph || r=$?
   return $r
 }
 
@@ -195,7 +204,7 @@ ARCHIVE=$(date -u +%H%M%S)
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|\
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|\
       sweep|\
       ideas|ideas-bptt|chain|relength) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;
