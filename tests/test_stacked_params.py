@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.attention.bias as bias
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from condensation import CondensationConfig, CondensationForCausalLM
@@ -210,3 +213,71 @@ def test_stacked_params_lower_a_steps_peak_by_the_layer_weights(weight_grads, sa
     # the assertion discriminates: the same measurement twice without the option does not pass it
     again, _ = step_peak(False, weight_grads)
     assert not again <= peak_off - saved * w, (peak_off, again, w)
+
+
+class _StackSizedAllocs(TorchDispatchMode):
+    """Counts the new tensors of an op (a storage none of its inputs has) as large as the stacked q projection."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        self.count += sum(t.numel() == self.numel and t.untyped_storage().data_ptr() not in ins
+                          for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+DEEP = dict(num_hidden_layers=8, max_step_cells=3)  # every step a partial range of the stack (8 layers, 3 at a time)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(checkpoint_cells=True, checkpoint_group_steps=3),
+                                     dict(checkpoint_cells=True, checkpoint_group_steps=3, compile_cells=True)])
+def test_partial_ranges_add_into_one_stack_gradient_through_autograd(variant, monkeypatch):
+    # a slice of the stack for each step's range: its backward made a zero gradient the size of the stack, filled in
+    # one slice, for every step (26 steps here, 212 MB each on SmolLM2's 30 layers)
+    arch = dict(ARCH, **DEEP)
+    cfg = dict(segment_length=8, **variant)
+    off = CondensationForCausalLM(CondensationConfig(**arch, **cfg))
+    randomize_(off, 0)
+    on = CondensationForCausalLM(CondensationConfig(**arch, stacked_params=True, **cfg))
+    on.load_state_dict(off.state_dict())
+    off, on = off.double(), on.double()
+    stack = on.model.layer_stack
+    fired = []
+    for name in stack.paths:  # AccumulateGrad's hooks (DeepSpeed ZeRO's): once per parameter and backward
+        getattr(stack, name).register_post_accumulate_grad_hook(lambda p, name=name: fired.append(name))
+    ids = torch.randint(0, arch["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(3))
+    l_off, g_off = loss_and_grads(off, ids, backward_passes=2)
+    on.zero_grad(set_to_none=True)
+    # sdpa's CausalBias (made again in a checkpoint's recomputation) cannot be constructed under a dispatch mode
+    lower_right = bias.causal_lower_right
+
+    def causal_lower_right(*a):
+        with _disable_current_modes():
+            return lower_right(*a)
+
+    monkeypatch.setattr(bias, "causal_lower_right", causal_lower_right)
+    counts = []
+    for _ in range(2):  # the second backward adds into the first's .grad
+        loss = on(ids, labels=ids, return_logits=False).loss
+        if variant.get("compile_cells"):  # a dispatch mode on makes the recomputation compile another graph
+            loss.backward()
+            continue
+        with _StackSizedAllocs(stack.q.numel()) as mode:
+            loss.backward()
+        counts.append(mode.count)
+    g_on = per_layer_grads(on)
+    assert sorted(fired) == sorted(list(stack.paths) * 2)
+    tol = 1e-5 if variant.get("compile_cells") else 1e-10
+    assert abs(loss.detach() - l_off) < tol
+    for name in g_off:
+        scale = max(1.0, g_off[name].abs().max().item())
+        assert max_diff(g_on[name], g_off[name]) < tol * scale, name
+    # one buffer per backward for each projection of q's size (q and o here), stolen by AccumulateGrad as .grad, then
+    # added to it
+    # (106 each before: one per step's range and projection, and autograd's sums)
+    n = sum(p.numel() == stack.q.numel() for p in stack.projections().values())
+    assert counts == ([] if variant.get("compile_cells") else [n, n]), (counts, n)

@@ -91,18 +91,22 @@ class StackedLayers:
     (Slicing the stack instead would make each step's backward allocate and fill a gradient the size of all layers.)
     Otherwise projections are served as SlicedWeight (a view of the stack; the gradient goes to a WeightSink).
     Layers of a LayerStack (stacked_params) are not stacked again: ranges are views of its parameters, and a sink adds
-    into their own .grad."""
+    into their own .grad; under "autograd" each range's gradient is added into one full-size buffer per backward
+    (_StackRange), which reaches the parameters through autograd."""
 
     def __init__(self, layers, weight_grads: str = "autograd"):
         self.n = len(layers)
         self.sink = None
         self.offset = 0  # with a LayerStack: index of layers[0] in it
+        self._stacked = False  # a LayerStack under "autograd": ranges are served by _StackRange
         found = LayerStack.of(layers)
         if found is not None:
             stack, self.offset = found
             self._stack = stack
             if weight_grads == "autograd":
-                self.all = None  # ranges are views of the parameters (range)
+                self._grads = _RangeGrads()
+                self.all = LayerWeights(*_StackGrads.apply(self._grads, *stack.fields()))
+                self._stacked = True
             else:
                 self.sink = WeightSink(weight_grads, params=stack.projections())
                 self.all = LayerWeights(*_StackedParamGrads.apply(self.sink, *stack.fields()))
@@ -123,11 +127,13 @@ class StackedLayers:
             return LayerWeights(*((t if (lo, hi) == (0, t.shape[0]) else t[lo:hi]) if name.endswith("norm")
                                   else SlicedWeight(t, lo, hi, self.sink, name)
                                   for name, t in zip(LayerWeights._fields, self.all.present())))
-        if self.all is None:  # a LayerStack: views of the parameters. A whole-stack range is view_as (a slice's
-            # backward would allocate a zero gradient the size of the stack), not the Parameter itself: a compiled step
-            # given Parameters recompiled differently in a checkpoint's recomputation (saved tensors out of order)
-            return LayerWeights(*(t.view_as(t) if (lo, hi) == (0, t.shape[0]) else t[lo:hi]
-                                  for t in self._stack.fields()))
+        if self._stacked:  # a LayerStack: views of _StackGrads' outputs, never the Parameters themselves (a compiled
+            # step given Parameters recompiled differently in a checkpoint's recomputation: saved tensors out of order).
+            # Each range adds its gradient into _RangeGrads' buffer, where a slice's backward would allocate and fill a
+            # zero gradient the size of the stack for every step, for autograd to add them (212 MB a step on
+            # SmolLM2). The whole-stack ranges too: their gradients summed by autograd apart from the buffer held a
+            # second stack-sized tensor to the end of backward (+212 MB at SmolLM2's 16K peak)
+            return LayerWeights(*_StackRange.apply(self._grads, lo, hi, *self.all.present()))
         if (lo, hi) == (0, self.n):
             return self.all
         if hi - lo == 1:
@@ -258,6 +264,67 @@ class _StackedParamGrads(torch.autograd.Function):
     def backward(ctx, *grads):
         ctx.sink.flush()
         return (None, *grads)
+
+
+class _RangeGrads:
+    """The ranges' gradients of one forward's LayerStack under weight_grads="autograd": one full-size buffer per
+    field, made in backward by the first range to need it and handed on by _StackGrads."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self):
+        self.buffers: dict[int, torch.Tensor] = {}
+
+
+class _StackGrads(torch.autograd.Function):
+    """Identity on a LayerStack's parameters (stacked_params, weight_grads="autograd"), serving StackedLayers' ranges.
+    Its backward runs after every range's (autograd runs a node once all its consumers have): the ranges' buffer goes
+    on through autograd, so AccumulateGrad and its hooks (DeepSpeed ZeRO's) see the parameters' gradient as from any
+    other op."""
+
+    @staticmethod
+    def forward(ctx, grads: _RangeGrads, *params):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gs):
+        # popped, not kept: the next backward of the same forward (retain_graph) starts from zeros, and
+        # AccumulateGrad can take the buffer as .grad without a copy
+        bufs, ctx.grads.buffers = ctx.grads.buffers, {}
+        out = []
+        for i, g in enumerate(gs):
+            buf = bufs.pop(i, None)
+            out.append(g if buf is None else buf if g is None else buf.add_(g))
+        return (None, *out)
+
+
+class _StackRange(torch.autograd.Function):
+    """Layers [lo, hi) of _StackGrads' outputs, as views; backward adds each gradient into its rows of the buffer
+    (zeros made by the first range's backward) and passes nothing on: _StackGrads returns the buffer. Only the backward
+    of the forward's own nodes touches the buffer: a checkpoint's recomputation makes nodes that never run backward."""
+
+    @staticmethod
+    def forward(ctx, grads: _RangeGrads, lo: int, hi: int, *full):
+        ctx.grads, ctx.lo, ctx.hi = grads, lo, hi
+        ctx.set_materialize_grads(False)
+        ctx.like = [(t.shape, t.dtype, t.device) for t in full]
+        return tuple(t[lo:hi] for t in full)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gs):
+        bufs = ctx.grads.buffers
+        for i, g in enumerate(gs):
+            if g is None:
+                continue
+            if i not in bufs:
+                shape, dtype, device = ctx.like[i]
+                bufs[i] = torch.zeros(shape, dtype=dtype, device=device)
+            bufs[i][ctx.lo : ctx.hi].add_(g)
+        return (None, None, None, *[None] * len(gs))
 
 
 class _SlicedBmm(torch.autograd.Function):
