@@ -247,22 +247,26 @@ class _StackWeights(torch.autograd.Function):
         return (None, None, *out)
 
 
-class _StackedParamGrads(torch.autograd.Function):
-    """Identity on a LayerStack's parameters (stacked_params with weight_grads != "autograd"). Its backward runs after
-    every _SlicedBmm that used them: "deferred" then writes the layers' products into the parameters' .grad
-    (WeightSink.flush); "accumulate" already added them there. The norms' gradients come through autograd and pass
-    on."""
+class _StackIdentity(torch.autograd.Function):
+    """Identity on a LayerStack's parameters, whose backward runs after that of every op that used its outputs
+    (autograd runs a node once all its consumers have); `state` is what the subclass's backward finishes."""
 
     @staticmethod
-    def forward(ctx, sink: WeightSink, *params):
-        ctx.sink = sink
+    def forward(ctx, state, *params):
+        ctx.state = state
         ctx.set_materialize_grads(False)
         return tuple(p.view_as(p) for p in params)
+
+
+class _StackedParamGrads(_StackIdentity):
+    """stacked_params with weight_grads != "autograd", state a WeightSink: after every _SlicedBmm, "deferred" writes
+    the layers' products into the parameters' .grad (WeightSink.flush); "accumulate" already added them there. The
+    norms' gradients come through autograd and pass on."""
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        ctx.sink.flush()
+        ctx.state.flush()
         return (None, *grads)
 
 
@@ -276,24 +280,17 @@ class _RangeGrads:
         self.buffers: dict[int, torch.Tensor] = {}
 
 
-class _StackGrads(torch.autograd.Function):
-    """Identity on a LayerStack's parameters (stacked_params, weight_grads="autograd"), serving StackedLayers' ranges.
-    Its backward runs after every range's (autograd runs a node once all its consumers have): the ranges' buffer goes
-    on through autograd, so AccumulateGrad and its hooks (DeepSpeed ZeRO's) see the parameters' gradient as from any
-    other op."""
-
-    @staticmethod
-    def forward(ctx, grads: _RangeGrads, *params):
-        ctx.grads = grads
-        ctx.set_materialize_grads(False)
-        return tuple(p.view_as(p) for p in params)
+class _StackGrads(_StackIdentity):
+    """stacked_params with weight_grads="autograd", state a _RangeGrads: serves StackedLayers' ranges; after every
+    range's backward, the ranges' buffer goes on through autograd, so AccumulateGrad and its hooks (DeepSpeed ZeRO's)
+    see the parameters' gradient as from any other op."""
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *gs):
         # popped, not kept: the next backward of the same forward (retain_graph) starts from zeros, and
         # AccumulateGrad can take the buffer as .grad without a copy
-        bufs, ctx.grads.buffers = ctx.grads.buffers, {}
+        bufs, ctx.state.buffers = ctx.state.buffers, {}
         out = []
         for i, g in enumerate(gs):
             buf = bufs.pop(i, None)
