@@ -1,36 +1,65 @@
-"""One training step of a benchmark case on CPU (the second step): the CPU allocator's peak, the bytes allocated in all,
-and the allocations the size of a whole stacked projection (SliceBackward's zero-padded gradients, before s12-stackgrad).
+"""One training step of a benchmark case on CPU (its second step, as the benchmark measures): the CPU allocator's
+peak, the bytes allocated in all, and how many allocations were the size of a whole stacked projection (each partial
+range's zero-padded gradient before the stacked ranges' gradients went into one buffer; cpu_stackgrad_s12.md).
 
-    PYTHONPATH=platform:tests OMP_NUM_THREADS=1 python benchmarks/cpu_step_allocs.py CASE LENGTH COMPILE(0|1)"""
-import dataclasses, json, sys, time
+    PYTHONPATH=platform:tests OMP_NUM_THREADS=1 python benchmarks/cpu_step_allocs.py \
+        --case cond-sdpa-l512-ckpt-groupauto-stacked-compile-graph --size smollm2-135m --length 4096
+
+The fused loss's CE gradient runs a few rows at a time, in place, as on the GPU (cpu_step_peak.py --gpu-ce)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
 from pathlib import Path
+
 import torch
 from torch.profiler import ProfilerActivity, profile
-ROOT = Path.cwd()
-sys.path.insert(0, str(ROOT / "workloads"))
-from benchmark import build_model, default_cases, make_runner
-import condensation.fast_train as fast_train
-from memory_probe import row_chunked_cross_entropy_grad_
-fast_train.cross_entropy_grad_ = row_chunked_cross_entropy_grad_
-name, length, comp = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-case = next(c for c in default_cases(False) if c.name == name)
-case = dataclasses.replace(case, size="smollm2-135m", **({} if comp else {"compile_cells": False}))
-torch.manual_seed(0)
-model = build_model(case, False, torch.device("cpu"), torch.bfloat16)
-run = make_runner(case, model, torch.device("cpu"))
-batch = {"input_ids": torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))}
-run(batch)
-sizes = {p.numel() * p.element_size() for p in model.model.layer_stack.projections().values()}
-t0 = time.perf_counter()
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-    loss = float(run(batch).detach())
-dt = time.perf_counter() - t0
-ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-now = peak = total = 0
-stack_sized = 0
-for e in ev:
-    now += e.nbytes(); peak = max(peak, now)
-    if e.nbytes() > 0:
-        total += e.nbytes(); stack_sized += e.nbytes() in sizes
-print(json.dumps(dict(case=name, length=length, compile=comp, loss=loss, step_s=round(dt, 1), peak_step_bytes=peak,
-                      allocated_bytes=total, stack_sized_allocs=stack_sized)))
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workloads"))
+from benchmark import build_model, default_cases, make_runner  # noqa: E402
+
+import condensation.fast_train as fast_train  # noqa: E402
+from memory_probe import row_chunked_cross_entropy_grad_  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", required=True, help="a case of workloads/benchmark.py (it must use stacked_params)")
+    ap.add_argument("--size", default="smollm2-135m")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--compile", action="store_true", help="keep the case's compile_cells (off by default)")
+    args = ap.parse_args(argv)
+    fast_train.cross_entropy_grad_ = row_chunked_cross_entropy_grad_
+    case = next(c for c in default_cases(False) if c.name == args.case)
+    case = dataclasses.replace(case, size=args.size, **({} if args.compile else {"compile_cells": False}))
+    torch.manual_seed(0)
+    model = build_model(case, False, torch.device("cpu"), torch.bfloat16)
+    run = make_runner(case, model, torch.device("cpu"))
+    ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids}
+    run(batch)  # the first step makes AdamW's state
+    sizes = {p.numel() * p.element_size() for p in model.model.layer_stack.projections().values()}
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = float(run(batch).detach())
+    step_s = time.perf_counter() - t0
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = total = stack_sized = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+        if e.nbytes() > 0:
+            total += e.nbytes()
+            stack_sized += e.nbytes() in sizes
+    print(json.dumps(dict(case=args.case, size=args.size, length=args.length, compile=args.compile, loss=loss,
+                          step_s=round(step_s, 1), peak_step_bytes=peak, allocated_bytes=total,
+                          stack_sized_allocs=stack_sized)))
+
+
+if __name__ == "__main__":
+    main()

@@ -104,7 +104,7 @@ class StackedLayers:
             stack, self.offset = found
             self._stack = stack
             if weight_grads == "autograd":
-                self._grads = _RangeGrads()
+                self._grads: dict[int, torch.Tensor] = {}  # field index -> the ranges' summed gradient (_StackRange)
                 self.all = LayerWeights(*_StackGrads.apply(self._grads, *stack.fields()))
                 self._stacked = True
             else:
@@ -129,7 +129,7 @@ class StackedLayers:
                                   for name, t in zip(LayerWeights._fields, self.all.present())))
         if self._stacked:  # a LayerStack: views of _StackGrads' outputs, never the Parameters themselves (a compiled
             # step given Parameters recompiled differently in a checkpoint's recomputation: saved tensors out of order).
-            # Each range adds its gradient into _RangeGrads' buffer, where a slice's backward would allocate and fill a
+            # Each range adds its gradient into one stack-sized buffer (self._grads), where a slice's backward would allocate and fill a
             # zero gradient the size of the stack for every step, for autograd to add them (212 MB a step on
             # SmolLM2). The whole-stack ranges too: their gradients summed by autograd apart from the buffer held a
             # second stack-sized tensor to the end of backward (+212 MB at SmolLM2's 16K peak)
@@ -270,18 +270,9 @@ class _StackedParamGrads(_StackIdentity):
         return (None, *grads)
 
 
-class _RangeGrads:
-    """The ranges' gradients of one forward's LayerStack under weight_grads="autograd": one full-size buffer per
-    field, made in backward by the first range to need it and handed on by _StackGrads."""
-
-    __slots__ = ("buffers",)
-
-    def __init__(self):
-        self.buffers: dict[int, torch.Tensor] = {}
-
-
 class _StackGrads(_StackIdentity):
-    """stacked_params with weight_grads="autograd", state a _RangeGrads: serves StackedLayers' ranges; after every
+    """stacked_params with weight_grads="autograd", state the ranges' buffers (one per field, made in backward by the
+    first range to need it; StackedLayers._grads): serves StackedLayers' ranges; after every
     range's backward, the ranges' buffer goes on through autograd, so AccumulateGrad and its hooks (DeepSpeed ZeRO's)
     see the parameters' gradient as from any other op."""
 
@@ -290,10 +281,9 @@ class _StackGrads(_StackIdentity):
     def backward(ctx, *gs):
         # popped, not kept: the next backward of the same forward (retain_graph) starts from zeros, and
         # AccumulateGrad can take the buffer as .grad without a copy
-        bufs, ctx.state.buffers = ctx.state.buffers, {}
         out = []
         for i, g in enumerate(gs):
-            buf = bufs.pop(i, None)
+            buf = ctx.state.pop(i, None)
             out.append(g if buf is None else buf if g is None else buf.add_(g))
         return (None, *out)
 
@@ -304,7 +294,7 @@ class _StackRange(torch.autograd.Function):
     of the forward's own nodes touches the buffer: a checkpoint's recomputation makes nodes that never run backward."""
 
     @staticmethod
-    def forward(ctx, grads: _RangeGrads, lo: int, hi: int, *full):
+    def forward(ctx, grads: dict[int, torch.Tensor], lo: int, hi: int, *full):
         ctx.grads, ctx.lo, ctx.hi = grads, lo, hi
         ctx.set_materialize_grads(False)
         ctx.like = [(t.shape, t.dtype, t.device) for t in full]
@@ -313,7 +303,7 @@ class _StackRange(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *gs):
-        bufs = ctx.grads.buffers
+        bufs = ctx.grads
         for i, g in enumerate(gs):
             if g is None:
                 continue
