@@ -10,7 +10,8 @@
 # (issue 14), throughput (issue 11), bench (issue 16), bench-stacked (issue 16: stacked_params on both shapes),
 # bench-peakmem (issue 16: the 16K peak, SmolLM2 and Table I), bench-t1peak (issue 16: Table I's fast cases with the
 # one-chunk fused loss, groups of 4 and 8), bench-smolpeak (issue 16: SmolLM2's per-step-checkpoint autograd cases),
-# bench-1b-t1 (issue 16: the 1B shape, then Table I; beside bench-smolpeak with PIN_GPUS=1),
+# bench-1b-t1 (issue 16: the 1B shape, then Table I; beside bench-smolpeak with PIN_GPUS=1), bench-budget-t1 and
+# bench-budget-smol (issue 16: checkpoint_budget_cells=12 on both shapes, the 1B profile; side by side with PIN_GPUS=1),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
@@ -139,6 +140,30 @@ cond-sdpa-l512-ckpt-groupauto-cells10-stacked-compile-graph --target cond-sdpa-l
   return $r
 }
 
+bench-budget-t1() {  # issue 16, one case for both shapes (session 13): checkpoint_budget_cells=12 on Table I (groups of
+  # 3, no per-step checkpoints) at every length, then the 1B shape's profile (kernel families, top kernels, Chrome
+  # traces) against Llama-1B + Liger's. Beside bench-budget-smol with PIN_GPUS=1
+  mkdir -p "$OUT/bench"
+  local t=$(( ${T:-400} / 2 )) r=0
+  timeout $t python3 workloads/benchmark.py --out "$OUT/bench/budget_table1.json" --budget-s $(( t - 20 )) --steps 3 \
+    --warmup 1 --sizes table1 --lengths 16384,32768,65536,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-budget12-stacked-compile-graph \
+    --target cond-sdpa-l512-budget12-stacked-compile-graph || r=$?
+  timeout $(( ${T:-400} - t )) python3 workloads/benchmark.py --out "$OUT/bench/profile_1b.json" --profile \
+    --budget-s $(( ${T:-400} - t - 20 )) --sizes llama-3.2-1b --lengths 16384 \
+    --cases llama-liger,cond-sdpa-l512-deferred-compile-graph \
+    --target cond-sdpa-l512-deferred-compile-graph --baseline llama-liger || r=$?
+  return $r
+}
+
+bench-budget-smol() {  # issue 16, the same case on SmolLM2 (30 layers: per-step checkpoints, steps of 10 cells)
+  mkdir -p "$OUT/bench"
+  timeout "${T:-400}" python3 workloads/benchmark.py --out "$OUT/bench/budget_smollm2.json" \
+    --budget-s $(( ${T:-400} - 30 )) --steps 3 --warmup 1 --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-budget12-stacked-compile-graph \
+    --target cond-sdpa-l512-budget12-stacked-compile-graph
+}
+
 bench-t1peak() {  # issue 16, Table I (benchmarks/results/cpu_peak_table1_s11.md): the fast autograd-gradient cases,
   # stacked, now that the fused loss holds one chunk of logits at a time; groups of 4 first (predicted 1.6-1.9 GiB at
   # 16K), the old group-8 case (2.51 GiB in session 8: does it drop, i.e. was its peak the loss?), then group 8 stacked
@@ -204,7 +229,7 @@ ARCHIVE=$(date -u +%H%M%S)
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|\
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|bench-budget-t1|bench-budget-smol|\
       sweep|\
       ideas|ideas-bptt|chain|relength) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;

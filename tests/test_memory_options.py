@@ -218,7 +218,10 @@ VARIANTS = [dict(), dict(segment_schedule="sequential"), dict(segment_schedule="
             dict(memory_grad_segments=2), dict(memory_grad_segments=3, checkpoint_group_steps=2, weight_grads="deferred"),
             dict(memory_grad_segments=3, segment_schedule="sequential"),
             # 3 layers in steps of 2 cells: sinks, memories and the segment-0 cell split across steps
-            dict(max_step_cells=2, checkpoint_group_steps=2, checkpoint_cells=True, weight_grads="accumulate")]
+            dict(max_step_cells=2, checkpoint_group_steps=2, checkpoint_cells=True, weight_grads="accumulate"),
+            # the depth-chosen plans: 3 layers <= 6 (groups of 2 diagonals, no per-step checkpoints); 3 > 2 (per-step
+            # checkpoints, auto groups, steps of 2 cells)
+            dict(checkpoint_budget_cells=6), dict(checkpoint_budget_cells=2, weight_grads="accumulate")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -233,6 +236,48 @@ def test_gradients_match_reference(variant):
     for name, g in expected.items():
         assert g.abs().max() > 0, name
         assert max_diff(ours[name], g) < 1e-9 * max(1.0, g.abs().max().item()), (name, variant)
+
+
+def test_checkpoint_budget_plans_by_depth():
+    from condensation.modeling import CheckpointPlan, checkpoint_plan
+    from condensation.sizes import build_config
+
+    def plan(size, k):
+        cfg = build_config(size, checkpoint_budget_cells=k)
+        return checkpoint_plan(cfg, cfg.num_hidden_layers)
+
+    assert plan("table1", 12) == CheckpointPlan(False, 3, 4)  # 4 layers: 3 diagonals of 4 cells
+    assert plan("table1", 16) == CheckpointPlan(False, 4, 4)
+    assert plan("smollm2-135m", 12) == CheckpointPlan(True, "auto", 10)  # 30 layers: 3 steps of 10 a diagonal
+    assert plan("smollm2-135m", 16) == CheckpointPlan(True, "auto", 15)
+    assert plan("llama-3.2-1b", 12) == CheckpointPlan(True, "auto", 8)  # 16 layers: 2 steps of 8
+    assert plan("table1", 0) == CheckpointPlan(False, 0, 4)  # off: the fields as set
+    for bad in (dict(checkpoint_cells=True), dict(checkpoint_group_steps=4), dict(max_step_cells=2)):
+        with pytest.raises(Exception, match="checkpoint_budget_cells"):  # transformers wraps the ValueError
+            build_config("table1", checkpoint_budget_cells=12, **bad)
+    with pytest.raises(Exception, match="checkpoint_budget_cells must be an int"):
+        build_config("table1", checkpoint_budget_cells=-1)
+
+
+def test_checkpoint_budget_runs_its_plan(monkeypatch):
+    """The model runs what the plan says: the same checkpoints, step by step, as the explicit fields it stands for."""
+    import condensation.modeling as modeling
+
+    calls = []
+    real = modeling.checkpoint
+    monkeypatch.setattr(modeling, "checkpoint", lambda fn, *a, **kw: calls.append(fn.__name__) or real(fn, *a, **kw))
+
+    def checkpoints(**options):
+        calls.clear()
+        model = make(6, **options)
+        model(input_ids=ids_for(1, 33, seed=1), labels=ids_for(1, 33, seed=1)).loss.backward()
+        return list(calls)
+
+    shallow = checkpoints(checkpoint_budget_cells=6)  # 3 layers <= 6: groups of 2 diagonals only
+    assert shallow == checkpoints(checkpoint_group_steps=2) and set(shallow) == {"steps"}
+    deep = checkpoints(checkpoint_budget_cells=2)  # per-step checkpoints, steps of 2 cells, auto groups
+    assert deep == checkpoints(checkpoint_cells=True, checkpoint_group_steps="auto", max_step_cells=2)
+    assert deep.count("step") > 0 and deep.count("steps") > 0
 
 
 def test_truncation_also_cuts_the_sink():

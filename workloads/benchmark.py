@@ -62,9 +62,12 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import gzip
 import importlib.metadata
 import json
 import platform as _platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,6 +94,7 @@ class Case:
     compile_cells: bool | str = False
     checkpoint_group_steps: int | str = 0  # CondensationConfig.checkpoint_group_steps (or "auto")
     max_step_cells: int = 0  # CondensationConfig.max_step_cells (0: a whole diagonal per step)
+    checkpoint_budget_cells: int = 0  # CondensationConfig.checkpoint_budget_cells (k > 0: the three above from depth)
     weight_grads: str = "autograd"  # CondensationConfig.weight_grads
     stacked_params: bool = False  # CondensationConfig.stacked_params (layer weights stored stacked)
     loss_chunk_tokens: int = 0  # CondensationConfig.loss_chunk_tokens (0: the model's default, 2048)
@@ -206,6 +210,12 @@ def default_cases(smoke: bool) -> list[Case]:
         Case("cond-sdpa-l512-ckpt-groupauto-cells15-stacked-compile-graph", "condensation", "sdpa", 512,
              checkpoint_cells=True, checkpoint_group_steps="auto", max_step_cells=15, stacked_params=True,
              compile_cells=True, graph=True, lengths=long),
+        # one setting for every depth (checkpoint_budget_cells=12): at most 12 cells' activations held at once in
+        # backward. Table I's 4 layers: groups of 3 diagonals, no per-step checkpoints (as group4-stacked, a quarter
+        # fewer activations); SmolLM2's 30: per-step checkpoints in auto groups, steps of 10 cells (as
+        # ckpt-groupauto-cells10-stacked)
+        Case("cond-sdpa-l512-budget12-stacked-compile-graph", "condensation", "sdpa", 512, checkpoint_budget_cells=12,
+             stacked_params=True, compile_cells=True, graph=True, lengths=long),
         # groupauto-accumulate-stacked with the default loss chunk (2048 tokens): fewer, larger lm-head GEMMs and a
         # quarter of the float32 lm-head gradient's read-modify-writes, if the loss is not the peak
         Case("cond-sdpa-l512-groupauto-accumulate-stacked-compile-graph", "condensation", "sdpa", 512,
@@ -348,7 +358,8 @@ def build_model(case: Case, smoke: bool, device, dtype):
                        if case.kind == "condensation" else "sdpa", segment_schedule=case.schedule,
                        checkpoint_cells=case.checkpoint_cells, compile_cells=case.compile_cells,
                        checkpoint_group_steps=case.checkpoint_group_steps, weight_grads=case.weight_grads,
-                       max_step_cells=case.max_step_cells, stacked_params=case.stacked_params,
+                       max_step_cells=case.max_step_cells,
+                       checkpoint_budget_cells=case.checkpoint_budget_cells, stacked_params=case.stacked_params,
                        **({"loss_chunk_tokens": case.loss_chunk_tokens} if case.loss_chunk_tokens else {}))
     # built on the device itself: random init of a 1B model on the host takes longer than its measurement
     with torch.device(device):
@@ -421,7 +432,7 @@ def free_device_memory(device) -> None:
 
 
 def measure(case: Case, L: int, smoke: bool, device, dtype, steps: int, warmup: int, profile: bool = False,
-            min_measure_s: float = 0.0) -> dict:
+            min_measure_s: float = 0.0, trace: Path | None = None) -> dict:
     cuda = device.type == "cuda"
     model = run = batch = None
     t_case = time.perf_counter()
@@ -464,7 +475,7 @@ def measure(case: Case, L: int, smoke: bool, device, dtype, steps: int, warmup: 
                 out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 out["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
             if profile:
-                out["profile"] = profile_step(run, batch)
+                out["profile"] = profile_step(run, batch, trace)
     except torch.OutOfMemoryError:
         out = {"status": "oom", "error": "out of memory"}
     except RuntimeError as e:  # e.g. a capture that failed: recorded, and the remaining cases still run
@@ -476,8 +487,20 @@ def measure(case: Case, L: int, smoke: bool, device, dtype, steps: int, warmup: 
     return out
 
 
-def profile_step(run, batch) -> dict:
-    """GPU kernel time inside one step against its wall time, and the kernels that take the most."""
+# kernel families by name, first match wins: where a step's device time goes beyond its GEMMs
+KERNEL_KINDS = (("gemm", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_"), ("attention", r"flash|fmha|sdpa|attention"),
+                ("optimizer", r"multi_tensor|adam"), ("copy / cat", r"copy|Cat|memcpy|memset|fill"),
+                ("triton (compiled)", r"^triton_"), ("reduce", r"reduce|norm|softmax|sum"),
+                ("elementwise", r"elementwise|Functor"))
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.I)), "other")
+
+
+def profile_step(run, batch, trace: Path | None = None) -> dict:
+    """GPU kernel time inside one step against its wall time, by kernel family, and the kernels that take the most;
+    with `trace`, the step's Chrome trace (gzipped) for a closer look (chrome://tracing, Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -489,12 +512,25 @@ def profile_step(run, batch) -> dict:
         sync()
         wall = time.perf_counter() - t0
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    by_name: dict[str, float] = {}
+    by_name: dict[str, list] = {}
     for e in kernels:
-        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
-    return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_name.values()) / 1e3, "kernels": len(kernels),
-            "top": [(name[:90], round(us / 1e3, 3)) for name, us in top]}
+        acc = by_name.setdefault(e.name, [0.0, 0])
+        acc[0] += e.device_time
+        acc[1] += 1
+    kinds: dict[str, float] = {}
+    for name, (us, _) in by_name.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        raw = trace.with_suffix("")  # x.trace.json.gz -> x.trace.json
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
+            shutil.copyfileobj(f, g)
+        raw.unlink()
+    return {"wall_ms": wall * 1e3, "kernel_ms": sum(us for us, _ in by_name.values()) / 1e3, "kernels": len(kernels),
+            "by_kind_ms": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [(name[:120], round(us / 1e3, 3), n) for name, (us, n) in top]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -893,7 +929,8 @@ def main(argv=None):
                     "with its JSON, summary and pictures")
     ap.add_argument("--mlflow-uri", default=None)
     ap.add_argument("--lengths", default="", help="comma-separated lengths overriding every case's own")
-    ap.add_argument("--profile", action="store_true", help="add GPU kernel time and the top kernels of one step")
+    ap.add_argument("--profile", action="store_true", help="add one step's GPU kernel time, by kernel family and its top kernels, and "
+                    "write its Chrome trace beside --out (<out>_<case>_<L>.trace.json.gz)")
     ap.add_argument("--replot", default=None, help="only redraw pictures (and ratios) from an existing JSON")
     args = ap.parse_args(argv)
     if args.replot:
@@ -948,7 +985,8 @@ def main(argv=None):
                 r = {"status": "skipped", "error": f"time budget of {args.budget_s:.0f} s spent"}
             else:
                 r = measure(case, L, args.smoke, device, dtype, args.steps, args.warmup, args.profile,
-                            0.0 if args.smoke else args.min_measure_s)
+                            0.0 if args.smoke else args.min_measure_s,
+                            out.with_name(f"{out.stem}_{case.name}_{L}.trace.json.gz") if args.profile else None)
             if r["status"] == "ok" and results["matmul_peak_tflops"]:
                 r["mfu"] = r["flops"] / r["step_s"] / 1e12 / results["matmul_peak_tflops"]
             rows[str(L)] = r

@@ -91,6 +91,13 @@ class CondensationConfig(LlamaConfig):
         diagonal of 512-token cells in bf16) a cap bounds them, at the cost of smaller batched matmuls. Same
         computation; best with weight_grads="accumulate" (with "autograd" each partial step stacks a copy of its
         layers' weights).
+    checkpoint_budget_cells: k > 0 chooses the three fields above from the model's depth, so that one setting suits
+        shallow and deep models alike (checkpoint_plan): with at most k layers, groups of k // layers diagonals and no
+        per-step checkpoints (each cell runs forward twice, a group's backward holds at most k cells' activations);
+        deeper, per-step checkpoints inside "auto" groups, each diagonal in steps of ceil(layers / ceil(layers / k))
+        cells (a third forward, at most k cells' activations at once). Table I's 4 layers with k = 12: groups of 3;
+        SmolLM2's 30: steps of 10 cells. 0 (default): the three fields as set; with k > 0 they must keep their
+        defaults.
     weight_grads: how the wavefront's batched matmuls produce layer weight gradients. "autograd" (default): each
         step's bmm gives its layers' gradients (K = l tokens) and autograd sums them. "accumulate": each step adds
         into one buffer per projection with baddbmm (no per-step gradient tensors, no separate sums). "deferred":
@@ -145,6 +152,7 @@ class CondensationConfig(LlamaConfig):
     compile_cells: bool | str = False
     checkpoint_group_steps: int | str = 0
     max_step_cells: int = 0
+    checkpoint_budget_cells: int = 0
     weight_grads: str = "autograd"
     memory_sink_tokens: int = 0
     memory_norm: str = "shared"
@@ -168,6 +176,14 @@ class CondensationConfig(LlamaConfig):
             raise ValueError(f"checkpoint_group_steps must be an int >= 0 or 'auto', got {self.checkpoint_group_steps!r}")
         if not isinstance(self.max_step_cells, int) or isinstance(self.max_step_cells, bool) or self.max_step_cells < 0:
             raise ValueError(f"max_step_cells must be an int >= 0, got {self.max_step_cells!r}")
+        k = self.checkpoint_budget_cells
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"checkpoint_budget_cells must be an int >= 0, got {k!r}")
+        if k and (self.checkpoint_cells or self.checkpoint_group_steps or self.max_step_cells):
+            raise ValueError("checkpoint_budget_cells chooses checkpoint_cells, checkpoint_group_steps and "
+                             "max_step_cells: leave them at their defaults when it is set, got "
+                             f"checkpoint_cells={self.checkpoint_cells!r}, checkpoint_group_steps="
+                             f"{self.checkpoint_group_steps!r}, max_step_cells={self.max_step_cells!r}")
         if self.loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be positive, got {self.loss_chunk_tokens!r}")
         if self.compile_cells not in (False, True, "default", "reduce-overhead", "max-autotune",
@@ -475,6 +491,24 @@ def _run_step(w: LayerWeights, xs, mems, sinks, rope, cfg, attention, ckpt) -> t
     return checkpoint(step, *xs, *mems, *sinks, *w.present(), use_reentrant=False, preserve_rng_state=False)  # no RNG
 
 
+class CheckpointPlan(NamedTuple):
+    """How the wavefront checkpoints: per-step checkpoints, diagonal steps per group checkpoint (int or "auto"; 0:
+    none) and cells per batched step."""
+    cells: bool
+    group_steps: int | str
+    step_cells: int
+
+
+def checkpoint_plan(cfg: CondensationConfig, n_layers: int) -> CheckpointPlan:
+    """The checkpoint fields as set, or as checkpoint_budget_cells chooses them from the depth (see its docstring)."""
+    k = cfg.checkpoint_budget_cells
+    if not k:
+        return CheckpointPlan(cfg.checkpoint_cells, cfg.checkpoint_group_steps, cfg.max_step_cells or n_layers)
+    if n_layers <= k:
+        return CheckpointPlan(False, k // n_layers, n_layers)
+    return CheckpointPlan(True, "auto", math.ceil(n_layers / math.ceil(n_layers / k)))
+
+
 def group_steps(option: int | str, n_seg: int, n_layers: int) -> int:
     """Diagonal steps per group checkpoint (checkpoint_group_steps; 0: none) for a wavefront of n_seg segments over
     n_layers layers. "auto": the group size that keeps the fewest cell outputs at once in backward. While a step of
@@ -550,9 +584,10 @@ def run_segments(layers, segment: Callable[[int], torch.Tensor], n_seg: int, rop
 
     w_all = StackedLayers(layers, cfg.weight_grads)
     n_steps = n_seg + n_layers - 1
-    group = group_steps(cfg.checkpoint_group_steps, n_seg, n_layers)
+    plan = checkpoint_plan(cfg, n_layers)
+    group = group_steps(plan.group_steps, n_seg, n_layers)
     grouped = bool(group and torch.is_grad_enabled())
-    cap = cfg.max_step_cells or n_layers  # cells per batched step
+    cap = plan.step_cells  # cells per batched step
 
     def steps(t0: int, t1: int, *state):
         """Diagonals t0 .. t1-1 from the frontier prev (prev[n] = y[t0-1-n, n]) and the attention sinks (None while
@@ -814,7 +849,8 @@ class CondensationModel(CondensationPreTrainedModel):
         # are kept, and each group's gradient rows are added into one [V, d] buffer (EmbeddingSink) instead of being
         # gathered into an [L, d] tensor at the end of backward (2-3 GiB at 1M tokens on the Table I model) or
         # costing a dense [V, d] embedding gradient per group.
-        embed_in_groups = (inputs_embeds is None and bool(cfg.checkpoint_group_steps)
+        plan = checkpoint_plan(cfg, len(self.layers))
+        embed_in_groups = (inputs_embeds is None and bool(plan.group_steps)
                            and cfg.segment_schedule == "wavefront" and torch.is_grad_enabled())
         if embed_in_groups:
             x = None
@@ -836,7 +872,7 @@ class CondensationModel(CondensationPreTrainedModel):
                 x = F.pad(x, (0, 0, 0, n_seg * l - L))
             # unbind, not x[:, s]: a slice's backward allocates a zero tensor the size of x, N_s times over
             segment = x.view(B, n_seg, l, d).unbind(1).__getitem__  # N_s x [B, l, d]
-        ckpt = cfg.checkpoint_cells and torch.is_grad_enabled()
+        ckpt = plan.cells and torch.is_grad_enabled()
         if cfg.compile_cells == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous forward's graphs may be reused
         y = run_segments(self.layers, segment, n_seg, rope, cfg, cfg.segment_schedule, ckpt)
