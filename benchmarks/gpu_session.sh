@@ -12,6 +12,7 @@
 # one-chunk fused loss, groups of 4 and 8), bench-smolpeak (issue 16: SmolLM2's per-step-checkpoint autograd cases),
 # bench-1b-t1 (issue 16: the 1B shape, then Table I; beside bench-smolpeak with PIN_GPUS=1), bench-budget-t1 and
 # bench-budget-smol (issue 16: checkpoint_budget_cells=12 on both shapes, the 1B profile; side by side with PIN_GPUS=1),
+# bench-1b-fast and bench-smol-1b (issue 16: the 1B shape after its profile's fixes, budget12 again; PIN_GPUS=1),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
@@ -164,6 +165,38 @@ bench-budget-smol() {  # issue 16, the same case on SmolLM2 (30 layers: per-step
     --target cond-sdpa-l512-budget12-stacked-compile-graph
 }
 
+bench-1b-fast() {  # issue 16, session 13's second sequence (GPU 0): the 1B shape after the profile's fixes (fused AdamW
+  # in the benchmark, the lm-head gradient GEMM adding in float32, stacked weights with deferred gradients), profiled
+  # again; the GPU tests of those paths; Table I's budget12 case again under the fused optimizer
+  mkdir -p "$OUT/bench"
+  local r=0
+  timeout 150 python3 workloads/benchmark.py --out "$OUT/bench/1b_fast.json" --profile --budget-s 130 \
+    --sizes llama-3.2-1b --lengths 16384 \
+    --cases llama-liger,cond-sdpa-l512-deferred-compile-graph,cond-sdpa-l512-deferred-stacked-compile-graph \
+    --target cond-sdpa-l512-deferred-stacked-compile-graph --baseline llama-liger || r=$?
+  SUITE_TESTS=tests/test_gpu.py SUITE_K="lm_head or fused_loss or cuda_graph or memory_options" T=200 suite \
+    > "$OUT/bench/gpu_tests_fast_paths.txt" 2>&1 || r=$?
+  tail -n 5 "$OUT/bench/gpu_tests_fast_paths.txt"
+  timeout 150 python3 workloads/benchmark.py --out "$OUT/bench/budget_table1_fused.json" --budget-s 130 --steps 3 \
+    --warmup 1 --sizes table1 --lengths 16384,32768,65536,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-budget12-stacked-compile-graph \
+    --target cond-sdpa-l512-budget12-stacked-compile-graph || r=$?
+  return $r
+}
+
+bench-smol-1b() {  # beside bench-1b-fast (GPU 1): budget12 on SmolLM2 under the fused optimizer, then on the 1B shape
+  mkdir -p "$OUT/bench"
+  local r=0
+  timeout 330 python3 workloads/benchmark.py --out "$OUT/bench/budget_smollm2_fused.json" --budget-s 310 --steps 3 \
+    --warmup 1 --sizes smollm2-135m --lengths 16384,32768,65536,131072 \
+    --cases llama-liger-ckpt,cond-sdpa-l512-budget12-stacked-compile-graph \
+    --target cond-sdpa-l512-budget12-stacked-compile-graph || r=$?
+  timeout 140 python3 workloads/benchmark.py --out "$OUT/bench/budget_1b.json" --budget-s 125 \
+    --sizes llama-3.2-1b --lengths 16384 --cases llama-liger,cond-sdpa-l512-budget12-stacked-compile-graph \
+    --target cond-sdpa-l512-budget12-stacked-compile-graph --baseline llama-liger || r=$?
+  return $r
+}
+
 bench-t1peak() {  # issue 16, Table I (benchmarks/results/cpu_peak_table1_s11.md): the fast autograd-gradient cases,
   # stacked, now that the fused loss holds one chunk of logits at a time; groups of 4 first (predicted 1.6-1.9 GiB at
   # 16K), the old group-8 case (2.51 GiB in session 8: does it drop, i.e. was its peak the loss?), then group 8 stacked
@@ -229,7 +262,7 @@ ARCHIVE=$(date -u +%H%M%S)
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|bench-budget-t1|bench-budget-smol|\
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|bench-budget-t1|bench-budget-smol|bench-1b-fast|bench-smol-1b|\
       sweep|\
       ideas|ideas-bptt|chain|relength) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;

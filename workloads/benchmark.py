@@ -166,6 +166,10 @@ def default_cases(smoke: bool) -> list[Case]:
         # frontiers plus one group's activations
         Case("cond-sdpa-l512-deferred-compile-graph", "condensation", "sdpa", 512, weight_grads="deferred",
              compile_cells=True, graph=True, lengths=short[:6]),
+        # the same with the layer weights stored stacked: no copy of them stacked in every forward (7.5 ms a step on
+        # the 1B shape in session 13's profile), the deferred gradients added straight into the stacked .grad
+        Case("cond-sdpa-l512-deferred-stacked-compile-graph", "condensation", "sdpa", 512, weight_grads="deferred",
+             stacked_params=True, compile_cells=True, graph=True, lengths=short[:6]),
         Case("cond-sdpa-l512-group8-compile-graph", "condensation", "sdpa", 512, checkpoint_group_steps=8,
              compile_cells=True, graph=True, lengths=long),
         # the same with the layer weights stored stacked (stacked_params): Table I's fastest case without its per-forward
@@ -407,7 +411,10 @@ def train_step(model, opt, ids, case):
 def make_runner(case: Case, model, device):
     """A callable running one training step on {"input_ids": ids}; eager, or replaying a captured CUDA graph."""
     graph = case.graph and device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True, capturable=graph)
+    # fused on a GPU, as training does (train/engines.py): with capturable=True, foreach AdamW divides every
+    # parameter by its own bias-correction tensor in a broadcast kernel of its own (10 ms a step on the 1B shape)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda, foreach=not cuda, capturable=graph)
 
     def step(batch):
         return train_step(model, opt, batch["input_ids"], case)
@@ -488,7 +495,7 @@ def measure(case: Case, L: int, smoke: bool, device, dtype, steps: int, warmup: 
 
 
 # kernel families by name, first match wins: where a step's device time goes beyond its GEMMs
-KERNEL_KINDS = (("gemm", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_"), ("attention", r"flash|fmha|sdpa|attention"),
+KERNEL_KINDS = (("attention", r"flash|fmha|sdpa|attention"), ("gemm", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_"),
                 ("optimizer", r"multi_tensor|adam"), ("copy / cat", r"copy|Cat|memcpy|memset|fill"),
                 ("triton (compiled)", r"^triton_"), ("reduce", r"reduce|norm|softmax|sum"),
                 ("elementwise", r"elementwise|Functor"))
@@ -511,7 +518,9 @@ def profile_step(run, batch, trace: Path | None = None) -> dict:
         run(batch)
         sync()
         wall = time.perf_counter() - t0
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    # device events, less the annotations of host ranges (Optimizer.step#AdamW.step spans its kernels: counted twice)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)
+               and not e.name.startswith("Optimizer.")]
     by_name: dict[str, list] = {}
     for e in kernels:
         acc = by_name.setdefault(e.name, [0.0, 0])
