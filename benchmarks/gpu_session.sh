@@ -13,6 +13,7 @@
 # bench-1b-t1 (issue 16: the 1B shape, then Table I; beside bench-smolpeak with PIN_GPUS=1), bench-budget-t1 and
 # bench-budget-smol (issue 16: checkpoint_budget_cells=12 on both shapes, the 1B profile; side by side with PIN_GPUS=1),
 # bench-1b-fast and bench-smol-1b (issue 16: the 1B shape after its profile's fixes, budget12 again; PIN_GPUS=1),
+# bench-1b-swiglu (issue 16: the 1B shape with the in-place SwiGLU gradients, twice, and their GPU tests),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
@@ -184,6 +185,21 @@ bench-1b-fast() {  # issue 16, session 13's second sequence (GPU 0): the 1B shap
   return $r
 }
 
+bench-1b-swiglu() {  # issue 16, session 13's third sequence: the 1B shape with the SwiGLU gradients written in place by
+  # one compiled kernel, twice (two processes: run-to-run spread), profiled; then the GPU tests of the paths it touches
+  mkdir -p "$OUT/bench"
+  local r=0 k
+  for k in 1 2; do
+    timeout 120 python3 workloads/benchmark.py --out "$OUT/bench/1b_swiglu_$k.json" --profile --budget-s 100 \
+      --sizes llama-3.2-1b --lengths 16384 --cases llama-liger,cond-sdpa-l512-deferred-stacked-compile-graph \
+      --target cond-sdpa-l512-deferred-stacked-compile-graph --baseline llama-liger || r=$?
+  done
+  SUITE_TESTS=tests/test_gpu.py SUITE_K="swiglu or lm_head or fused_loss or memory_options" T=200 suite \
+    > "$OUT/bench/gpu_tests_swiglu.txt" 2>&1 || r=$?
+  tail -n 5 "$OUT/bench/gpu_tests_swiglu.txt"
+  return $r
+}
+
 bench-smol-1b() {  # beside bench-1b-fast (GPU 1): budget12 on SmolLM2 under the fused optimizer, then on the 1B shape
   mkdir -p "$OUT/bench"
   local r=0
@@ -262,7 +278,7 @@ ARCHIVE=$(date -u +%H%M%S)
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|bench-budget-t1|bench-budget-smol|bench-1b-fast|bench-smol-1b|\
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|bench-budget-t1|bench-budget-smol|bench-1b-fast|bench-smol-1b|bench-1b-swiglu|\
       sweep|\
       ideas|ideas-bptt|chain|relength) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;

@@ -198,6 +198,21 @@ def test_lm_head_gradient_adds_in_float32():
     fast_train._ADDMM_OUT_DTYPE[0] = True
 
 
+@pytest.mark.parametrize("weight_grads", ["deferred", "accumulate"])
+def test_swiglu_gradients_in_place_equal_the_chunked_autograd(weight_grads, monkeypatch):
+    """Compiled pieces with a weight sink, the SwiGLU gradients chunked (one cell at a time): the one compiled kernel
+    that writes them over gate and up against the chunk-by-chunk autograd loop it replaced, in bf16."""
+    from condensation import fast_train
+
+    monkeypatch.setattr(fast_train, "SWIGLU_GRAD_CHUNK_BYTES", 1)
+    model = _model(torch.bfloat16, weight_grads=weight_grads, compile_cells=True, segment_length=256)
+    ids = torch.randint(0, 4096, (1, 1500), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    _, new = _run(model, ids)
+    monkeypatch.setattr(fast_train, "_SWIGLU_IN_PLACE", [False])
+    _, old = _run(model, ids)
+    assert old.abs().max() > 0 and _rel(new, old) < 1e-3, _rel(new, old)
+
+
 # the memory options (memory_sink_tokens, memory_norm="separate") on the fast paths, against their own references
 OPTIONS = dict(memory_sink_tokens=4, memory_norm="separate")
 

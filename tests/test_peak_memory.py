@@ -269,3 +269,14 @@ def test_a_ramp_steps_attention_outputs_reach_the_o_projection_without_a_copy(mo
     with mode:
         _run_step(w, xs, mems, [], rope, cfg, SEGMENT_ATTENTION[cfg.segment_attention], False)
     assert mode.n == 0
+
+
+def test_silu_mul_grads_in_place_equal_autograd():
+    """The in-place SwiGLU gradients (the compiled chunk-free path of _SwiGLUDown) against autograd, float64."""
+    g = torch.Generator().manual_seed(0)
+    gate, up, grad = (3 * torch.randn(3, 5, 7, generator=g, dtype=torch.float64) for _ in range(3))
+    gi, ui = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    want = torch.autograd.grad(torch.nn.functional.silu(gi) * ui, (gi, ui), grad)
+    fast_train._silu_mul_grads_(gate, up, grad)
+    assert torch.allclose(gate, want[0], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(up, want[1], rtol=1e-12, atol=1e-12)
