@@ -14,6 +14,7 @@
 # bench-budget-smol (issue 16: checkpoint_budget_cells=12 on both shapes, the 1B profile; side by side with PIN_GPUS=1),
 # bench-1b-fast and bench-smol-1b (issue 16: the 1B shape after its profile's fixes, budget12 again; PIN_GPUS=1),
 # bench-1b-swiglu (issue 16: the 1B shape with the in-place SwiGLU gradients, twice, and their GPU tests),
+# bench-generation (issue 16: decode at 32K / 128K prompts against Llama's KV cache),
 # bench-smollm2, sweep (issue 13), ideas (issue 12), ideas-bptt (issue 12: random lengths x truncated backpropagation
 # through the memory, held-out loss at 4x the training length), chain (issue 12: the SmolLM2 passkey chain; run it again after a
 # cut and it continues), relength (issue 12: the chain's export read at segments of 1024 and 2048 tokens).
@@ -200,6 +201,13 @@ bench-1b-swiglu() {  # issue 16, session 13's third sequence: the 1B shape with 
   return $r
 }
 
+bench-generation() {  # issue 16: prefill + 256 new tokens at 32K and 128K prompts, Table I, against Llama's KV cache
+  mkdir -p "$OUT/bench"
+  timeout "${T:-300}" python3 workloads/benchmark.py --out "$OUT/bench/generation.json" --budget-s $(( ${T:-300} - 30 )) \
+    --sizes table1 --cases llama-sdpa --lengths 2048 --steps 1 --warmup 1 --generation 32768,131072 \
+    --target llama-sdpa --baseline llama-sdpa
+}
+
 bench-smol-1b() {  # beside bench-1b-fast (GPU 1): budget12 on SmolLM2 under the fused optimizer, then on the 1B shape
   mkdir -p "$OUT/bench"
   local r=0
@@ -278,7 +286,7 @@ ARCHIVE=$(date -u +%H%M%S)
 for group in "$@"; do  # a+b runs steps a and b at the same time (the GPU has room; not for timed steps)
   for step in ${group//+/ }; do
     case "$step" in
-      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|bench-budget-t1|bench-budget-smol|bench-1b-fast|bench-smol-1b|bench-1b-swiglu|\
+      setup|suite|suite-train|suite-faults|suite-model|summarize|throughput|bench|bench-smollm2|bench-stacked|bench-peakmem|bench-t1peak|bench-smolpeak|bench-1b-t1|bench-budget-t1|bench-budget-smol|bench-1b-fast|bench-smol-1b|bench-1b-swiglu|bench-generation|\
       sweep|\
       ideas|ideas-bptt|chain|relength) ;;
       *) echo "unknown step $step" >&2; exit 2 ;;
