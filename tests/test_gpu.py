@@ -199,18 +199,23 @@ def test_lm_head_gradient_adds_in_float32():
 
 
 @pytest.mark.parametrize("weight_grads", ["deferred", "accumulate"])
-def test_swiglu_gradients_in_place_equal_the_chunked_autograd(weight_grads, monkeypatch):
+def test_swiglu_gradients_in_place_as_close_as_the_chunked_autograd(weight_grads, monkeypatch):
     """Compiled pieces with a weight sink, the SwiGLU gradients chunked (one cell at a time): the one compiled kernel
-    that writes them over gate and up against the chunk-by-chunk autograd loop it replaced, in bf16."""
+    that writes them over gate and up, in bf16, is no further from the float32 run of the same weights than the
+    chunk-by-chunk autograd loop it replaced (bf16 rounds differently in each: 0.8-1% apart over the whole model)."""
     from condensation import fast_train
 
     monkeypatch.setattr(fast_train, "SWIGLU_GRAD_CHUNK_BYTES", 1)
-    model = _model(torch.bfloat16, weight_grads=weight_grads, compile_cells=True, segment_length=256)
+    options = dict(weight_grads=weight_grads, compile_cells=True, segment_length=256)
     ids = torch.randint(0, 4096, (1, 1500), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    _, ref = _run(_model(torch.float32, **options), ids)
+    model = _model(torch.bfloat16, **options)
     _, new = _run(model, ids)
     monkeypatch.setattr(fast_train, "_SWIGLU_IN_PLACE", [False])
     _, old = _run(model, ids)
-    assert old.abs().max() > 0 and _rel(new, old) < 1e-3, _rel(new, old)
+    err_new, err_old = _rel(new, ref), _rel(old, ref)
+    print(f"bf16 against float32: in place {err_new:.4f}, chunked autograd {err_old:.4f}")
+    assert ref.abs().max() > 0 and err_new < 0.05 and err_new <= 1.2 * err_old, (err_new, err_old)
 
 
 # the memory options (memory_sink_tokens, memory_norm="separate") on the fast paths, against their own references
