@@ -177,7 +177,7 @@ def test_triton_cross_entropy_equals_torch(dtype):
     assert a[::7].abs().max().item() == 0  # ignored rows: no gradient
 
 
-def test_lm_head_gradient_adds_in_float32():
+def test_lm_head_gradient_adds_in_float32(monkeypatch):
     """The fused loss's lm-head gradient, acc += a @ b in one float32-accumulating GEMM (addmm with out_dtype where
     this torch has it), against float64, over three chunks as the loss adds them; then the sliced fallback."""
     from condensation import fast_train
@@ -187,7 +187,7 @@ def test_lm_head_gradient_adds_in_float32():
                torch.randn(512, 384, device="cuda", generator=g).bfloat16()) for _ in range(3)]
     ref = sum(a.double() @ b.double() for a, b in chunks)
     for fused in (True, False):
-        fast_train._ADDMM_OUT_DTYPE[0] = fused
+        monkeypatch.setattr(fast_train, "_ADDMM_OUT_DTYPE", [fused])  # restored after the test, passed or failed
         acc = torch.zeros(4099, 384, device="cuda")
         for a, b in chunks:
             fast_train._add_matmul_(acc, a, b)
@@ -195,7 +195,6 @@ def test_lm_head_gradient_adds_in_float32():
         tol = 1e-5 if fast_train._ADDMM_OUT_DTYPE[0] else 1e-2
         assert (acc.double() - ref).abs().max().item() < tol * ref.abs().max().item(), fused
         print("out_dtype GEMM" if fast_train._ADDMM_OUT_DTYPE[0] else "sliced fallback", "used")
-    fast_train._ADDMM_OUT_DTYPE[0] = True
 
 
 @pytest.mark.parametrize("weight_grads", ["deferred", "accumulate"])

@@ -62,12 +62,10 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import gzip
 import importlib.metadata
 import json
 import platform as _platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -528,15 +526,12 @@ def profile_step(run, batch, trace: Path | None = None) -> dict:
         acc[1] += 1
     kinds: dict[str, float] = {}
     for name, (us, _) in by_name.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us / 1e3
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
     if trace is not None:
         trace.parent.mkdir(parents=True, exist_ok=True)
-        raw = trace.with_suffix("")  # x.trace.json.gz -> x.trace.json
-        prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
-            shutil.copyfileobj(f, g)
-        raw.unlink()
+        prof.export_chrome_trace(str(trace))  # a .gz path: the profiler gzips it
     return {"wall_ms": wall * 1e3, "kernel_ms": sum(us for us, _ in by_name.values()) / 1e3, "kernels": len(kernels),
             "by_kind_ms": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [(name[:120], round(us / 1e3, 3), n) for name, (us, n) in top]}
